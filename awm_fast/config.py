@@ -1,0 +1,292 @@
+"""Typed configuration: dataclasses loaded from YAML with `section.key=value` overrides, then validated.
+
+Every value is checked before any work starts: an unknown key, a wrong type or an impossible combination
+raises `ConfigError` (a ValueError) with one line naming the key and the value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line before any work starts."""
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "digits"  # digits | sd3
+    path: str = ""  # diffusers folder or hub id (sd3); unused for digits
+    dtype: str = "float32"  # weights/compute dtype of the transformer: float32 | bfloat16 | float16
+    lora_rank: int = 32
+    lora_alpha: int = 64
+    lora_init: str = "gaussian"
+    lora_targets: list[str] = field(default_factory=lambda: list(SD3_LORA_TARGETS))
+    resolution: int = 512
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = 14
+    shift: float = 3.0
+    sampler: str = "euler_maruyama"  # euler_maruyama | cps | ode
+    noise_level: float = 0.7
+    guidance_scale: float = 1.0  # 1 = classifier-free guidance off
+    prompts_per_step: int = 72
+    group_size: int = 24
+    batch_size: int = 6  # images per rollout batch
+    eval_num_steps: int = 40
+    eval_guidance_scale: float = 1.0
+    prompt_file: str = ""  # one prompt per line (model.kind=sd3); digits uses the digits 0-9
+    eval_prompts: int = 64  # how many prompts of prompt_file the evaluation uses (sd3)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    micro_batch: int = 3  # images per training micro-batch (rows = micro_batch * num_timesteps)
+    num_timesteps: int = 6
+    timestep_sampling: str = "discrete_wo_init"  # discrete_wo_init | discrete | uniform | logit_normal
+    timestep_fraction: float = 0.9
+    weighting: str = "ghuber"  # ghuber | uniform | t | t2 | huber
+    ghuber_power: float = 0.25
+    ratio_mode: str = "exp_first"  # exp_first | sum_first
+    clip_range: float = 1.0
+    beta: float = 0.001
+    ema_beta: float = 1.0
+    kl_weighting: str = "uniform"  # uniform | elbo
+    adv_clip_max: float = 5.0
+    lr: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    ema_decay_rate: float = 0.001  # "ema" adapter decay d = min(ema_decay_cap, ema_decay_rate * step)
+    ema_decay_cap: float = 0.3
+    eval_ema: bool = True  # evaluation EMA of the LoRA weights, decay min((1 + n) / (10 + n), 0.99)
+    seed: int = 42
+
+
+@dataclass
+class RewardConfig:
+    name: str = "digits"  # digits | jpeg_compressibility | jpeg_incompressibility | pickscore | ocr | geneval
+    num_workers: int = 1
+
+
+@dataclass
+class DigitsConfig:
+    pretrain_steps: int = 150
+    pretrain_batch: int = 128
+    pretrain_lr: float = 1e-3
+    classifier_steps: int = 600
+    eval_per_digit: int = 20
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs"
+    name: str = ""  # empty: a timestamped name
+    eval_every: int = 0  # 0: only before and after
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads; 0 = all cores
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    digits: DigitsConfig = field(default_factory=DigitsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.kind": ("digits", "sd3"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.lora_init": ("gaussian", "default"),
+    "sample.sampler": ("euler_maruyama", "cps", "ode"),
+    "train.timestep_sampling": ("discrete_wo_init", "discrete", "uniform", "logit_normal"),
+    "train.weighting": ("ghuber", "uniform", "t", "t2", "huber"),
+    "train.ratio_mode": ("exp_first", "sum_first"),
+    "train.kl_weighting": ("uniform", "elbo"),
+    "reward.name": ("digits", "jpeg_compressibility", "jpeg_incompressibility", "pickscore", "ocr", "geneval"),
+    "run.device": ("auto", "cpu", "cuda"),
+}
+POSITIVE = ["model.lora_rank", "model.lora_alpha", "model.resolution", "sample.num_steps", "sample.shift",
+            "sample.prompts_per_step", "sample.batch_size", "sample.eval_num_steps", "sample.eval_prompts", "train.steps",
+            "train.micro_batch", "train.num_timesteps", "train.ghuber_power", "train.clip_range",
+            "train.adv_clip_max", "train.lr", "train.adam_eps", "train.max_grad_norm", "reward.num_workers",
+            "digits.pretrain_batch", "digits.pretrain_lr", "digits.eval_per_digit", "run.keep_checkpoints"]
+NON_NEGATIVE = ["sample.noise_level", "train.beta", "train.ema_beta", "train.weight_decay", "train.ema_decay_rate",
+                "train.ema_decay_cap", "digits.pretrain_steps", "digits.classifier_steps", "run.eval_every",
+                "run.checkpoint_every", "run.threads"]
+
+
+def _check_type(key: str, value, annotation):
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {annotation}")
+
+
+def _section_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _merge(cfg: Config, data: dict, source: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    sections = _section_types(Config)
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError(f"{source}: unknown section {section!r} (known: {', '.join(sections)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping, got {values!r}")
+        for key, value in values.items():
+            set_value(cfg, f"{section}.{key}", value)
+
+
+def set_value(cfg: Config, dotted: str, value) -> None:
+    """Set `section.key` with type checking; raises ConfigError for an unknown key or a wrong type."""
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"{dotted!r}: keys have the form section.key (e.g. train.lr)")
+    section, key = parts
+    sections = _section_types(Config)
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r} in {dotted!r} (known: {', '.join(sections)})")
+    sub = getattr(cfg, section)
+    types = _section_types(type(sub))
+    if key not in types:
+        raise ConfigError(f"unknown config key {dotted!r} (known in {section}: {', '.join(types)})")
+    setattr(sub, key, _check_type(dotted, value, types[key]))
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return key.strip(), value
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a bundled preset (see `list_presets`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a preset (presets: {', '.join(list_presets())})")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- preset/YAML file <- overrides, then `validate`. The default is the digits preset."""
+    cfg = Config()
+    path = resolve_config_path(config or "digits")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    _merge(cfg, data, str(path))
+    for text in overrides:
+        set_value(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def _get(cfg: Config, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for the first impossible value or combination."""
+    for dotted, choices in CHOICES.items():
+        if _get(cfg, dotted) not in choices:
+            raise ConfigError(f"{dotted}={_get(cfg, dotted)!r} is not one of {choices}")
+    for dotted in POSITIVE:
+        if not _get(cfg, dotted) > 0:
+            raise ConfigError(f"{dotted}={_get(cfg, dotted)!r} must be > 0")
+    for dotted in NON_NEGATIVE:
+        if not _get(cfg, dotted) >= 0:
+            raise ConfigError(f"{dotted}={_get(cfg, dotted)!r} must be >= 0")
+    s, t, m = cfg.sample, cfg.train, cfg.model
+    if s.group_size < 2:
+        raise ConfigError(f"sample.group_size={s.group_size}: group advantages need at least 2 samples per prompt")
+    images = s.prompts_per_step * s.group_size
+    if images % s.batch_size:
+        raise ConfigError(f"sample.batch_size={s.batch_size} does not divide the {images} images per step "
+                          f"(prompts_per_step {s.prompts_per_step} x group_size {s.group_size})")
+    if s.batch_size % t.micro_batch:
+        raise ConfigError(f"train.micro_batch={t.micro_batch} does not divide the rollout batch sample.batch_size={s.batch_size}")
+    if not 0 < t.timestep_fraction <= 1:
+        raise ConfigError(f"train.timestep_fraction={t.timestep_fraction} must be in (0, 1]")
+    if t.timestep_sampling.startswith("discrete"):
+        from awm_fast.algo.timesteps import discrete_boundaries
+
+        try:
+            discrete_boundaries(s.num_steps, t.num_timesteps, t.timestep_fraction, t.timestep_sampling == "discrete")
+        except ValueError as exc:
+            raise ConfigError(f"train.num_timesteps={t.num_timesteps} with sample.num_steps={s.num_steps}: {exc}") from None
+    if t.ema_decay_cap >= 1:
+        raise ConfigError(f"train.ema_decay_cap={t.ema_decay_cap} must be < 1")
+    if not 0 <= t.adam_beta1 < 1 or not 0 <= t.adam_beta2 < 1:
+        raise ConfigError(f"train.adam_beta1/adam_beta2=({t.adam_beta1}, {t.adam_beta2}) must be in [0, 1)")
+    if m.kind == "sd3" and not s.prompt_file:
+        raise ConfigError("sample.prompt_file is empty: model.kind=sd3 trains on prompts from a text file")
+    if m.kind == "sd3" and not m.path:
+        raise ConfigError("model.path is empty: give a diffusers folder or hub id for model.kind=sd3")
+    if m.kind == "digits" and cfg.reward.name != "digits":
+        raise ConfigError(f"reward.name={cfg.reward.name!r} does not apply to model.kind=digits (use reward.name=digits)")
+    if m.kind == "sd3" and cfg.reward.name == "digits":
+        raise ConfigError("reward.name=digits needs model.kind=digits")
+    if not m.lora_targets:
+        raise ConfigError("model.lora_targets is empty: name the modules that carry LoRA")

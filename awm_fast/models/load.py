@@ -1,0 +1,52 @@
+"""Build the policy (transformer + LoRA adapters + prompt encoder + decoder) for a config."""
+from __future__ import annotations
+
+import torch
+
+from awm_fast.config import Config
+from awm_fast.models.lora import add_adapters
+from awm_fast.models.policy import FlowPolicy
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device=cuda but torch sees no CUDA device (use run.device=cpu or auto)")
+    return torch.device(name)
+
+
+def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torch.dtype):
+    transformer.requires_grad_(False)
+    transformer.to(device=device, dtype=dtype)
+    m = cfg.model
+    add_adapters(transformer, rank=m.lora_rank, alpha=m.lora_alpha, init=m.lora_init, targets=m.lora_targets)
+    for name, p in transformer.named_parameters():  # LoRA weights train in float32
+        if "lora_" in name:
+            p.data = p.data.float()
+    return transformer
+
+
+def load_policy(cfg: Config, device: torch.device, *, digits_artifacts=None) -> FlowPolicy:
+    dtype = DTYPES[cfg.model.dtype]
+    if cfg.model.kind == "digits":
+        from diffusers import SD3Transformer2DModel
+
+        from awm_fast.tasks.digits import decode_digits
+
+        if digits_artifacts is None:
+            raise ValueError("model.kind=digits needs the prepared digits artifacts")
+        transformer = SD3Transformer2DModel.from_pretrained(digits_artifacts.model_dir)
+        text = digits_artifacts.text_encoder
+
+        def encode(prompts: list[str]):
+            c = text(prompts)
+            return type(c)(c.embeds.to(device), c.pooled.to(device))
+
+        transformer = freeze_and_adapt(transformer, cfg, device, dtype)
+        return FlowPolicy(transformer, encode, decode_digits, (1, 8, 8), device, dtype)
+    from awm_fast.models.sd3 import load_sd3_policy
+
+    return load_sd3_policy(cfg, device, dtype)

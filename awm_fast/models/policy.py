@@ -1,0 +1,57 @@
+"""The policy as the trainer sees it: a velocity field v(x_t, t, c) with adapter choice, plus codecs.
+
+The transformer is called with timestep = 1000 t (the SD3 convention) and predicts v = eps - x0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from awm_fast.models.lora import POLICY, use_adapter
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts: token embeddings (B, L, D) and pooled embeddings (B, P)."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+
+    def __getitem__(self, idx) -> "Conditioning":
+        return Conditioning(self.embeds[idx], self.pooled[idx])
+
+    def repeat(self, times: int) -> "Conditioning":
+        return Conditioning(self.embeds.repeat(times, 1, 1), self.pooled.repeat(times, 1))
+
+    @staticmethod
+    def cat(items: list["Conditioning"]) -> "Conditioning":
+        return Conditioning(torch.cat([c.embeds for c in items]), torch.cat([c.pooled for c in items]))
+
+
+@dataclass
+class FlowPolicy:
+    """transformer: a diffusers SD3-style transformer with "default" and "ema" LoRA adapters.
+
+    encode(prompts) -> Conditioning; decode(latents) -> images in [0, 1], (B, C, H, W) float32.
+    """
+
+    transformer: torch.nn.Module
+    encode: Callable[[list[str]], Conditioning]
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    latent_shape: tuple[int, ...]
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, adapter: str | None = POLICY) -> torch.Tensor:
+        """v(x, t, c) with the given adapter ("default", "ema", or None for the reference = base model)."""
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        kwargs = dict(hidden_states=x.to(self.dtype), encoder_hidden_states=cond.embeds.to(self.dtype),
+                      pooled_projections=cond.pooled.to(self.dtype), timestep=(t * 1000).to(self.dtype),
+                      return_dict=False)
+        if adapter == POLICY:
+            return self.transformer(**kwargs)[0]
+        with use_adapter(self.transformer, adapter):
+            return self.transformer(**kwargs)[0]

@@ -1,0 +1,45 @@
+"""Rollout loops: start from noise at sigma = 1 and step down the shifted grid with `awm_fast.ops.sde_step`."""
+from __future__ import annotations
+
+import torch
+
+from awm_fast.models.lora import POLICY
+from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.ops import sde_step
+
+
+@torch.no_grad()
+def sample_latents(
+    policy: FlowPolicy,
+    cond: Conditioning,
+    grid: torch.Tensor,
+    *,
+    sampler: str,
+    noise_level: float,
+    generator: torch.Generator,
+    guidance_scale: float = 1.0,
+    null_cond: Conditioning | None = None,
+    adapter: str | None = POLICY,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns the final latents x0 (B, *latent_shape) and the summed per-step log-probs (B,).
+
+    Classifier-free guidance runs when guidance_scale != 1: v = v_uncond + w (v_cond - v_uncond),
+    with the conditional and unconditional rows in one transformer call.
+    """
+    batch = cond.embeds.shape[0]
+    use_cfg = guidance_scale != 1.0
+    if use_cfg and null_cond is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs the empty-prompt conditioning (null_cond)")
+    x = torch.randn((batch, *policy.latent_shape), generator=generator, device=policy.device, dtype=torch.float32)
+    both = Conditioning.cat([cond, null_cond.repeat(batch)]) if use_cfg else cond
+    log_prob = torch.zeros(batch, device=policy.device)
+    for sigma, sigma_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        xin = torch.cat([x, x]) if use_cfg else x
+        t = torch.full((xin.shape[0],), sigma, device=policy.device)
+        v = policy.velocity(xin, t, both, adapter).float()
+        v_cond, v_uncond = v.chunk(2) if use_cfg else (v, None)
+        step = sde_step(x, v_cond, sigma, sigma_next, generator=generator, noise_level=noise_level, kind=sampler,
+                        v_uncond=v_uncond, guidance_scale=guidance_scale, return_log_prob=True)
+        x = step.x_next
+        log_prob += step.log_prob
+    return x, log_prob

@@ -1,0 +1,184 @@
+"""The embedded task: class-conditional digits from scikit-learn's bundled 8x8 images (no download).
+
+- Base model: a tiny SD3Transformer2DModel (same class as SD3.5) pretrained with flow matching,
+  deliberately under-trained so that it draws the prompted digit only part of the time.
+      x_t = (1 - t) x0 + t eps,  loss = mean (v(x_t, t, c) - (eps - x0))^2,  t ~ U(0, 1)
+- "Text encoder": a fixed, seeded table of token and pooled embeddings per digit (index 10 = empty prompt).
+- Classifier: a small MLP trained on a train split; its held-out accuracy is reported. The reward of a
+  sample is the classifier's probability of the prompted digit.
+Everything is produced with fixed seeds and cached on disk under `cache_root()/digits/<key>/`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from awm_fast.config import DigitsConfig
+
+TEXT_LEN, TEXT_DIM, POOLED_DIM = 2, 32, 32
+NULL_PROMPT = ""
+PROMPTS = [str(d) for d in range(10)]
+
+
+def tiny_transformer_config() -> dict:
+    """0.43M parameters: 3 joint blocks of 4 heads x 16, 2x2 patches over the 8x8 image."""
+    return dict(sample_size=8, patch_size=2, in_channels=1, out_channels=1, num_layers=3, attention_head_dim=16,
+                num_attention_heads=4, joint_attention_dim=TEXT_DIM, caption_projection_dim=64,
+                pooled_projection_dim=POOLED_DIM, pos_embed_max_size=8)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("AWM_FAST_CACHE", Path.home() / ".cache" / "awm-fast"))
+
+
+def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 1, 8, 8) images scaled to [-1, 1] and (N,) labels, in scikit-learn's order."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    return images, torch.tensor(data.target, dtype=torch.int64)
+
+
+def split_indices(n: int, held_out: float = 0.25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    cut = int(n * (1 - held_out))
+    return perm[:cut], perm[cut:]
+
+
+class DigitClassifier(nn.Module):
+    """MLP on the 64 pixels (inputs in [-1, 1])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 10))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+class DigitsTextEncoder:
+    """Fixed embedding table: prompt "d" -> row d, "" -> row 10."""
+
+    def __init__(self, embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+        self.embeds, self.pooled = embeds, pooled
+
+    @classmethod
+    def seeded(cls, seed: int = 0) -> "DigitsTextEncoder":
+        g = torch.Generator().manual_seed(seed)
+        return cls(torch.randn(11, TEXT_LEN, TEXT_DIM, generator=g), torch.randn(11, POOLED_DIM, generator=g))
+
+    def index(self, prompts: list[str]) -> torch.Tensor:
+        try:
+            return torch.tensor([10 if p == NULL_PROMPT else PROMPTS.index(p) for p in prompts])
+        except ValueError:
+            bad = next(p for p in prompts if p != NULL_PROMPT and p not in PROMPTS)
+            raise ValueError(f"digits prompt {bad!r} is not one of {PROMPTS} or the empty prompt") from None
+
+    def __call__(self, prompts: list[str]):
+        from awm_fast.models.policy import Conditioning
+
+        idx = self.index(prompts)
+        return Conditioning(self.embeds[idx], self.pooled[idx])
+
+
+@dataclass
+class DigitsArtifacts:
+    model_dir: Path  # diffusers save_pretrained folder of the base transformer
+    text_encoder: DigitsTextEncoder
+    classifier: DigitClassifier
+    classifier_accuracy: float
+
+
+def _cache_key(cfg: DigitsConfig) -> str:
+    blob = json.dumps({"model": tiny_transformer_config(), "pretrain_steps": cfg.pretrain_steps,
+                       "pretrain_batch": cfg.pretrain_batch, "pretrain_lr": cfg.pretrain_lr,
+                       "classifier_steps": cfg.classifier_steps, "version": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def pretrain_base_model(cfg: DigitsConfig, text: DigitsTextEncoder, seed: int = 0):
+    """Flow-matching pretraining of the tiny transformer with 10% empty prompts (for optional CFG)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = SD3Transformer2DModel(**tiny_transformer_config())
+    images, labels = load_digit_images()
+    train_idx, _ = split_indices(len(images))
+    images, labels = images[train_idx], labels[train_idx]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    for _ in tqdm(range(cfg.pretrain_steps), desc="pretrain base model", unit="step", leave=False):
+        idx = torch.randint(0, len(images), (cfg.pretrain_batch,), generator=g)
+        x0, y = images[idx], labels[idx]
+        y = torch.where(torch.rand(len(y), generator=g) < 0.1, torch.full_like(y, 10), y)
+        eps = torch.randn(x0.shape, generator=g)
+        t = torch.rand(len(y), generator=g)
+        xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
+        v = model(hidden_states=xt, encoder_hidden_states=text.embeds[y], pooled_projections=text.pooled[y],
+                  timestep=t * 1000, return_dict=False)[0]
+        loss = (v - (eps - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def train_classifier(steps: int, seed: int = 0) -> tuple[DigitClassifier, float]:
+    """Returns the classifier and its accuracy on the held-out split."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    images, labels = load_digit_images()
+    train_idx, test_idx = split_indices(len(images))
+    clf = DigitClassifier()
+    opt = torch.optim.AdamW(clf.parameters(), lr=3e-3, weight_decay=1e-4)
+    for _ in tqdm(range(steps), desc="train digit classifier", unit="step", leave=False):
+        idx = train_idx[torch.randint(0, len(train_idx), (128,), generator=g)]
+        x = images[idx] + 0.05 * torch.randn(images[idx].shape, generator=g)
+        loss = nn.functional.cross_entropy(clf(x), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    clf.eval()
+    with torch.no_grad():
+        acc = (clf(images[test_idx]).argmax(1) == labels[test_idx]).float().mean().item()
+    return clf, acc
+
+
+def prepare_digits(cfg: DigitsConfig, *, log=print) -> DigitsArtifacts:
+    """Load the cached base model + classifier, or produce them (fixed seeds) and cache them atomically."""
+    folder = cache_root() / "digits" / _cache_key(cfg)
+    if not (folder / "done.json").is_file():
+        log(f"[digits] preparing the base model and classifier (cached afterwards in {folder})")
+        text = DigitsTextEncoder.seeded()
+        model = pretrain_base_model(cfg, text)
+        clf, acc = train_classifier(cfg.classifier_steps)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp / "transformer")
+        torch.save({"embeds": text.embeds, "pooled": text.pooled}, tmp / "text_encoder.pt")
+        torch.save(clf.state_dict(), tmp / "classifier.pt")
+        (tmp / "done.json").write_text(json.dumps({"classifier_accuracy": acc, "config": asdict(cfg)}, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, folder)
+    meta = json.loads((folder / "done.json").read_text())
+    table = torch.load(folder / "text_encoder.pt")
+    clf = DigitClassifier()
+    clf.load_state_dict(torch.load(folder / "classifier.pt"))
+    clf.eval()
+    return DigitsArtifacts(folder / "transformer", DigitsTextEncoder(table["embeds"], table["pooled"]), clf,
+                           float(meta["classifier_accuracy"]))
+
+
+def decode_digits(latents: torch.Tensor) -> torch.Tensor:
+    """Latents are the images themselves: [-1, 1] -> [0, 1]."""
+    return ((latents.float() + 1) / 2).clamp(0, 1)

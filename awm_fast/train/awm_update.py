@@ -1,0 +1,71 @@
+"""One AWM optimizer step over a rollout batch: micro-batches, T timesteps each, accumulated gradients.
+
+For a micro-batch of B clean latents x0 with advantages A: draw T training times (shared by the micro-batch),
+then for every (timestep k, sample b) row (timestep-major, row = k B + b) fresh eps, x_t = (1 - t) x0 + t eps
+and u = eps - x0. The same rows go to the policy ("default" adapter, with grad), the reference (adapters
+disabled) and the "ema" adapter; `awm_fast.ops.awm_loss` turns the three velocities into the loss.
+Gradients of all micro-batches are averaged into one AdamW step with grad-norm clipping.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from awm_fast.algo.timesteps import sample_train_timesteps
+from awm_fast.config import SampleConfig, TrainConfig
+from awm_fast.models.lora import EMA
+from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.ops import awm_loss
+
+
+def noisy_rows(x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
+    """Rows for T times over B latents: (x_t, u = eps - x0, t per row), timestep-major."""
+    T, B = t.numel(), x0.shape[0]
+    x0r = x0.repeat(T, *([1] * (x0.dim() - 1)))
+    t_rows = t.to(x0.device, torch.float32).repeat_interleave(B)
+    eps = torch.randn(x0r.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    tv = t_rows.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - tv) * x0r + tv * eps, eps - x0r, t_rows
+
+
+def awm_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, advantages: torch.Tensor,
+               grid: torch.Tensor, tcfg: TrainConfig, scfg: SampleConfig, generator: torch.Generator,
+               optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, float]:
+    """Returns mean loss parts over micro-batches, grad_norm and skipped (1.0 when a non-finite step was dropped)."""
+    n, mb, T = latents.shape[0], tcfg.micro_batch, tcfg.num_timesteps
+    num_micro = n // mb
+    perm = torch.randperm(n, generator=generator, device=generator.device).to(latents.device)
+    sums: dict[str, float] = defaultdict(float)
+    optimizer.zero_grad(set_to_none=True)
+    for i in tqdm(range(num_micro), desc="train", unit="mb", leave=False, disable=None):
+        idx = perm[i * mb:(i + 1) * mb]
+        t = sample_train_timesteps(tcfg.timestep_sampling, T, grid, shift=scfg.shift,
+                                   fraction=tcfg.timestep_fraction, generator=generator)
+        xt, target, t_rows = noisy_rows(latents[idx], t, generator)
+        c = cond[idx].repeat(T)
+        adv = advantages[idx].to(torch.float32).repeat(T)
+        with torch.no_grad():
+            v_ref = policy.velocity(xt, t_rows, c, adapter=None) if tcfg.beta > 0 else None
+            v_ema = policy.velocity(xt, t_rows, c, adapter=EMA) if tcfg.ema_beta > 0 else None
+        v = policy.velocity(xt, t_rows, c)
+        out = awm_loss(v, target, t_rows, adv, v_ref=v_ref, v_ema=v_ema, beta=tcfg.beta, ema_beta=tcfg.ema_beta,
+                       weighting=tcfg.weighting, ghuber_power=tcfg.ghuber_power, clip_range=tcfg.clip_range,
+                       kl_weighting=tcfg.kl_weighting, ratio_mode=tcfg.ratio_mode, num_timesteps=T)
+        (out.loss / num_micro).backward()
+        kl, kl_ema = out.kl.mean().item(), out.kl_ema.mean().item()
+        loss = out.loss.item()
+        for key, value in (("loss", loss), ("policy_loss", loss - tcfg.beta * kl - tcfg.ema_beta * kl_ema),
+                           ("kl", kl), ("kl_ema", kl_ema), ("clipfrac", out.clipfrac.item()),
+                           ("mse", out.mse.mean().item()), ("log_prob", out.log_prob.mean().item())):
+            sums[key] += value / num_micro
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm))
+    skipped = not (math.isfinite(grad_norm) and math.isfinite(sums["loss"]))
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {**sums, "grad_norm": grad_norm, "skipped": float(skipped)}

@@ -1,0 +1,69 @@
+"""Checkpoints: both LoRA adapters in diffusers/peft format + the full training state, written atomically.
+
+Layout of `<run>/checkpoints/step_000050/`:
+    default/pytorch_lora_weights.safetensors, ema/pytorch_lora_weights.safetensors   (save_lora_adapter)
+    state.pt: optimizer, evaluation EMA, generator states, global RNG, step, metrics history length
+A checkpoint is written to a temporary folder and renamed into place; the last `keep` are kept.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from awm_fast.models.lora import EMA, POLICY, adapter_params
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def save_checkpoint(run_dir: Path, step: int, transformer, state: dict, keep: int) -> Path:
+    folder = Path(run_dir) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step_{step:06d}"
+    tmp = folder / f".tmp_step_{step:06d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in (POLICY, EMA):
+        transformer.save_lora_adapter(tmp / name, adapter_name=name)
+    torch.save({**state, "step": step}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (its newest checkpoint)."""
+    path = Path(path)
+    if (path / "state.pt").is_file():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {path} (expected {path}/checkpoints/step_NNNNNN/state.pt)")
+    return found[-1]
+
+
+def load_checkpoint(ckpt: Path, transformer) -> dict:
+    """Copy both adapters' weights into the transformer; return the saved training state."""
+    for name in (POLICY, EMA):
+        weights = load_file(str(ckpt / name / "pytorch_lora_weights.safetensors"))
+        params = adapter_params(transformer, name)
+        missing = sorted(set(params) - set(weights))
+        if missing:
+            raise ValueError(f"checkpoint {ckpt} adapter {name!r} lacks {len(missing)} tensors, e.g. {missing[0]}")
+        with torch.no_grad():
+            for key, p in params.items():
+                p.copy_(weights[key])
+    return torch.load(ckpt / "state.pt", weights_only=False)

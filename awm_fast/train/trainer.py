@@ -1,0 +1,144 @@
+"""The AWM RL loop: rollout with the current policy -> rewards -> group advantages -> AWM update."""
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from awm_fast.algo.advantages import group_advantages
+from awm_fast.algo.timesteps import time_grid
+from awm_fast.config import Config
+from awm_fast.models.lora import POLICY, EvalEMA, adapter_params, update_ema_adapter
+from awm_fast.models.load import pick_device
+from awm_fast.rewards import check_reward_output
+from awm_fast.sampling.rollout import sample_latents
+from awm_fast.train import checkpoint as ckpt
+from awm_fast.train import report
+from awm_fast.train.awm_update import awm_update
+from awm_fast.train.evaluate import evaluate
+from awm_fast.train.logger import MetricsLogger
+from awm_fast.train.task import Task, build_task
+
+
+def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, gens: dict) -> dict:
+    """Sample prompts_per_step prompts x group_size images with the current policy and score them."""
+    s = cfg.sample
+    pick = torch.randint(0, len(task.prompts), (s.prompts_per_step,), generator=gens["prompts"]).tolist()
+    order = [k for k in pick for _ in range(s.group_size)]
+    prompts = [task.prompts[k] for k in order]
+    meta = [task.metadata[k] for k in order]
+    groups = torch.arange(s.prompts_per_step).repeat_interleave(s.group_size)
+    cond = task.policy.encode(prompts)
+    t0 = time.perf_counter()
+    latents = []
+    for b in tqdm(range(0, len(prompts), s.batch_size), desc="sample", unit="batch", leave=False, disable=None):
+        x, _ = sample_latents(task.policy, cond[b:b + s.batch_size], grid, sampler=s.sampler,
+                             noise_level=s.noise_level, generator=gens["rollout"], guidance_scale=s.guidance_scale,
+                             null_cond=task.null_cond)
+        latents.append(x)
+    latents = torch.cat(latents)
+    t1 = time.perf_counter()
+    out = task.reward(task.policy.decode(latents), prompts, meta)
+    rewards = check_reward_output(task.reward.name, out, len(prompts))
+    extra = {k: float(torch.as_tensor(v).double().mean()) for k, v in out.items() if k != "reward"}
+    return dict(latents=latents, cond=cond, rewards=rewards, groups=groups, extra=extra,
+                sample_s=t1 - t0, reward_s=time.perf_counter() - t1)
+
+
+def train(cfg: Config, *, resume: str | None = None, log=print) -> Path:
+    """Run the loop; returns the path of the run's summary.json."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = pick_device(cfg.run.device)
+    ckpt_path = ckpt.resolve_checkpoint(resume) if resume else None
+    run_dir = ckpt_path.parent.parent if ckpt_path else \
+        Path(cfg.run.output_dir) / (cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    task = build_task(cfg, device, log=log)
+    policy, t, s = task.policy, cfg.train, cfg.sample
+    params = list(adapter_params(policy.transformer, POLICY).values())
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
+    eval_ema = EvalEMA(policy.transformer) if t.eval_ema else None
+    gens = {"prompts": torch.Generator().manual_seed(t.seed),
+            "rollout": torch.Generator(device=device).manual_seed(t.seed + 1),
+            "train": torch.Generator(device=device).manual_seed(t.seed + 2)}
+    eval_kw = dict(num_steps=s.eval_num_steps, shift=s.shift, seed=t.seed + 1000, batch_size=max(s.batch_size, 64),
+                   guidance_scale=s.eval_guidance_scale, null_cond=task.null_cond)
+
+    def run_eval(step: int, weights: str = "raw"):
+        if weights == "ema":
+            with eval_ema.swapped_in(policy.transformer):
+                metrics, images = evaluate(policy, task.reward, task.eval_prompts, task.eval_metadata, **eval_kw)
+        else:
+            metrics, images = evaluate(policy, task.reward, task.eval_prompts, task.eval_metadata, **eval_kw)
+        evals.append({"step": step, "weights": weights, **metrics})
+        log(f"[eval] step {step} ({weights} weights): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics, images
+
+    start, evals, history, train_seconds = 0, [], [], 0.0
+    if ckpt_path:
+        state = ckpt.load_checkpoint(ckpt_path, policy.transformer)
+        optimizer.load_state_dict(state["optimizer"])
+        if eval_ema is not None:
+            eval_ema.load_state_dict(state["eval_ema"])
+        for name, g in gens.items():
+            g.set_state(state["generators"][name])
+        torch.set_rng_state(state["torch_rng"])
+        start, evals, history = state["step"], state["evals"], state["history"]
+        before_images, train_seconds = state["before_images"], state["train_seconds"]
+        log(f"[resume] {ckpt_path} at step {start}")
+    else:
+        _, before_images = run_eval(0)
+    logger = MetricsLogger(run_dir, cfg.run.tensorboard, history)
+    grid = time_grid(s.num_steps, s.shift)
+    bar = tqdm(range(start, t.steps), desc="AWM", unit="step", initial=start, total=t.steps, mininterval=1.0)
+    for step in bar:
+        t0 = time.perf_counter()
+        roll = rollout_and_score(task, cfg, grid, gens)
+        advantages = group_advantages(roll["rewards"], roll["groups"], t.adv_clip_max)
+        t1 = time.perf_counter()
+        stats = awm_update(policy, roll["latents"], roll["cond"], advantages.to(device), grid, t, s, gens["train"],
+                           optimizer, params)
+        if stats["skipped"]:
+            log(f"[warn] step {step + 1}: non-finite loss or gradient, optimizer step skipped")
+        decay = update_ema_adapter(policy.transformer, step + 1, rate=t.ema_decay_rate, cap=t.ema_decay_cap)
+        if eval_ema is not None:
+            eval_ema.update(policy.transformer)
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        r = roll["rewards"]
+        flat = int(sum(bool((r[roll["groups"] == g] == r[roll["groups"] == g][0]).all()) for g in roll["groups"].unique()))
+        metrics = {"reward_mean": r.mean().item(), "reward_std": r.std(unbiased=False).item(), **roll["extra"],
+                   **stats, "flat_groups": flat, "ema_decay": decay, "time_sample": roll["sample_s"],
+                   "time_reward": roll["reward_s"], "time_train": time.perf_counter() - t1, "time_step": dt,
+                   "images_per_s": len(r) / dt}
+        logger.log(step + 1, metrics)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{stats['loss']:.4f}")
+        if flat == s.prompts_per_step:
+            log(f"[warn] step {step + 1}: every prompt group has identical rewards: zero advantages, no signal")
+        if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < t.steps:
+            run_eval(step + 1)
+        if (cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0) or step + 1 == t.steps:
+            state = {"optimizer": optimizer.state_dict(), "eval_ema": eval_ema.state_dict() if eval_ema else None,
+                     "generators": {k: g.get_state() for k, g in gens.items()}, "torch_rng": torch.get_rng_state(),
+                     "evals": evals, "history": logger.history, "before_images": before_images,
+                     "train_seconds": train_seconds, "config": cfg.to_dict()}
+            ckpt.save_checkpoint(run_dir, step + 1, policy.transformer, state, cfg.run.keep_checkpoints)
+    bar.close()
+    logger.close()
+    after, after_images = run_eval(t.steps)
+    summary = {"eval_before": {k: v for k, v in evals[0].items() if k not in ("step", "weights")},
+               "eval_after": after, "train_seconds": train_seconds, "steps": t.steps,
+               "total_seconds_this_process": time.perf_counter() - t_start, **task.info}
+    if eval_ema is not None:
+        summary["eval_after_ema"] = run_eval(t.steps, "ema")[0]
+    report.plot_curves(logger.history, evals, run_dir / "curves.png")
+    report.plot_grid(before_images, after_images, task.eval_prompts, run_dir / "samples_before_after.png")
+    (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
+    report.write_summary(run_dir / "summary.json", summary)
+    return run_dir / "summary.json"
