@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    from diffusers.utils import logging as diffusers_logging
+
     from awm_fast.train.trainer import train
+
+    diffusers_logging.set_verbosity_error()  # its dtype-cast notices on every save are not actionable here
 
     try:
         summary_path = train(cfg, resume=args.resume)

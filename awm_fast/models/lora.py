@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from peft import LoraConfig
@@ -19,7 +20,9 @@ def add_adapters(transformer, *, rank: int, alpha: int, init: str, targets: list
     for name in (POLICY, EMA):
         config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init_weights, target_modules=list(targets))
         try:
-            transformer.add_adapter(config, adapter_name=name)
+            with warnings.catch_warnings():  # peft warns that a second adapter is being added: intended
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                transformer.add_adapter(config, adapter_name=name)
         except ValueError as exc:
             raise ValueError(f"cannot add LoRA on model.lora_targets={targets}: {exc}") from None
     copy_adapter(transformer, POLICY, EMA)
