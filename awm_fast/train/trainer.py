@@ -39,11 +39,16 @@ def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, gens: dict) -
                              noise_level=s.noise_level, generator=gens["rollout"], guidance_scale=s.guidance_scale,
                              null_cond=task.null_cond)
         latents.append(x)
-    latents = torch.cat(latents)
     t1 = time.perf_counter()
-    out = task.reward(task.policy.decode(latents), prompts, meta)
-    rewards = check_reward_output(task.reward.name, out, len(prompts))
-    extra = {k: float(torch.as_tensor(v).double().mean()) for k, v in out.items() if k != "reward"}
+    outs = []
+    for i in tqdm(range(len(latents)), desc="reward", unit="batch", leave=False, disable=None):
+        b = i * s.batch_size
+        out = task.reward(task.policy.decode(latents[i]), prompts[b:b + s.batch_size], meta[b:b + s.batch_size])
+        check_reward_output(task.reward.name, out, len(latents[i]))
+        outs.append({k: torch.as_tensor(v).double().reshape(-1).cpu() for k, v in out.items()})
+    latents = torch.cat(latents)
+    rewards = torch.cat([o["reward"] for o in outs])
+    extra = {k: float(torch.cat([o[k] for o in outs]).mean()) for k in outs[0] if k != "reward"}
     return dict(latents=latents, cond=cond, rewards=rewards, groups=groups, extra=extra,
                 sample_s=t1 - t0, reward_s=time.perf_counter() - t1)
 
