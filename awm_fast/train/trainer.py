@@ -123,7 +123,7 @@ def train(cfg: Config, *, resume: str | None = None, log=print) -> Path:
                    "time_reward": roll["reward_s"], "time_train": time.perf_counter() - t1, "time_step": dt,
                    "images_per_s": len(r) / dt}
         logger.log(step + 1, metrics)
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{stats['loss']:.4f}")
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{stats['loss']:.4f}", refresh=False)
         if flat == s.prompts_per_step:
             log(f"[warn] step {step + 1}: every prompt group has identical rewards: zero advantages, no signal")
         if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < t.steps:
