@@ -29,7 +29,8 @@ def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torc
     return transformer
 
 
-def load_policy(cfg: Config, device: torch.device, *, digits_artifacts=None) -> FlowPolicy:
+def load_policy(cfg: Config, device: torch.device, *, digits_artifacts=None, prompts: list[str] = ()) -> FlowPolicy:
+    """digits: the cached tiny base model; sd3: a diffusers folder/hub id, encoding `prompts` up front."""
     dtype = DTYPES[cfg.model.dtype]
     if cfg.model.kind == "digits":
         from diffusers import SD3Transformer2DModel
@@ -49,4 +50,4 @@ def load_policy(cfg: Config, device: torch.device, *, digits_artifacts=None) -> 
         return FlowPolicy(transformer, encode, decode_digits, (1, 8, 8), device, dtype)
     from awm_fast.models.sd3 import load_sd3_policy
 
-    return load_sd3_policy(cfg, device, dtype)
+    return load_sd3_policy(cfg, device, dtype, list(prompts))

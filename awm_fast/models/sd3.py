@@ -1,13 +1,17 @@
 """SD3 / SD3.5 from a diffusers folder or hub id: transformer with LoRA, text encoders, VAE.
 
 Prompts are encoded with the pipeline's three text encoders (CLIP-L, CLIP-G, T5, 128 T5 tokens as the
-official RL code); latents are 16 x (res / 8) x (res / 8); decode = VAE decode to [0, 1].
+official RL code); latents are 16 x (res / f) x (res / f), f = the VAE's scale factor (8 for SD3.5); decode = VAE decode to [0, 1].
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from awm_fast.config import Config
 from awm_fast.models.policy import Conditioning, FlowPolicy
@@ -20,41 +24,80 @@ def load_pipeline(path: str, dtype: torch.dtype):
     from diffusers import StableDiffusion3Pipeline
 
     local_only = os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE") == "1"
+    absent = {}  # components saved as null (e.g. SD3 without T5) must be passed as None explicitly
+    index = Path(path) / "model_index.json"
+    if index.is_file():
+        absent = {k: None for k, v in json.loads(index.read_text()).items() if v == [None, None]}
     try:
-        return StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=local_only)
+        return StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=local_only, **absent)
     except (OSError, ValueError, EnvironmentError) as exc:
         where = "the folder" if os.path.isdir(path) else "the hub id (no network or not in the local cache)"
         raise FileNotFoundError(f"cannot load SD3 weights from model.path={path!r} via {where}: "
                                 f"{str(exc).splitlines()[0]}") from None
 
 
-def load_sd3_policy(cfg: Config, device: torch.device, dtype: torch.dtype) -> FlowPolicy:
+def prompt_cache_dir(model_path: str) -> Path:
+    from awm_fast.tasks.digits import cache_root
+
+    key = hashlib.sha256(f"{os.path.abspath(model_path) if os.path.isdir(model_path) else model_path}|t5={T5_TOKENS}"
+                         .encode()).hexdigest()[:16]
+    return cache_root() / "prompt_embeds" / key
+
+
+@torch.no_grad()
+def encode_all(pipe, prompts: list[str], device: torch.device, cache_dir: Path, batch: int = 32) -> dict:
+    """Encode every distinct prompt once; embeddings cached in memory and on disk (keyed by model + prompt)."""
+    cache: dict[str, Conditioning] = {}
+    todo = []
+    for p in dict.fromkeys(prompts):
+        file = cache_dir / f"{hashlib.sha256(p.encode()).hexdigest()}.pt"
+        if file.is_file():
+            saved = torch.load(file)
+            cache[p] = Conditioning(saved["embeds"], saved["pooled"])
+        else:
+            todo.append(p)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for start in tqdm(range(0, len(todo), batch), desc="encode prompts", unit="batch", leave=False, disable=None):
+        chunk = todo[start:start + batch]
+        embeds, _, pooled, _ = pipe.encode_prompt(chunk, chunk, chunk, device=device, do_classifier_free_guidance=False,
+                                                  max_sequence_length=T5_TOKENS)
+        for i, p in enumerate(chunk):
+            cache[p] = Conditioning(embeds[i:i + 1].cpu(), pooled[i:i + 1].cpu())
+            tmp = cache_dir / f".{os.getpid()}.tmp"
+            torch.save({"embeds": cache[p].embeds, "pooled": cache[p].pooled}, tmp)
+            os.replace(tmp, cache_dir / f"{hashlib.sha256(p.encode()).hexdigest()}.pt")
+    return cache
+
+
+def load_sd3_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str]) -> FlowPolicy:
+    """All `prompts` (and "") are encoded up front; the text encoders are then released."""
     from awm_fast.models.load import freeze_and_adapt
 
     pipe = load_pipeline(cfg.model.path, dtype)
+    side = cfg.model.resolution // pipe.vae_scale_factor
     transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype)
-    for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.vae):
+    for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if module is not None:
             module.requires_grad_(False).to(device)
-    cache: dict[str, Conditioning] = {}
+    cache = encode_all(pipe, list(prompts) + [""], device, prompt_cache_dir(cfg.model.path))
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # free their memory
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    vae = pipe.vae.requires_grad_(False).to(device)
 
-    @torch.no_grad()
-    def encode(prompts: list[str]) -> Conditioning:
-        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+    def encode(batch_prompts: list[str]) -> Conditioning:
+        missing = [p for p in batch_prompts if p not in cache]
         if missing:
-            embeds, _, pooled, _ = pipe.encode_prompt(missing, missing, missing, device=device,
-                                                      do_classifier_free_guidance=False,
-                                                      max_sequence_length=T5_TOKENS)
-            for i, p in enumerate(missing):
-                cache[p] = Conditioning(embeds[i:i + 1], pooled[i:i + 1])
-        return Conditioning.cat([cache[p] for p in prompts])
-
-    vae = pipe.vae
+            raise ValueError(f"prompt {missing[0]!r} was not encoded up front (the text encoders are released)")
+        c = Conditioning.cat([cache[p] for p in batch_prompts])
+        return Conditioning(c.embeds.to(device), c.pooled.to(device))
 
     @torch.no_grad()
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+    def decode(latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
+        out = []
+        for z in latents.split(batch):
+            z = z.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+            out.append((vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)
 
-    side = cfg.model.resolution // 8
     return FlowPolicy(transformer, encode, decode, (transformer.config.in_channels, side, side), device, dtype)

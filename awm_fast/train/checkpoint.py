@@ -1,7 +1,9 @@
 """Checkpoints: both LoRA adapters in diffusers/peft format + the full training state, written atomically.
 
 Layout of `<run>/checkpoints/step_000050/`:
-    default/pytorch_lora_weights.safetensors, ema/pytorch_lora_weights.safetensors   (save_lora_adapter)
+    default/pytorch_lora_weights.safetensors, ema/pytorch_lora_weights.safetensors
+        pipeline LoRA format (keys "transformer.<module>.lora_A.weight", adapter config in the metadata):
+        `StableDiffusion3Pipeline.load_lora_weights(".../default")` loads it as trained
     state.pt: optimizer, evaluation EMA, generator states, global RNG, step, metrics history length
 A checkpoint is written to a temporary folder and renamed into place; the last `keep` are kept.
 """
@@ -17,6 +19,7 @@ from safetensors.torch import load_file
 
 from awm_fast.models.lora import EMA, POLICY, adapter_params
 
+PREFIX = "transformer."
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
@@ -35,13 +38,23 @@ def save_checkpoint(run_dir: Path, step: int, transformer, state: dict, keep: in
     tmp = folder / f".tmp_step_{step:06d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     for name in (POLICY, EMA):
-        transformer.save_lora_adapter(tmp / name, adapter_name=name)
+        save_lora(transformer, name, tmp / name)
     torch.save({**state, "step": step}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_lora(transformer, adapter: str, folder: Path) -> None:
+    """One adapter in the diffusers pipeline LoRA format (SD3 loader; FLUX uses the same key layout)."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    layers = get_peft_model_state_dict(transformer, adapter_name=adapter)
+    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=layers,
+                                               transformer_lora_adapter_metadata=transformer.peft_config[adapter].to_dict())
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -58,7 +71,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(ckpt: Path, transformer) -> dict:
     """Copy both adapters' weights into the transformer; return the saved training state."""
     for name in (POLICY, EMA):
-        weights = load_file(str(ckpt / name / "pytorch_lora_weights.safetensors"))
+        weights = {k.removeprefix(PREFIX): v for k, v in
+                   load_file(str(ckpt / name / "pytorch_lora_weights.safetensors")).items()}
         params = adapter_params(transformer, name)
         missing = sorted(set(params) - set(weights))
         if missing:

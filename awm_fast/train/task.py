@@ -48,7 +48,7 @@ def build_task(cfg: Config, device: torch.device, log=print) -> Task:
                     {"classifier_accuracy": art.classifier_accuracy})
     prompts = read_prompt_file(cfg.sample.prompt_file)
     reward = build_reward(cfg.reward.name)
-    policy = load_policy(cfg, device)
     eval_prompts = prompts[:cfg.sample.eval_prompts]
+    policy = load_policy(cfg, device, prompts=prompts + eval_prompts)
     return Task(policy, reward, prompts, [{} for _ in prompts], eval_prompts, [{} for _ in eval_prompts],
                 policy.encode([""]))
