@@ -30,6 +30,7 @@ class ModelConfig:
     lora_init: str = "gaussian"
     lora_targets: list[str] = field(default_factory=lambda: list(SD3_LORA_TARGETS))
     resolution: int = 512
+    attention_backend: str = "auto"  # auto | flash3 | flash2 | xformers | sdpa_cudnn | sdpa_flash | sdpa_efficient | sdpa_math
 
 
 @dataclass
@@ -119,6 +120,8 @@ CHOICES = {
     "model.kind": ("digits", "sd3"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.lora_init": ("gaussian", "default"),
+    "model.attention_backend": ("auto", "flash3", "flash2", "xformers", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
+                                "sdpa_math"),
     "sample.sampler": ("euler_maruyama", "cps", "ode"),
     "train.timestep_sampling": ("discrete_wo_init", "discrete", "uniform", "logit_normal"),
     "train.weighting": ("ghuber", "uniform", "t", "t2", "huber"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from awm_fast.config import Config
+from awm_fast.models.attention import resolve_attention_backend, use_attention_backend
 from awm_fast.models.lora import add_adapters
 from awm_fast.models.policy import FlowPolicy
 
@@ -18,9 +19,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torch.dtype):
+def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torch.dtype, log=print):
+    """Frozen base in `dtype` on `device`, our attention processor, "default" + "ema" LoRA in float32."""
     transformer.requires_grad_(False)
     transformer.to(device=device, dtype=dtype)
+    use_attention_backend(transformer, resolve_attention_backend(cfg.model.attention_backend, device, dtype, log=log))
     m = cfg.model
     add_adapters(transformer, rank=m.lora_rank, alpha=m.lora_alpha, init=m.lora_init, targets=m.lora_targets)
     for name, p in transformer.named_parameters():  # LoRA weights train in float32

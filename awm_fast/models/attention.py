@@ -1,0 +1,124 @@
+"""Attention backends and our SD3 joint-attention processor.
+
+diffusers' SD3 processor calls `F.scaled_dot_product_attention` directly (so `set_attention_backend` has no
+effect on SD3); `SD3JointAttnProcessor` is the same computation with the attention call routed here:
+
+    out = softmax(q k^T / sqrt(d)) v   over the concatenated [image; text] tokens.
+
+Backends, fastest first (all with a backward pass): flash3 (FlashAttention-3, Hopper), flash2 (flash-attn),
+sdpa_cudnn, sdpa_flash, xformers, sdpa_efficient, sdpa_math (PyTorch's reference).
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = ("auto", "flash3", "flash2", "xformers", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
+PREFERENCE = ("flash3", "flash2", "sdpa_cudnn", "sdpa_flash", "xformers", "sdpa_efficient", "sdpa_math")
+SDPA = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def backend_available(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `name` can run (forward and backward) for tensors of this device and dtype."""
+    cuda = device.type == "cuda"
+    half = dtype in (torch.float16, torch.bfloat16)
+    if name == "flash3":
+        return cuda and half and _has("flash_attn_interface") and torch.cuda.get_device_capability(device)[0] == 9
+    if name == "flash2":
+        return cuda and half and _has("flash_attn")
+    if name == "xformers":
+        return cuda and _has("xformers")
+    if name == "sdpa_cudnn":
+        return cuda and half
+    if name == "sdpa_flash":
+        return half if cuda else dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if name == "sdpa_efficient":
+        return cuda
+    return name == "sdpa_math"
+
+
+def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtype, log=print) -> str:
+    """`auto`: the fastest available; an unavailable explicit choice falls back with a one-line notice."""
+    if name not in BACKENDS:
+        raise ValueError(f"model.attention_backend={name!r} is not one of {BACKENDS}")
+    if name != "auto" and backend_available(name, device, dtype):
+        return name
+    chosen = next(b for b in PREFERENCE if backend_available(b, device, dtype))
+    if name == "auto":
+        log(f"[attention] auto -> {chosen} ({device.type}, {str(dtype).removeprefix('torch.')})")
+    else:
+        log(f"[attention] {name} is not available for {device.type}/{str(dtype).removeprefix('torch.')} "
+            f"(missing package or unsupported device): using {chosen}")
+    return chosen
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """q, k, v: (B, H, S, D) -> (B, H, S, D), non-causal, no mask, no dropout."""
+    if backend in SDPA:
+        with sdpa_kernel(SDPA[backend]):
+            return F.scaled_dot_product_attention(q, k, v)
+    qs, ks, vs = (x.transpose(1, 2) for x in (q, k, v))  # (B, S, H, D) for the external kernels
+    if backend == "flash3":
+        from flash_attn_interface import flash_attn_func
+
+        out = flash_attn_func(qs, ks, vs)
+        out = out[0] if isinstance(out, tuple) else out
+    elif backend == "flash2":
+        from flash_attn import flash_attn_func
+
+        out = flash_attn_func(qs, ks, vs)
+    elif backend == "xformers":
+        from xformers.ops import memory_efficient_attention
+
+        out = memory_efficient_attention(qs, ks, vs)
+    else:
+        raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS[1:]}")
+    return out.transpose(1, 2)
+
+
+class SD3JointAttnProcessor:
+    """SD3 joint attention (and the dual-attention self-attention) with a selectable backend."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    @staticmethod
+    def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+        return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        n_img = hidden_states.shape[1]
+        q, k, v = (self._heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if encoder_hidden_states is not None:
+            cq, ck, cv = (self._heads(proj(encoder_hidden_states), attn.heads)
+                          for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None:
+                ck = attn.norm_added_k(ck)
+            q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
+        out = attention(q, k, v, self.backend)
+        out = out.transpose(1, 2).flatten(2).to(q.dtype)
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        img, txt = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            txt = attn.to_add_out(txt)
+        return attn.to_out[1](attn.to_out[0](img)), txt
+
+
+def use_attention_backend(transformer, backend: str) -> None:
+    """Install `SD3JointAttnProcessor(backend)` on every attention module of an SD3 transformer."""
+    transformer.set_attn_processor(SD3JointAttnProcessor(backend))

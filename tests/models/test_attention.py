@@ -1,0 +1,48 @@
+"""Attention backends agree with sdpa_math; our SD3 processor equals diffusers' on the whole transformer."""
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+
+from awm_fast.models.attention import (BACKENDS, attention, backend_available, resolve_attention_backend,
+                                       use_attention_backend)
+from tests.tolerances import tol
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_backends_agree_with_math(gen, backend, dtype):
+    if not backend_available(backend, DEVICE, dtype):
+        pytest.skip(f"{backend} not available for {DEVICE.type}/{dtype}")
+    q, k, v = (torch.randn(2, 3, 37, 16, generator=gen).to(DEVICE) for _ in range(3))
+    ref = attention(q.double(), k.double(), v.double(), "sdpa_math")
+    qd, kd, vd = (x.to(dtype).requires_grad_() for x in (q, k, v))
+    out = attention(qd, kd, vd, backend)
+    torch.testing.assert_close(out.double(), ref, **tol(dtype))
+    out.float().square().sum().backward()  # every backend used for training has a backward pass
+    assert all(torch.isfinite(x.grad).all() for x in (qd, kd, vd))
+
+
+def test_processor_matches_diffusers_default(gen):
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8,
+                                  qk_norm="rms_norm", dual_attention_layers=(0,))
+    kw = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=gen), encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
+              pooled_projections=torch.randn(2, 8, generator=gen), timestep=torch.tensor([100.0, 900.0]), return_dict=False)
+    with torch.no_grad():
+        expected = model(**kw)[0]
+        for backend in ("sdpa_math", "sdpa_flash"):
+            use_attention_backend(model, backend)
+            torch.testing.assert_close(model(**kw)[0], expected, **tol(torch.float32))
+
+
+def test_auto_and_fallback_say_so_in_one_line():
+    lines = []
+    assert resolve_attention_backend("auto", torch.device("cpu"), torch.float32, log=lines.append) == "sdpa_flash"
+    assert resolve_attention_backend("flash2", torch.device("cpu"), torch.float32, log=lines.append) == "sdpa_flash"
+    assert len(lines) == 2 and "flash2 is not available" in lines[1] and all("\n" not in x for x in lines)
+    with pytest.raises(ValueError, match="model.attention_backend='flash9'"):
+        resolve_attention_backend("flash9", torch.device("cpu"), torch.float32)
