@@ -3,7 +3,8 @@
 For a micro-batch of B clean latents x0 with advantages A: draw T training times (shared by the micro-batch),
 then for every (timestep k, sample b) row (timestep-major, row = k B + b) fresh eps, x_t = (1 - t) x0 + t eps
 and u = eps - x0. The same rows go to the policy ("default" adapter, with grad), the reference (adapters
-disabled) and the "ema" adapter; `awm_fast.ops.awm_loss` turns the three velocities into the loss.
+disabled) and the "ema" adapter (three calls, or one shared batch with `train.shared_batch`);
+`awm_fast.ops.awm_loss` turns the three velocities into the loss.
 Gradients of all micro-batches are averaged into one AdamW step with grad-norm clipping.
 """
 from __future__ import annotations
@@ -16,8 +17,8 @@ from tqdm.auto import tqdm
 
 from awm_fast.algo.timesteps import sample_train_timesteps
 from awm_fast.config import SampleConfig, TrainConfig
-from awm_fast.models.lora import EMA
 from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.models.shared_batch import separate_velocities, shared_velocities
 from awm_fast.ops import awm_loss
 
 
@@ -47,10 +48,8 @@ def awm_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, ad
         xt, target, t_rows = noisy_rows(latents[idx], t, generator)
         c = cond[idx].repeat(T)
         adv = advantages[idx].to(torch.float32).repeat(T)
-        with torch.no_grad():
-            v_ref = policy.velocity(xt, t_rows, c, adapter=None) if tcfg.beta > 0 else None
-            v_ema = policy.velocity(xt, t_rows, c, adapter=EMA) if tcfg.ema_beta > 0 else None
-        v = policy.velocity(xt, t_rows, c)
+        velocities = shared_velocities if tcfg.shared_batch else separate_velocities
+        v, v_ref, v_ema = velocities(policy, xt, t_rows, c, need_ref=tcfg.beta > 0, need_ema=tcfg.ema_beta > 0)
         out = awm_loss(v, target, t_rows, adv, v_ref=v_ref, v_ema=v_ema, beta=tcfg.beta, ema_beta=tcfg.ema_beta,
                        weighting=tcfg.weighting, ghuber_power=tcfg.ghuber_power, clip_range=tcfg.clip_range,
                        kl_weighting=tcfg.kl_weighting, ratio_mode=tcfg.ratio_mode, num_timesteps=T)

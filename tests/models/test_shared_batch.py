@@ -1,0 +1,60 @@
+"""One shared [policy; reference; ema] call equals three separate calls: values and LoRA gradients."""
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+
+from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
+from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.models.shared_batch import separate_velocities, shared_velocities
+from awm_fast.tasks.digits import tiny_transformer_config
+from tests.tolerances import tol
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+@pytest.fixture
+def policy(gen):
+    torch.manual_seed(0)
+    m = SD3Transformer2DModel(**tiny_transformer_config()).requires_grad_(False)
+    add_adapters(m, rank=4, alpha=8, init="gaussian", targets=TARGETS)
+    with torch.no_grad():  # distinct, non-zero deltas for both adapters
+        for name in (POLICY, EMA):
+            for p in adapter_params(m, name).values():
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return FlowPolicy(m, encode=None, decode=None, latent_shape=(1, 8, 8), device=torch.device("cpu"))
+
+
+def _rows(gen, n=5):
+    return (torch.randn(n, 1, 8, 8, generator=gen), torch.rand(n, generator=gen),
+            Conditioning(torch.randn(n, 2, 32, generator=gen), torch.randn(n, 32, generator=gen)))
+
+
+@pytest.mark.parametrize("need_ref,need_ema", [(True, True), (True, False), (False, True), (False, False)])
+def test_shared_equals_three_calls(policy, gen, need_ref, need_ema):
+    x, t, cond = _rows(gen)
+    weight = torch.randn(x.shape, generator=gen)
+    params = list(adapter_params(policy.transformer, POLICY).values())
+    results = []
+    for fn in (separate_velocities, shared_velocities):
+        for p in params:
+            p.grad = None
+        v, v_ref, v_ema = fn(policy, x, t, cond, need_ref, need_ema)
+        (v * weight).sum().backward()
+        results.append((v.detach(), v_ref, v_ema, [p.grad.clone() for p in params]))
+    (a, a_ref, a_ema, a_grads), (b, b_ref, b_ema, b_grads) = results
+    torch.testing.assert_close(b, a, **tol(torch.float32))
+    for x1, x2 in ((a_ref, b_ref), (a_ema, b_ema)):
+        assert (x1 is None) == (x2 is None)
+        if x1 is not None:
+            torch.testing.assert_close(x2, x1, **tol(torch.float32))
+            assert not x2.requires_grad
+    for g1, g2 in zip(a_grads, b_grads):
+        torch.testing.assert_close(g2, g1, **tol(torch.float32))
+    assert all(p.grad is None for p in adapter_params(policy.transformer, EMA).values())
+
+
+def test_shared_batch_keeps_no_graph_for_reference_and_ema_rows(policy, gen):
+    x, t, cond = _rows(gen)
+    v, v_ref, v_ema = shared_velocities(policy, x, t, cond, True, True)
+    assert v.requires_grad and v.grad_fn is not None and not v_ref.requires_grad and not v_ema.requires_grad
+    assert all(p.grad is None for p in adapter_params(policy.transformer, EMA).values())
