@@ -72,6 +72,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     ema_decay_rate: float = 0.001  # "ema" adapter decay d = min(ema_decay_cap, ema_decay_rate * step)
     ema_decay_cap: float = 0.3
+    gradient_checkpointing: bool = False  # recompute transformer blocks in backward (less memory)
     shared_batch: bool = False  # one [policy; ref; ema] transformer call per micro-batch (models/shared_batch.py)
     eval_ema: bool = True  # evaluation EMA of the LoRA weights, decay min((1 + n) / (10 + n), 0.99)
     seed: int = 42

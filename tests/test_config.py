@@ -8,7 +8,7 @@ def test_default_is_digits():
     assert cfg.model.kind == "digits" and cfg.reward.name == "digits"
 
 
-@pytest.mark.parametrize("preset", ["geneval_sd35m", "ocr_sd35m", "pickscore_sd35m"])
+@pytest.mark.parametrize("preset", ["geneval_sd35m", "ocr_sd35m", "pickscore_sd35m", "geneval_sd35l"])
 def test_official_presets_validate(preset):
     cfg = load_config(preset)
     assert cfg.model.kind == "sd3" and cfg.train.num_timesteps == 6 and cfg.sample.num_steps == 14

@@ -23,6 +23,11 @@ def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torc
     """Frozen base in `dtype` on `device`, our attention processor, "default" + "ema" LoRA in float32."""
     transformer.requires_grad_(False)
     transformer.to(device=device, dtype=dtype)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
     use_attention_backend(transformer, resolve_attention_backend(cfg.model.attention_backend, device, dtype, log=log))
     m = cfg.model
     add_adapters(transformer, rank=m.lora_rank, alpha=m.lora_alpha, init=m.lora_init, targets=m.lora_targets)

@@ -23,6 +23,15 @@ from awm_fast.train.logger import MetricsLogger
 from awm_fast.train.task import Task, build_task
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
 def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, gens: dict) -> dict:
     """Sample prompts_per_step prompts x group_size images with the current policy and score them."""
     s = cfg.sample
@@ -104,11 +113,15 @@ def train(cfg: Config, *, resume: str | None = None, log=print) -> Path:
     bar = tqdm(range(start, t.steps), desc="AWM", unit="step", initial=start, total=t.steps, mininterval=1.0)
     for step in bar:
         t0 = time.perf_counter()
+        reset_peak_memory(device)
         roll = rollout_and_score(task, cfg, grid, gens)
         advantages = group_advantages(roll["rewards"], roll["groups"], t.adv_clip_max)
+        mem = {"peak_mem_rollout_gb": peak_memory_gb(device)}
         t1 = time.perf_counter()
+        reset_peak_memory(device)
         stats = awm_update(policy, roll["latents"], roll["cond"], advantages.to(device), grid, t, s, gens["train"],
                            optimizer, params)
+        mem["peak_mem_train_gb"] = peak_memory_gb(device)
         if stats["skipped"]:
             log(f"[warn] step {step + 1}: non-finite loss or gradient, optimizer step skipped")
         decay = update_ema_adapter(policy.transformer, step + 1, rate=t.ema_decay_rate, cap=t.ema_decay_cap)
@@ -121,7 +134,7 @@ def train(cfg: Config, *, resume: str | None = None, log=print) -> Path:
         metrics = {"reward_mean": r.mean().item(), "reward_std": r.std(unbiased=False).item(), **roll["extra"],
                    **stats, "flat_groups": flat, "ema_decay": decay, "time_sample": roll["sample_s"],
                    "time_reward": roll["reward_s"], "time_train": time.perf_counter() - t1, "time_step": dt,
-                   "images_per_s": len(r) / dt}
+                   "images_per_s": len(r) / dt, **(mem if device.type == "cuda" else {})}
         logger.log(step + 1, metrics)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{stats['loss']:.4f}", refresh=False)
         if flat == s.prompts_per_step:

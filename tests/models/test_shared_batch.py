@@ -58,3 +58,19 @@ def test_shared_batch_keeps_no_graph_for_reference_and_ema_rows(policy, gen):
     v, v_ref, v_ema = shared_velocities(policy, x, t, cond, True, True)
     assert v.requires_grad and v.grad_fn is not None and not v_ref.requires_grad and not v_ema.requires_grad
     assert all(p.grad is None for p in adapter_params(policy.transformer, EMA).values())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(policy, gen):
+    x, t, cond = _rows(gen)
+    params = list(adapter_params(policy.transformer, POLICY).values())
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            policy.transformer.enable_gradient_checkpointing()
+        for p in params:
+            p.grad = None
+        v, _, _ = shared_velocities(policy, x, t, cond, True, True)
+        v.square().sum().backward()
+        grads.append([p.grad.clone() for p in params])
+    for g1, g2 in zip(*grads):
+        torch.testing.assert_close(g2, g1, **tol(torch.float32))
