@@ -51,7 +51,7 @@ def _check_inputs(v, target, t, advantages, v_ref, v_ema, old_log_prob, weightin
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
     if not isinstance(num_timesteps, int) or num_timesteps < 1 or rows % num_timesteps:
         raise ValueError(f"num_timesteps={num_timesteps!r} must be a positive int dividing the {rows} rows")
-    if not bool(torch.isfinite(advantages).all()):
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(advantages).all()):
         raise ValueError("advantages contain NaN or inf")
 
 
@@ -80,6 +80,10 @@ def awm_loss(
     t, advantages, old_log_prob: (R,). old_log_prob=None means on-policy: ratio exactly 1 while the
     gradient still flows through log_prob. See `awm_fast.ops.awm_loss_torch` for the formulas.
     ratio_mode="sum_first" needs rows ordered timestep-major and num_timesteps = T.
+    backend="triton" (default for CUDA tensors) runs the fused kernels of `awm_fast.kernels.awm_loss` as the
+    custom op `torch.ops.awm_fast.awm_loss_triton`: fp32 accumulation for any input dtypes, dLoss/dv written
+    during the forward, loss as a float32 scalar; gradients reach v, target, v_ref and v_ema, while t,
+    advantages and old_log_prob are constants. Works under torch.compile(fullgraph=True).
     """
     _check_inputs(v, target, t, advantages, v_ref, v_ema, old_log_prob, weighting, ghuber_power,
                   clip_range, kl_weighting, ratio_mode, num_timesteps)
