@@ -92,3 +92,20 @@ def test_non_finite_loss_never_reaches_the_weights(tmp_path):
     assert stats["skipped"] == 1.0
     for p, q in zip(params, before):
         assert torch.equal(p, q)
+
+
+@pytest.mark.slow
+def test_trainer_runs_on_the_fused_triton_ops(tmp_path, monkeypatch):
+    """The same loop with every op forced to the Triton kernels (the interpreter on CPU)."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("AWM_FAST_BACKEND", "triton")
+    cfg = _cfg(tmp_path, "run.name=fused", "train.steps=2", "run.checkpoint_every=0", "sample.prompts_per_step=2",
+               "sample.batch_size=16", "train.micro_batch=8", "sample.num_steps=6", "train.num_timesteps=2",
+               "sample.eval_num_steps=4",
+               "digits.eval_per_digit=2")
+    summary = json.loads(train(cfg, log=lambda *_: None).read_text())
+    rows = [json.loads(x) for x in (tmp_path / "fused" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["skipped"] == 0 and r["grad_norm"] > 0 for r in rows)
+    assert 0 <= summary["eval_after"]["accuracy"] <= 1
