@@ -19,6 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--config", default=None)
     cv.add_argument("overrides", nargs="*")
     sub.add_parser("presets", help="list the bundled presets")
+    tiny = sub.add_parser("tiny-sd3", help="write a tiny random-weight SD3 pipeline (smoke tests of the SD3 path)")
+    tiny.add_argument("path")
     return parser
 
 
@@ -39,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "presets":
         print("\n".join(list_presets()))
+        return 0
+    if args.command == "tiny-sd3":
+        from awm_fast.models.tiny import build_tiny_sd3
+
+        print(build_tiny_sd3(args.path))
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
