@@ -22,14 +22,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    kind: str = "digits"  # digits | sd3
-    path: str = ""  # diffusers folder or hub id (sd3); unused for digits
+    kind: str = "digits"  # digits | sd3 | flux
+    path: str = ""  # diffusers folder or hub id (sd3, flux); unused for digits
     dtype: str = "float32"  # weights/compute dtype of the transformer: float32 | bfloat16 | float16
     lora_rank: int = 32
     lora_alpha: int = 64
     lora_init: str = "gaussian"
     lora_targets: list[str] = field(default_factory=lambda: list(SD3_LORA_TARGETS))
     resolution: int = 512
+    text_tokens: int = 128  # T5 tokens per prompt (128 as the official SD3 RL code; FLUX presets use 512)
+    guidance: float = 3.5  # FLUX guidance-embedding value (ignored by models without one)
     attention_backend: str = "auto"  # auto | flash3 | flash2 | xformers | sdpa_cudnn | sdpa_flash | sdpa_efficient | sdpa_math
 
 
@@ -119,7 +121,7 @@ class Config:
 
 
 CHOICES = {
-    "model.kind": ("digits", "sd3"),
+    "model.kind": ("digits", "sd3", "flux"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.lora_init": ("gaussian", "default"),
     "model.attention_backend": ("auto", "flash3", "flash2", "xformers", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
@@ -132,7 +134,7 @@ CHOICES = {
     "reward.name": ("digits", "jpeg_compressibility", "jpeg_incompressibility", "pickscore", "ocr", "geneval"),
     "run.device": ("auto", "cpu", "cuda"),
 }
-POSITIVE = ["model.lora_rank", "model.lora_alpha", "model.resolution", "sample.num_steps", "sample.shift",
+POSITIVE = ["model.text_tokens", "model.lora_rank", "model.lora_alpha", "model.resolution", "sample.num_steps", "sample.shift",
             "sample.prompts_per_step", "sample.batch_size", "sample.eval_num_steps", "sample.eval_prompts", "train.steps",
             "train.micro_batch", "train.num_timesteps", "train.ghuber_power", "train.clip_range",
             "train.adv_clip_max", "train.lr", "train.adam_eps", "train.max_grad_norm", "reward.num_workers",
@@ -285,13 +287,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay_cap={t.ema_decay_cap} must be < 1")
     if not 0 <= t.adam_beta1 < 1 or not 0 <= t.adam_beta2 < 1:
         raise ConfigError(f"train.adam_beta1/adam_beta2=({t.adam_beta1}, {t.adam_beta2}) must be in [0, 1)")
-    if m.kind == "sd3" and not s.prompt_file:
-        raise ConfigError("sample.prompt_file is empty: model.kind=sd3 trains on prompts from a text file")
-    if m.kind == "sd3" and not m.path:
-        raise ConfigError("model.path is empty: give a diffusers folder or hub id for model.kind=sd3")
+    if m.kind != "digits" and not s.prompt_file:
+        raise ConfigError(f"sample.prompt_file is empty: model.kind={m.kind} trains on prompts from a text file")
+    if m.kind != "digits" and not m.path:
+        raise ConfigError(f"model.path is empty: give a diffusers folder or hub id for model.kind={m.kind}")
     if m.kind == "digits" and cfg.reward.name != "digits":
         raise ConfigError(f"reward.name={cfg.reward.name!r} does not apply to model.kind=digits (use reward.name=digits)")
-    if m.kind == "sd3" and cfg.reward.name == "digits":
+    if m.kind != "digits" and cfg.reward.name == "digits":
         raise ConfigError("reward.name=digits needs model.kind=digits")
     if not m.lora_targets:
         raise ConfigError("model.lora_targets is empty: name the modules that carry LoRA")

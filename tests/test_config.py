@@ -16,6 +16,13 @@ def test_official_presets_validate(preset):
     assert cfg.model.lora_rank == 32 and cfg.model.lora_alpha == 64
 
 
+@pytest.mark.parametrize("preset", ["geneval_flux_dev", "geneval_flux_schnell"])
+def test_flux_presets_validate(preset):
+    cfg = load_config(preset)
+    assert cfg.model.kind == "flux" and cfg.model.path.startswith("black-forest-labs/FLUX.1-")
+    assert cfg.train.weighting == "ghuber" and cfg.model.lora_rank == 32
+
+
 def test_presets_listed():
     assert {"digits", "geneval_sd35m", "ocr_sd35m", "pickscore_sd35m"} <= set(list_presets())
 

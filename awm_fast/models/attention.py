@@ -45,13 +45,15 @@ def backend_available(name: str, device: torch.device, dtype: torch.dtype) -> bo
     return name == "sdpa_math"
 
 
-def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtype, log=print) -> str:
-    """`auto`: the fastest available; an unavailable explicit choice falls back with a one-line notice."""
+def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtype, log=print,
+                              skip: tuple[str, ...] = ()) -> str:
+    """`auto`: the fastest available (not in `skip`); an unavailable explicit choice falls back with a
+    one-line notice."""
     if name not in BACKENDS:
         raise ValueError(f"model.attention_backend={name!r} is not one of {BACKENDS}")
     if name != "auto" and backend_available(name, device, dtype):
         return name
-    chosen = next(b for b in PREFERENCE if backend_available(b, device, dtype))
+    chosen = next(b for b in PREFERENCE if b not in skip and backend_available(b, device, dtype))
     if name == "auto":
         log(f"[attention] auto -> {chosen} ({device.type}, {str(dtype).removeprefix('torch.')})")
     else:

@@ -19,8 +19,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torch.dtype, log=print):
-    """Frozen base in `dtype` on `device`, our attention processor, "default" + "ema" LoRA in float32."""
+def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torch.dtype, log=print, attention=None):
+    """Frozen base in `dtype` on `device`, the attention backend (`attention(transformer)`, default: our SD3
+    processor), "default" + "ema" LoRA in float32."""
     transformer.requires_grad_(False)
     transformer.to(device=device, dtype=dtype)
     if device.type == "cuda":
@@ -28,7 +29,10 @@ def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torc
         torch.backends.cudnn.allow_tf32 = True
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    use_attention_backend(transformer, resolve_attention_backend(cfg.model.attention_backend, device, dtype, log=log))
+    if attention is None:
+        use_attention_backend(transformer, resolve_attention_backend(cfg.model.attention_backend, device, dtype, log=log))
+    else:
+        attention(transformer)
     m = cfg.model
     add_adapters(transformer, rank=m.lora_rank, alpha=m.lora_alpha, init=m.lora_init, targets=m.lora_targets)
     for name, p in transformer.named_parameters():  # LoRA weights train in float32
@@ -56,6 +60,10 @@ def load_policy(cfg: Config, device: torch.device, *, digits_artifacts=None, pro
 
         transformer = freeze_and_adapt(transformer, cfg, device, dtype)
         return FlowPolicy(transformer, encode, decode_digits, (1, 8, 8), device, dtype)
+    if cfg.model.kind == "flux":
+        from awm_fast.models.flux import load_flux_policy
+
+        return load_flux_policy(cfg, device, dtype, list(prompts))
     from awm_fast.models.sd3 import load_sd3_policy
 
     return load_sd3_policy(cfg, device, dtype, list(prompts))

@@ -4,6 +4,7 @@ The transformer is called with timestep = 1000 t (the SD3 convention) and predic
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,11 +44,16 @@ class FlowPolicy:
     latent_shape: tuple[int, ...]
     device: torch.device
     dtype: torch.dtype = torch.float32
+    call: Callable | None = None  # call(transformer, x, t, cond) -> v; None: the SD3 call below
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, adapter: str | None = POLICY) -> torch.Tensor:
         """v(x, t, c) with the given adapter ("default", "ema", or None for the reference = base model)."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
+        if self.call is not None:
+            cond = Conditioning(cond.embeds.to(self.dtype), cond.pooled.to(self.dtype))
+            with use_adapter(self.transformer, adapter) if adapter != POLICY else contextlib.nullcontext():
+                return self.call(self.transformer, x.to(self.dtype), t.to(self.dtype), cond)
         kwargs = dict(hidden_states=x.to(self.dtype), encoder_hidden_states=cond.embeds.to(self.dtype),
                       pooled_projections=cond.pooled.to(self.dtype), timestep=(t * 1000).to(self.dtype),
                       return_dict=False)

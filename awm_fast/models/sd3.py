@@ -1,7 +1,7 @@
 """SD3 / SD3.5 from a diffusers folder or hub id: transformer with LoRA, text encoders, VAE.
 
-Prompts are encoded with the pipeline's three text encoders (CLIP-L, CLIP-G, T5, 128 T5 tokens as the
-official RL code); latents are 16 x (res / f) x (res / f), f = the VAE's scale factor (8 for SD3.5); decode = VAE decode to [0, 1].
+Prompts are encoded with the pipeline's three text encoders (CLIP-L, CLIP-G, T5 with model.text_tokens
+tokens, 128 as the official RL code); latents are 16 x (res / f) x (res / f), f = the VAE's scale factor (8 for SD3.5); decode = VAE decode to [0, 1].
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 from awm_fast.config import Config
 from awm_fast.models.policy import Conditioning, FlowPolicy
 
-T5_TOKENS = 128
 
 
 def load_pipeline(path: str, dtype: torch.dtype):
@@ -36,17 +35,17 @@ def load_pipeline(path: str, dtype: torch.dtype):
                                 f"{str(exc).splitlines()[0]}") from None
 
 
-def prompt_cache_dir(model_path: str) -> Path:
+def prompt_cache_dir(model_path: str, text_tokens: int) -> Path:
     from awm_fast.tasks.digits import cache_root
 
-    key = hashlib.sha256(f"{os.path.abspath(model_path) if os.path.isdir(model_path) else model_path}|t5={T5_TOKENS}"
-                         .encode()).hexdigest()[:16]
-    return cache_root() / "prompt_embeds" / key
+    where = os.path.abspath(model_path) if os.path.isdir(model_path) else model_path
+    return cache_root() / "prompt_embeds" / hashlib.sha256(f"{where}|t5={text_tokens}".encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
-def encode_all(pipe, prompts: list[str], device: torch.device, cache_dir: Path, batch: int = 32) -> dict:
-    """Encode every distinct prompt once; embeddings cached in memory and on disk (keyed by model + prompt)."""
+def encode_all(encode_batch, prompts: list[str], cache_dir: Path, batch: int = 32) -> dict[str, Conditioning]:
+    """Encode every distinct prompt once with encode_batch(list) -> (embeds, pooled); cached in memory and on
+    disk (one file per prompt, keyed by model + prompt, written atomically)."""
     cache: dict[str, Conditioning] = {}
     todo = []
     for p in dict.fromkeys(prompts):
@@ -59,8 +58,7 @@ def encode_all(pipe, prompts: list[str], device: torch.device, cache_dir: Path, 
     cache_dir.mkdir(parents=True, exist_ok=True)
     for start in tqdm(range(0, len(todo), batch), desc="encode prompts", unit="batch", leave=False, disable=None):
         chunk = todo[start:start + batch]
-        embeds, _, pooled, _ = pipe.encode_prompt(chunk, chunk, chunk, device=device, do_classifier_free_guidance=False,
-                                                  max_sequence_length=T5_TOKENS)
+        embeds, pooled = encode_batch(chunk)
         for i, p in enumerate(chunk):
             cache[p] = Conditioning(embeds[i:i + 1].cpu(), pooled[i:i + 1].cpu())
             tmp = cache_dir / f".{os.getpid()}.tmp"
@@ -69,22 +67,7 @@ def encode_all(pipe, prompts: list[str], device: torch.device, cache_dir: Path, 
     return cache
 
 
-def load_sd3_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str]) -> FlowPolicy:
-    """All `prompts` (and "") are encoded up front; the text encoders are then released."""
-    from awm_fast.models.load import freeze_and_adapt
-
-    pipe = load_pipeline(cfg.model.path, dtype)
-    side = cfg.model.resolution // pipe.vae_scale_factor
-    transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype)
-    for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        if module is not None:
-            module.requires_grad_(False).to(device)
-    cache = encode_all(pipe, list(prompts) + [""], device, prompt_cache_dir(cfg.model.path))
-    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # free their memory
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    vae = pipe.vae.requires_grad_(False).to(device)
-
+def make_encoder(cache: dict[str, Conditioning], device: torch.device):
     def encode(batch_prompts: list[str]) -> Conditioning:
         missing = [p for p in batch_prompts if p not in cache]
         if missing:
@@ -92,12 +75,43 @@ def load_sd3_policy(cfg: Config, device: torch.device, dtype: torch.dtype, promp
         c = Conditioning.cat([cache[p] for p in batch_prompts])
         return Conditioning(c.embeds.to(device), c.pooled.to(device))
 
+    return encode
+
+
+def make_decoder(vae, batch: int = 16):
+    """latents -> images in [0, 1]: x = vae.decode(z / scaling + shift), in batches."""
+    vae.requires_grad_(False)
+
     @torch.no_grad()
-    def decode(latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    def decode(latents: torch.Tensor) -> torch.Tensor:
         out = []
         for z in latents.split(batch):
             z = z.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
             out.append((vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
         return torch.cat(out)
 
-    return FlowPolicy(transformer, encode, decode, (transformer.config.in_channels, side, side), device, dtype)
+    return decode
+
+
+def load_sd3_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:
+    """All `prompts` (and "") are encoded up front; the text encoders are then released."""
+    from awm_fast.models.load import freeze_and_adapt
+
+    pipe = load_pipeline(cfg.model.path, dtype)
+    side = cfg.model.resolution // pipe.vae_scale_factor
+    transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype, log=log)
+    for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if module is not None:
+            module.requires_grad_(False).to(device)
+
+    def encode_batch(chunk: list[str]):
+        embeds, _, pooled, _ = pipe.encode_prompt(chunk, chunk, chunk, device=device, do_classifier_free_guidance=False,
+                                                  max_sequence_length=cfg.model.text_tokens)
+        return embeds, pooled
+
+    cache = encode_all(encode_batch, list(prompts) + [""], prompt_cache_dir(cfg.model.path, cfg.model.text_tokens))
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # free their memory
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return FlowPolicy(transformer, make_encoder(cache, device), make_decoder(pipe.vae.to(device)),
+                      (transformer.config.in_channels, side, side), device, dtype)

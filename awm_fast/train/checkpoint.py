@@ -3,7 +3,7 @@
 Layout of `<run>/checkpoints/step_000050/`:
     default/pytorch_lora_weights.safetensors, ema/pytorch_lora_weights.safetensors
         pipeline LoRA format (keys "transformer.<module>.lora_A.weight", adapter config in the metadata):
-        `StableDiffusion3Pipeline.load_lora_weights(".../default")` loads it as trained
+        `StableDiffusion3Pipeline` / `FluxPipeline.load_lora_weights(".../default")` loads it as trained
     state.pt: optimizer, evaluation EMA, generator states, global RNG, step, metrics history length
 A checkpoint is written to a temporary folder and renamed into place; the last `keep` are kept.
 """
@@ -48,13 +48,14 @@ def save_checkpoint(run_dir: Path, step: int, transformer, state: dict, keep: in
 
 
 def save_lora(transformer, adapter: str, folder: Path) -> None:
-    """One adapter in the diffusers pipeline LoRA format (SD3 loader; FLUX uses the same key layout)."""
-    from diffusers import StableDiffusion3Pipeline
+    """One adapter in the diffusers pipeline LoRA format of its model family (FluxPipeline or SD3)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
     from peft.utils import get_peft_model_state_dict
 
+    pipeline = FluxPipeline if type(transformer).__name__.startswith("Flux") else StableDiffusion3Pipeline
     layers = get_peft_model_state_dict(transformer, adapter_name=adapter)
-    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=layers,
-                                               transformer_lora_adapter_metadata=transformer.peft_config[adapter].to_dict())
+    pipeline.save_lora_weights(folder, transformer_lora_layers=layers,
+                               transformer_lora_adapter_metadata=transformer.peft_config[adapter].to_dict())
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

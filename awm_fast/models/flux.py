@@ -1,0 +1,101 @@
+"""FLUX.1 (dev / schnell) from a diffusers folder or hub id: packed latents, guidance embedding, LoRA.
+
+The trainer sees latents as (B, 16, H, W) like SD3; the transformer call packs them into 2x2 patches,
+    (B, C, H, W) -> (B, H/2 * W/2, 4C),  img_ids[i, j] = (0, i, j),  txt_ids = 0,
+passes timestep = t (FLUX scales by 1000 inside) and, for guidance-distilled models (dev), the guidance
+value, then unpacks the predicted velocity. Attention goes through diffusers' dispatch
+(`set_attention_backend`), mapped from our backend names.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from awm_fast.config import Config
+from awm_fast.models.policy import Conditioning, FlowPolicy
+
+T5_TOKENS = 512
+# Our names -> diffusers' attention dispatch names; flash3 there is forward-only (no training).
+DIFFUSERS_BACKENDS = {"flash2": "flash", "xformers": "xformers", "sdpa_cudnn": "_native_cudnn",
+                      "sdpa_flash": "_native_flash", "sdpa_efficient": "_native_efficient", "sdpa_math": "_native_math"}
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, c4 = x.shape
+    return x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    ids = torch.zeros(h // 2, w // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(h // 2, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(w // 2, device=device, dtype=dtype)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def flux_call(transformer, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float) -> torch.Tensor:
+    """v(x, t, c) for (B, C, H, W) latents; t in [0, 1]."""
+    b, _, h, w = x.shape
+    g = torch.full((b,), guidance, device=x.device, dtype=x.dtype) if transformer.config.guidance_embeds else None
+    out = transformer(hidden_states=pack(x), encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
+                      timestep=t, img_ids=image_ids(h, w, x.device, x.dtype),
+                      txt_ids=torch.zeros(cond.embeds.shape[1], 3, device=x.device, dtype=x.dtype), guidance=g,
+                      return_dict=False)[0]
+    return unpack(out, h, w)
+
+
+def set_flux_attention(transformer, backend: str, log=print) -> None:
+    if backend == "flash3":
+        raise ValueError("model.attention_backend=flash3 has no backward pass in diffusers' FLUX attention dispatch: "
+                         "use flash2, sdpa_cudnn or sdpa_flash for training")
+    transformer.set_attention_backend(DIFFUSERS_BACKENDS[backend])
+
+
+def load_flux_pipeline(path: str, dtype: torch.dtype):
+    from diffusers import FluxPipeline
+
+    local_only = os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE") == "1"
+    index = Path(path) / "model_index.json"
+    absent = {k: None for k, v in json.loads(index.read_text()).items() if v == [None, None]} if index.is_file() else {}
+    try:
+        return FluxPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=local_only, **absent)
+    except (OSError, ValueError) as exc:
+        where = "the folder" if os.path.isdir(path) else "the hub id (no network or not in the local cache)"
+        raise FileNotFoundError(f"cannot load FLUX weights from model.path={path!r} via {where}: "
+                                f"{str(exc).splitlines()[0]}") from None
+
+
+def load_flux_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:
+    """All `prompts` (and "") are encoded up front; the text encoders are then released."""
+    from awm_fast.models.attention import resolve_attention_backend
+    from awm_fast.models.load import freeze_and_adapt
+    from awm_fast.models.sd3 import encode_all, make_decoder, make_encoder, prompt_cache_dir
+
+    pipe = load_flux_pipeline(cfg.model.path, dtype)
+    side = cfg.model.resolution // pipe.vae_scale_factor
+    if side % 2:
+        raise ValueError(f"model.resolution={cfg.model.resolution} gives odd latents ({side}); FLUX packs 2x2 patches")
+    backend = resolve_attention_backend(cfg.model.attention_backend, device, dtype, log=log, skip=("flash3",))
+    transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype, attention=lambda m: set_flux_attention(m, backend))
+    for module in (pipe.text_encoder, pipe.text_encoder_2):
+        module.requires_grad_(False).to(device)
+
+    def encode_batch(chunk: list[str]):
+        embeds, pooled, _ = pipe.encode_prompt(chunk, chunk, device=device, max_sequence_length=cfg.model.text_tokens)
+        return embeds, pooled
+
+    cache = encode_all(encode_batch, list(prompts) + [""], prompt_cache_dir(cfg.model.path, cfg.model.text_tokens))
+    pipe.text_encoder = pipe.text_encoder_2 = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    call = functools.partial(flux_call, guidance=cfg.model.guidance)
+    return FlowPolicy(transformer, make_encoder(cache, device), make_decoder(pipe.vae.to(device)),
+                      (transformer.config.in_channels // 4, side, side), device, dtype, call=call)
