@@ -49,12 +49,12 @@ def save_checkpoint(run_dir: Path, step: int, transformer, state: dict, keep: in
 
 def save_lora(transformer, adapter: str, folder: Path) -> None:
     """One adapter in the diffusers pipeline LoRA format of its model family (FluxPipeline or SD3)."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from diffusers.loaders import FluxLoraLoaderMixin, SD3LoraLoaderMixin  # the pipelines' LoRA (de)serialisers
     from peft.utils import get_peft_model_state_dict
 
-    pipeline = FluxPipeline if type(transformer).__name__.startswith("Flux") else StableDiffusion3Pipeline
+    mixin = FluxLoraLoaderMixin if type(transformer).__name__.startswith("Flux") else SD3LoraLoaderMixin
     layers = get_peft_model_state_dict(transformer, adapter_name=adapter)
-    pipeline.save_lora_weights(folder, transformer_lora_layers=layers,
+    mixin.save_lora_weights(folder, transformer_lora_layers=layers,
                                transformer_lora_adapter_metadata=transformer.peft_config[adapter].to_dict())
 
 
