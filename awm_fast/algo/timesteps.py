@@ -45,13 +45,14 @@ def sample_train_timesteps(
     num_steps = grid.numel() - 1
     if mode in ("discrete_wo_init", "discrete"):
         bounds = discrete_boundaries(num_steps, num_timesteps, fraction, mode == "discrete")
-        idx = [int(torch.randint(lo, hi, (1,), generator=generator)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        dev = generator.device  # draws happen on the generator's device (a CUDA generator on GPU runs)
+        idx = [int(torch.randint(lo, hi, (1,), generator=generator, device=dev)) for lo, hi in zip(bounds[:-1], bounds[1:])]
         return grid.to(torch.float64)[idx]
     if mode == "uniform":
-        u = (torch.arange(num_timesteps, dtype=torch.float64) + torch.rand(num_timesteps, generator=generator,
-                                                                           dtype=torch.float64)) / num_timesteps
+        draw = torch.rand(num_timesteps, generator=generator, dtype=torch.float64, device=generator.device).cpu()
+        u = (torch.arange(num_timesteps, dtype=torch.float64) + draw) / num_timesteps
         return shift_time(u, shift).clamp(0.01, 0.99)
     if mode == "logit_normal":
-        u = torch.sigmoid(torch.randn(num_timesteps, generator=generator, dtype=torch.float64))
+        u = torch.sigmoid(torch.randn(num_timesteps, generator=generator, dtype=torch.float64, device=generator.device).cpu())
         return shift_time(u, shift).clamp(min=0.01)
     raise ValueError(f"timestep_sampling={mode!r} is not one of discrete_wo_init, discrete, uniform, logit_normal")
