@@ -1,0 +1,295 @@
+"""Phase benchmarks: rollout, training and end-to-end images/s of the fast path, the unfused baseline and
+the fast path minus each optimisation, on a random-weight MMDiT (`benchmarks._models`).
+
+Everything runs through the trainer's public pieces: `sample_latents` (rollout with `sde_step`),
+`noisy_rows` + `shared_velocities` / `separate_velocities` + `awm_loss` (one training micro-batch, as
+`awm_update` does it), `make_decoder` + `JpegReward` + `group_advantages` (the reward step). The fused ops
+are toggled with AWM_FAST_BACKEND (auto: Triton on CUDA; torch: the float64 / Python-op reference).
+
+- fast: bf16 weights, shared [policy; ref; ema] batch, torch.compile of each transformer block, the best
+  attention backend of `awm_fast.models.attention`, fused ops. CUDA graphs are not used (LoRA adapter
+  routing changes per call).
+- baseline (the official AWM code): fp32 weights under fp16 autocast, three separate forwards, diffusers'
+  default SDPA processor, no compile, float64 loss and Python-op SDE step (backend "torch").
+- "fast -X": the fast path with one optimisation X switched back to the baseline's choice.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from awm_fast.algo.advantages import group_advantages
+from awm_fast.algo.timesteps import sample_train_timesteps, time_grid
+from awm_fast.config import ModelConfig
+from awm_fast.models.attention import resolve_attention_backend, use_attention_backend
+from awm_fast.models.lora import POLICY, adapter_params, add_adapters
+from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.models.sd3 import make_decoder
+from awm_fast.models.shared_batch import separate_velocities, shared_velocities
+from awm_fast.ops import awm_loss
+from awm_fast.ops.dispatch import ENV_VAR
+from awm_fast.rewards.jpeg import JpegReward
+from awm_fast.sampling.rollout import sample_latents
+from awm_fast.train.awm_update import noisy_rows
+
+from benchmarks._models import ModelSpec, build_transformer, build_vae, count_flops, mmdit_forward_flops
+from benchmarks._telemetry import Telemetry
+from benchmarks._timing import peak_memory_bytes, time_runs
+
+BETA, EMA_BETA, SHIFT, NOISE_LEVEL = 1e-3, 1.0, 3.0, 0.7  # the GenEval preset
+PHASES = ("rollout", "rollout_cfg", "train", "end_to_end")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which optimisations are on. bf16=False: fp32 weights under fp16 autocast (the official setting)."""
+
+    name: str
+    bf16: bool = True
+    shared_batch: bool = True
+    compile_blocks: bool = True
+    best_attention: bool = True
+    fused_ops: bool = True
+
+
+FAST = Variant("fast")
+BASELINE = Variant("baseline", bf16=False, shared_batch=False, compile_blocks=False, best_attention=False,
+                   fused_ops=False)
+TOGGLES = ("shared_batch", "compile_blocks", "best_attention", "fused_ops", "bf16")
+
+
+def variants() -> list[Variant]:
+    """fast, fast minus each optimisation, baseline."""
+    return [FAST] + [replace(FAST, name=f"fast -{t}", **{t: False}) for t in TOGGLES] + [BASELINE]
+
+
+def inactive_reason(variant: Variant, device: torch.device, allow_compile: bool) -> str | None:
+    """Why a "fast -X" row would measure nothing new on this device (None: it is a real measurement)."""
+    if device.type != "cuda":
+        if variant.name == "fast -bf16":
+            return "precision toggle inactive on CPU (both run float32)"
+        if variant.name == "fast -fused_ops":
+            return "fused ops are Triton on CUDA only (on CPU both run the torch path)"
+    if not allow_compile and variant.name == "fast -compile_blocks":
+        return "torch.compile switched off for this run (--no-compile / --tiny)"
+    return None
+
+
+@contextlib.contextmanager
+def ops_backend(fused: bool):
+    """AWM_FAST_BACKEND=torch for the unfused ops; unset (auto) for the fused path; restored afterwards."""
+    old = os.environ.get(ENV_VAR)
+    if fused:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = "torch"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
+
+
+def precision(variant: Variant, device: torch.device):
+    """(weight dtype, autocast context factory) of a variant on this device."""
+    if device.type != "cuda":
+        return torch.float32, contextlib.nullcontext
+    if variant.bf16:
+        return torch.bfloat16, contextlib.nullcontext
+    return torch.float32, lambda: torch.autocast("cuda", dtype=torch.float16)
+
+
+class Bench:
+    """One model shape on one device: the fp32 base weights, inputs, and the variant builder."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device, *, seed: int = 0) -> None:
+        self.spec, self.device = spec, device
+        self.base = build_transformer(spec, device, seed)
+        self.vae = build_vae(spec, device, seed)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        cfg = spec.transformer
+        n = spec.rollout_batch
+        embeds = torch.randn(n, spec.text_len, cfg["joint_attention_dim"], generator=g)
+        pooled = torch.randn(n, cfg["pooled_projection_dim"], generator=g)
+        self.cond = Conditioning(embeds.to(device), pooled.to(device))
+        self.null = Conditioning(torch.zeros_like(self.cond.embeds[:1]), torch.zeros_like(self.cond.pooled[:1]))
+        self.grid = time_grid(spec.num_steps, SHIFT, torch.float32)
+        self.reward = JpegReward(compressible=True)
+        self.time_gen = torch.Generator(device="cpu").manual_seed(seed)  # the T training times are drawn on the CPU
+
+    def policy(self, variant: Variant, log=print) -> tuple[FlowPolicy, str]:
+        """A fresh copy of the base with the variant's dtype, attention, LoRA ("default" + "ema"), compile."""
+        dtype, _ = precision(variant, self.device)
+        tr = copy.deepcopy(self.base).to(dtype)
+        attention = "diffusers default (JointAttnProcessor2_0, SDPA)"
+        if variant.best_attention:
+            attention = resolve_attention_backend("auto", self.device, dtype, log=log)
+            use_attention_backend(tr, attention)
+        add_adapters(tr, rank=self.spec.lora_rank, alpha=2 * self.spec.lora_rank, init="gaussian",
+                     targets=list(ModelConfig().lora_targets))
+        for name, p in tr.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+        if variant.compile_blocks:
+            for block in tr.transformer_blocks:
+                block.compile()
+        vae = copy.deepcopy(self.vae).to(dtype)
+        cond = self.cond
+
+        def encode(prompts):
+            return cond[: len(prompts)]
+
+        return FlowPolicy(tr, encode, make_decoder(vae), self.spec.latent, self.device, dtype), attention
+
+    # --- the timed workloads -------------------------------------------------------------------------------
+    def rollout(self, policy: FlowPolicy, cfg: bool, gen: torch.Generator) -> torch.Tensor:
+        w = self.spec.guidance_scale if cfg else 1.0
+        x0, _ = sample_latents(policy, self.cond, self.grid, sampler="euler_maruyama", noise_level=NOISE_LEVEL,
+                               generator=gen, guidance_scale=w, null_cond=self.null if cfg else None)
+        return x0
+
+    def train_micro_batch(self, policy: FlowPolicy, variant: Variant, latents: torch.Tensor, adv: torch.Tensor,
+                          idx: torch.Tensor, gen: torch.Generator, num_micro: int) -> None:
+        """One AWM micro-batch as `awm_update` runs it: rows, three velocities, awm_loss, backward."""
+        T = self.spec.num_timesteps
+        t = sample_train_timesteps("discrete_wo_init", T, self.grid, shift=SHIFT, fraction=0.9,
+                                   generator=self.time_gen)
+        xt, target, t_rows = noisy_rows(latents[idx], t, gen)
+        velocities = shared_velocities if variant.shared_batch else separate_velocities
+        v, v_ref, v_ema = velocities(policy, xt, t_rows, self.cond[idx].repeat(T), need_ref=True, need_ema=True)
+        out = awm_loss(v, target, t_rows, adv[idx].to(torch.float32).repeat(T), v_ref=v_ref, v_ema=v_ema, beta=BETA,
+                       ema_beta=EMA_BETA, num_timesteps=T)
+        (out.loss / num_micro).backward()
+
+    def end_to_end(self, policy: FlowPolicy, variant: Variant, gen: torch.Generator) -> None:
+        """Rollout -> VAE decode -> JPEG reward -> advantages -> training of every micro-batch of the batch."""
+        x0 = self.rollout(policy, False, gen)
+        images = policy.decode(x0)
+        rewards = self.reward(images, [""] * len(images), [{}] * len(images))["reward"]
+        adv = group_advantages(rewards, torch.zeros(len(rewards), dtype=torch.long)).to(self.device)
+        mb = self.spec.micro_batch
+        num_micro = x0.shape[0] // mb
+        for i in range(num_micro):
+            idx = torch.arange(i * mb, (i + 1) * mb, device=self.device)
+            self.train_micro_batch(policy, variant, x0, adv, idx, gen, num_micro)
+
+    # --- FLOPs ---------------------------------------------------------------------------------------------
+    def model_flops(self) -> dict:
+        """Forward FLOPs per image (formula, and FlopCounterMode as a check), backward FLOPs per training row."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        spec, dev = self.spec, self.device
+        policy, _ = self.policy(replace(BASELINE, name="flops"), log=lambda *_: None)
+        x = torch.randn(1, *spec.latent, device=dev)
+        t = torch.full((1,), 0.5, device=dev)
+        cond = self.cond[:1]
+        with sdpa_kernel(SDPBackend.MATH):
+            with torch.no_grad():
+                fwd_counted = count_flops(lambda: policy.velocity(x, t, cond, adapter=None))
+            full = count_flops(lambda: policy.velocity(x, t, cond).float().sum().backward())
+            lora_fwd = count_flops(lambda: policy.velocity(x, t, cond).detach())
+        del policy
+        fwd = mmdit_forward_flops(spec.transformer, spec.latent[1:], spec.text_len)
+        bwd = full - lora_fwd
+        T = spec.num_timesteps
+        cfg_mult = 2
+        return {"forward_per_image": fwd, "forward_counted": fwd_counted, "lora_forward_counted": lora_fwd,
+                "backward_per_row_counted": bwd, "train_per_image": T * (3 * fwd + bwd),
+                "rollout_per_image": spec.num_steps * fwd, "rollout_cfg_per_image": spec.num_steps * cfg_mult * fwd,
+                "end_to_end_per_image": spec.num_steps * fwd + T * (3 * fwd + bwd),
+                "formula": "F_fwd = 2 (embed + B block + K dual + out) [benchmarks/_models.py]; "
+                           "train = T (3 F_fwd + F_bwd); rollout = steps F_fwd (x2 with CFG); e2e = rollout + train"}
+
+
+def _reps(device: torch.device, quick: bool, spec: ModelSpec) -> dict:
+    if device.type != "cuda":
+        return {"warmup": 1, "reps": spec.cpu_reps}
+    return {"warmup": 1, "reps": 3} if quick else {"warmup": 2, "reps": 5}
+
+
+def run_variant(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: bool, flops: dict,
+                matmul_flops: float | None, log=print) -> list[dict]:
+    """Every phase of one variant: images/s (median, 20/80 %), peak memory, telemetry, MFU."""
+    dev, spec = bench.device, bench.spec
+    policy, attention = bench.policy(variant, log=log)
+    _, autocast = precision(variant, dev)
+    lora = list(adapter_params(policy.transformer, POLICY).values())
+    gen = torch.Generator(device=dev).manual_seed(1)
+    adv = torch.linspace(-1, 1, spec.rollout_batch, device=dev)
+    latents = torch.randn(spec.rollout_batch, *spec.latent, device=dev, generator=gen)
+    mb = spec.micro_batch
+    work = {
+        "rollout": (lambda: bench.rollout(policy, False, gen), spec.rollout_batch),
+        "rollout_cfg": (lambda: bench.rollout(policy, True, gen), spec.rollout_batch),
+        "train": (lambda: bench.train_micro_batch(policy, variant, latents, adv, torch.arange(mb, device=dev), gen, 1),
+                  mb),
+        "end_to_end": (lambda: bench.end_to_end(policy, variant, gen), spec.rollout_batch),
+    }
+
+    def clear_grads() -> None:
+        for p in lora:
+            p.grad = None
+
+    rows = []
+    for phase in phases:
+        fn, images = work[phase]
+        row = {"variant": variant.name, "phase": phase, "model": spec.name, "images_per_call": images,
+               "attention": attention, **{f"opt_{k}": v for k, v in asdict(variant).items() if k != "name"}}
+        try:
+            with autocast(), ops_backend(variant.fused_ops):
+                clear_grads()
+                peak = peak_memory_bytes(fn, dev)  # also the first (compiling) call
+                with Telemetry(dev) as tel:
+                    timing = time_runs(fn, dev, setup=clear_grads, **_reps(dev, quick, spec))
+        except torch.cuda.OutOfMemoryError:
+            rows.append({**row, "status": "oom"})
+            torch.cuda.empty_cache()
+            continue
+        ips = images / (timing.median_ms * 1e-3)
+        model_flops = flops.get(f"{phase}_per_image")
+        mfu = 100 * model_flops * ips / matmul_flops if model_flops and matmul_flops else None
+        rows.append({**row, "status": "ok", **timing.as_dict(), "images_per_s": ips,
+                     "images_per_s_p20": images / (timing.p80_ms * 1e-3),
+                     "images_per_s_p80": images / (timing.p20_ms * 1e-3), "peak_mem_bytes": peak,
+                     "model_tflop_per_image": model_flops / 1e12 if model_flops else None, "mfu_pct": mfu,
+                     **{f"telemetry_{k}": v for k, v in tel.summary().items()}})
+    del policy
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run_phases(bench: Bench, phases: tuple[str, ...], quick: bool, allow_compile: bool, matmul_flops: float | None,
+               log=print) -> tuple[list[dict], dict]:
+    """All variants; a compile failure falls back to eager for that variant (noted in `status`)."""
+    flops = bench.model_flops()
+    rows = []
+    for variant in tqdm(variants(), desc="phases", unit="variant", disable=None):
+        reason = inactive_reason(variant, bench.device, allow_compile)
+        if reason:
+            rows.append({"variant": variant.name, "phase": "*", "model": bench.spec.name, "status": f"skipped: {reason}"})
+            continue
+        if not allow_compile:
+            variant = replace(variant, compile_blocks=False)
+        try:
+            rows.extend(run_variant(bench, variant, phases, quick, flops, matmul_flops, log=log))
+        except Exception as exc:
+            if not variant.compile_blocks:
+                raise
+            note = f"compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); eager blocks"
+            log(f"[phases] {variant.name}: {note}")
+            torch._dynamo.reset()
+            got = run_variant(bench, replace(variant, compile_blocks=False), phases, quick, flops, matmul_flops, log)
+            rows.extend({**r, "note": note} for r in got)
+    base = {r["phase"]: r.get("images_per_s") for r in rows if r["variant"] == "baseline"}
+    for r in rows:
+        ref = base.get(r["phase"])
+        r["speedup_vs_baseline"] = r["images_per_s"] / ref if ref and r.get("images_per_s") else None
+    return rows, flops

@@ -1,0 +1,178 @@
+"""Targets, the printed table, and the files of a run: JSON (everything), CSV (one row per measurement),
+Markdown (the tables) and PNG plots (kernel time and GB/s against bytes moved; phase images/s per variant).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+# (header, key) of the printed tables; every key is a field of the JSON rows (tests check this).
+KERNEL_COLUMNS = [("op", "op"), ("mode", "mode"), ("rows", "rows"), ("latent", "latent"), ("variant", "variant"),
+                  ("median ms", "median_ms"), ("p20 ms", "p20_ms"), ("p80 ms", "p80_ms"), ("MB moved", "bytes"),
+                  ("GB/s", "gbps"), ("% copy", "pct_copy_bw"), ("x torch", "speedup_vs_torch"),
+                  ("peak MB", "peak_mem_bytes"), ("status", "status")]
+PHASE_COLUMNS = [("variant", "variant"), ("phase", "phase"), ("img/s", "images_per_s"),
+                 ("img/s p20", "images_per_s_p20"), ("img/s p80", "images_per_s_p80"), ("median ms", "median_ms"),
+                 ("x baseline", "speedup_vs_baseline"), ("TFLOP/img", "model_tflop_per_image"), ("MFU %", "mfu_pct"),
+                 ("peak MB", "peak_mem_bytes"), ("SM MHz", "telemetry_sm_clock_mhz_mean"),
+                 ("W", "telemetry_power_w_mean"), ("util %", "telemetry_gpu_util_pct_mean"), ("status", "status")]
+TARGET_COLUMNS = [("target", "name"), ("threshold", "threshold"), ("measured", "value"), ("status", "status")]
+PRINTED_KERNEL_MODES = {("awm_loss", "full"), ("sde_logprob", "full"), ("sde_sample", "forward")}
+BIG_WORKING_SET = 64e6
+
+
+def _pick(rows, **match):
+    return [r for r in rows if all(r.get(k) == v for k, v in match.items()) and r.get("status") == "ok"]
+
+
+def evaluate_targets(kernels: list[dict], phases: list[dict], is_gpu: bool) -> list[dict]:
+    """Each target of benchmarks/README.md: met / not met / not measured (the value is shown either way)."""
+    fused = [r for r in _pick(kernels, op="awm_loss", mode="full", variant="triton") if r["bytes"] >= BIG_WORKING_SET]
+    fast = {r["phase"]: r for r in _pick(phases, variant="fast")}
+    checks = [
+        ("fused loss % of copy bandwidth (full, >= 64 MB, worst case)", 80.0,
+         min((r["pct_copy_bw"] for r in fused if r.get("pct_copy_bw") is not None), default=None)),
+        ("fused loss speedup vs float64 eager (full, >= 64 MB, worst case)", 10.0,
+         min((r["speedup_vs_torch"] for r in fused if r.get("speedup_vs_torch") is not None), default=None)),
+        ("training images/s vs unfused baseline", 3.0, fast.get("train", {}).get("speedup_vs_baseline")),
+        ("training MFU %", 50.0, fast.get("train", {}).get("mfu_pct")),
+        ("rollout images/s vs unfused baseline", 2.0, fast.get("rollout", {}).get("speedup_vs_baseline")),
+        ("end-to-end images/s vs unfused baseline", 2.5, fast.get("end_to_end", {}).get("speedup_vs_baseline")),
+    ]
+    out = []
+    for name, threshold, value in checks:
+        if value is None:
+            status = "not measured"
+        elif not is_gpu:
+            status = "not measured (CPU run, not a GPU measurement)"
+        else:
+            status = "met" if value >= threshold else "not met"
+        out.append({"name": name, "threshold": threshold, "value": value, "status": status})
+    return out
+
+
+def _fmt(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key in ("bytes", "peak_mem_bytes"):
+        return f"{value / 1e6:.1f}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def table(rows: list[dict], columns) -> str:
+    """A Markdown table of `rows` with the given (header, key) columns."""
+    head = "| " + " | ".join(h for h, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(_fmt(k, r.get(k)) for _, k in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def printed_kernel_rows(kernels: list[dict]) -> list[dict]:
+    return [r for r in kernels if (r["op"], r["mode"]) in PRINTED_KERNEL_MODES]
+
+
+def render(result: dict) -> str:
+    """The text printed last (and the body of the .md file)."""
+    info, cal = result["system"], result["calibration"]
+    lines = [f"# step_time: {result['label']}", "",
+             f"device: {info.get('gpu_name') or info.get('cpu')} | torch {info['torch']} | triton {info.get('triton')} | "
+             f"driver {info.get('driver_version', '-')} | CUDA {info.get('cuda_driver_version') or info.get('torch_cuda')}"
+             f" | {info['nvml']}",
+             f"copy bandwidth: {cal['copy']['gbps']:.1f} GB/s | matmul ({cal['matmul']['dtype']}, n={cal['matmul']['n']}):"
+             f" {cal['matmul']['tflops']:.3f} TFLOP/s", ""]
+    if result.get("kernels"):
+        lines += ["## Kernels (full mode = forward + backward; all modes in the CSV/JSON)", "",
+                  table(printed_kernel_rows(result["kernels"]), KERNEL_COLUMNS), ""]
+    if result.get("phases"):
+        fl = result["flops"]
+        lines += [f"## Phases ({result['phase_model']}; forward {fl['forward_per_image'] / 1e12:.4g} TFLOP/image by "
+                  f"formula, {fl['forward_counted'] / 1e12:.4g} counted)", "",
+                  table(result["phases"], PHASE_COLUMNS), ""]
+    lines += ["## Targets", "", table(result["targets"], TARGET_COLUMNS), ""]
+    lines += [f"- {n}" for n in result.get("notes", [])]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, result: dict) -> None:
+    """One CSV: a row per kernel or phase measurement, with `section` and the run's label on every row."""
+    rows = [{"section": "kernel", **r} for r in result.get("kernels", [])]
+    rows += [{"section": "phase", **r} for r in result.get("phases", [])]
+    keys: list[str] = ["label", "device"]
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({"label": result["label"], "device": result["system"]["device"], **r})
+
+
+def plot_kernels(path: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = sorted(PRINTED_KERNEL_MODES)
+    fig, axes = plt.subplots(2, len(ops), figsize=(5 * len(ops), 8), squeeze=False)
+    copy_gbps = result["calibration"]["copy"]["gbps"]
+    for j, (op, mode) in enumerate(ops):
+        rows = _pick(result["kernels"], op=op, mode=mode)
+        for variant in sorted({r["variant"] for r in rows}):
+            pts = sorted((r["bytes"], r["median_ms"], r["gbps"]) for r in rows if r["variant"] == variant)
+            axes[0][j].plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], "o-", label=variant)
+            axes[1][j].plot([p[0] / 1e6 for p in pts], [p[2] for p in pts], "o-", label=variant)
+        axes[1][j].axhline(copy_gbps, color="gray", ls="--", label="device copy")
+        axes[0][j].set(title=f"{op} ({mode})", xscale="log", yscale="log", ylabel="median ms")
+        axes[1][j].set(xscale="log", yscale="log", xlabel="MB moved (byte model)", ylabel="GB/s")
+        axes[0][j].legend(fontsize=8)
+        axes[1][j].legend(fontsize=8)
+    fig.suptitle(f"Kernel time and bandwidth: {result['label']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_phases(path: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["phases"] if r.get("status") == "ok"]
+    phases = [p for p in ("rollout", "rollout_cfg", "train", "end_to_end") if any(r["phase"] == p for r in rows)]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, axes = plt.subplots(1, len(phases), figsize=(4.5 * len(phases), 0.5 * len(variants) + 2), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        vals = {r["variant"]: r for r in rows if r["phase"] == phase}
+        names = [v for v in variants if v in vals]
+        ax.barh(names, [vals[v]["images_per_s"] for v in names],
+                color=["tab:green" if v == "fast" else "tab:red" if v == "baseline" else "tab:blue" for v in names])
+        for i, v in enumerate(names):
+            s = vals[v].get("speedup_vs_baseline")
+            ax.text(vals[v]["images_per_s"], i, f" {s:.2f}x" if s else "", va="center", fontsize=8)
+        ax.set(title=phase, xlabel="images/s")
+        ax.invert_yaxis()
+    fig.suptitle(f"Phases, fast vs baseline and fast minus one: {result['label']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out_dir: Path, stem: str) -> dict[str, str]:
+    """stem.json, stem.csv, stem.md, stem_kernels.png, stem_phases.png under out_dir; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "csv": out_dir / f"{stem}.csv", "md": out_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    write_csv(paths["csv"], result)
+    paths["md"].write_text(render(result) + "\n")
+    if result.get("kernels") and any(r.get("status") == "ok" for r in result["kernels"]):
+        paths["kernels_png"] = out_dir / f"{stem}_kernels.png"
+        plot_kernels(paths["kernels_png"], result)
+    if result.get("phases") and any(r.get("status") == "ok" for r in result["phases"]):
+        paths["phases_png"] = out_dir / f"{stem}_phases.png"
+        plot_phases(paths["phases_png"], result)
+    return {k: str(v) for k, v in paths.items()}

@@ -1,0 +1,140 @@
+"""The profiling harness (benchmarks/step_time.py): a tiny CPU run end to end, the byte model, the FLOP formula."""
+import json
+
+import pytest
+import torch
+
+from benchmarks import _kernels, _models, _report, _timing
+from benchmarks import step_time
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One `--quick --tiny` run (kernels and phases) on the CPU; returns (result, JSON read back, out dir)."""
+    out = tmp_path_factory.mktemp("step_time")
+    result = step_time.main(["--quick", "--tiny", "--device", "cpu", "--out", str(out)])
+    return result, json.loads((out / "step_time_cpu_tiny.json").read_text()), out
+
+
+def test_tiny_run_writes_every_output(tiny_run):
+    result, saved, out = tiny_run
+    for name in ("step_time_cpu_tiny.json", "step_time_cpu_tiny.csv", "step_time_cpu_tiny.md",
+                 "step_time_cpu_tiny_kernels.png", "step_time_cpu_tiny_phases.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "NOT a GPU measurement" in saved["label"]
+    assert "NOT a GPU measurement" in (out / "step_time_cpu_tiny.md").read_text()
+    csv_lines = (out / "step_time_cpu_tiny.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + len(saved["kernels"]) + len(saved["phases"])
+    assert all("NOT a GPU measurement" in line for line in csv_lines[1:])
+
+
+def test_json_has_every_field_the_table_shows(tiny_run):
+    _, saved, _ = tiny_run
+    ok_kernels = [r for r in saved["kernels"] if r["status"] == "ok"]
+    ok_phases = [r for r in saved["phases"] if r["status"] == "ok"]
+    assert ok_kernels and ok_phases
+    for rows, columns in ((ok_kernels, _report.KERNEL_COLUMNS), (ok_phases, _report.PHASE_COLUMNS),
+                          (saved["targets"], _report.TARGET_COLUMNS)):
+        for _, key in columns:
+            assert all(key in r for r in rows), key
+    for key in ("system", "calibration", "flops", "notes", "phase_model", "phase_workload"):
+        assert key in saved, key
+
+
+def test_tiny_run_measures_both_sections(tiny_run):
+    _, saved, _ = tiny_run
+    ops = {(r["op"], r["mode"]) for r in saved["kernels"] if r["status"] == "ok" and r["variant"] == "torch"}
+    assert ops == {("awm_loss", m) for m in ("forward", "backward", "full")} | {
+        ("sde_logprob", m) for m in ("forward", "backward", "full")} | {("sde_sample", "forward")}
+    for r in saved["kernels"]:
+        if r["status"] == "ok":
+            assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+            assert r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e-3) / 1e9)
+    phases = {(r["variant"], r["phase"]) for r in saved["phases"] if r["status"] == "ok"}
+    for variant in ("fast", "baseline", "fast -shared_batch", "fast -best_attention"):
+        for phase in ("rollout", "rollout_cfg", "train", "end_to_end"):
+            assert (variant, phase) in phases
+    base = [r for r in saved["phases"] if r["variant"] == "baseline" and r["status"] == "ok"]
+    assert all(r["speedup_vs_baseline"] == pytest.approx(1.0) for r in base)
+    assert all(r["images_per_s"] > 0 and r["mfu_pct"] > 0 for r in base)
+    # a CPU run never claims a target
+    assert {t["status"] for t in saved["targets"]} <= {"not measured", "not measured (CPU run, not a GPU measurement)"}
+
+
+def test_flops_formula_matches_the_counter_in_the_run(tiny_run):
+    _, saved, _ = tiny_run
+    fl = saved["flops"]
+    assert fl["forward_per_image"] == fl["forward_counted"]
+    assert fl["backward_per_row_counted"] > 0
+    assert fl["train_per_image"] == 2 * (3 * fl["forward_per_image"] + fl["backward_per_row_counted"])
+
+
+def test_byte_model_hand_case():
+    # 2 rows of 10 values, bf16 velocities (2 bytes) and fp32 target / x (4 bytes)
+    n = 2 * 10
+    loss_fwd = n * (2 + 4 + 2 + 2 + 2) + 2 * 4 * 6  # v, target, v_ref, v_ema in; dLoss/dv out; 6 per-row values
+    assert _kernels.kernel_bytes("awm_loss", "forward", 2, 10, 4, 2) == loss_fwd == 288
+    assert _kernels.kernel_bytes("awm_loss", "backward", 2, 10, 4, 2) == 2 * n * 2 == 80
+    assert _kernels.kernel_bytes("awm_loss", "full", 2, 10, 4, 2) == 368
+    assert _kernels.kernel_bytes("sde_sample", "forward", 2, 10, 4, 2) == n * (4 + 2 + 4 + 4) + 2 * 12 == 304
+    assert _kernels.kernel_bytes("sde_logprob", "forward", 2, 10, 4, 2) == 304
+    assert _kernels.kernel_bytes("sde_logprob", "backward", 2, 10, 4, 2) == n * (4 + 2 + 4 + 2) + 2 * 4 == 248
+    with pytest.raises(ValueError):
+        _kernels.kernel_bytes("sde_sample", "backward", 2, 10, 4, 2)
+    with pytest.raises(ValueError):
+        _kernels.kernel_bytes("awm_loss", "sideways", 2, 10, 4, 2)
+
+
+def test_flop_formula_hand_case():
+    # one non-dual block (the last: text stream pre-only), d = 4 (1 head x 4), patch 1, a 2x2 latent (N = 4),
+    # L = 2 text tokens, C = Co = 1, J = 3, pooled P = 5
+    cfg = dict(patch_size=1, in_channels=1, out_channels=1, num_layers=1, attention_head_dim=4, num_attention_heads=1,
+               joint_attention_dim=3, caption_projection_dim=4, pooled_projection_dim=5, dual_attention_layers=())
+    d, n, el = 4, 4, 2
+    embed = n * 1 * d + el * 3 * d + 256 * d + d * d + 5 * d + d * d  # 16 + 24 + 1024 + 16 + 20 + 16 = 1116
+    block = 12 * n * d * d + 2 * (n + el) ** 2 * d + 6 * d * d + 3 * el * d * d + 2 * d * d  # 768 + 288 + 96 + 96 + 32
+    out = 2 * d * d + n * d * 1  # 32 + 16
+    assert embed == 1116 and block == 1280 and out == 48
+    assert _models.mmdit_forward_flops(cfg, (2, 2), 2) == 2 * (1116 + 1280 + 48) == 4888
+    with pytest.raises(ValueError):
+        _models.mmdit_forward_flops({**cfg, "caption_projection_dim": 8}, (2, 2), 2)
+
+
+def test_flop_formula_matches_flop_counter_on_tiny_mmdit():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    spec = _models.model_spec("tiny")
+    model = _models.build_transformer(spec, torch.device("cpu"))
+    x = torch.randn(1, *spec.latent)
+    enc = torch.randn(1, spec.text_len, spec.transformer["joint_attention_dim"])
+    pooled = torch.randn(1, spec.transformer["pooled_projection_dim"])
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        counted = _models.count_flops(lambda: model(hidden_states=x, encoder_hidden_states=enc,
+                                                    pooled_projections=pooled, timestep=torch.tensor([500.0])))
+    assert counted == _models.mmdit_forward_flops(spec.transformer, spec.latent[1:], spec.text_len)
+
+
+def test_sd35m_forward_flops_per_image():
+    # 512 px, 205 text tokens: 2.22 TFLOP (DESIGN.md estimates "about 2.2")
+    assert _models.mmdit_forward_flops(_models.SD35M_CONFIG, (64, 64), 205) == pytest.approx(2.2237e12, rel=1e-4)
+
+
+def test_quantiles_and_targets():
+    assert _timing.quantile([4.0, 1.0, 3.0, 2.0, 5.0], 0.2) == pytest.approx(1.8)
+    assert _timing.summarize([1.0, 2.0, 3.0], "x").median_ms == 2.0
+    with pytest.raises(ValueError):
+        _timing.quantile([], 0.5)
+    kern = [{"op": "awm_loss", "mode": "full", "variant": "triton", "status": "ok", "bytes": 1e8, "pct_copy_bw": 85.0,
+             "speedup_vs_torch": 12.0}]
+    phases = [{"variant": "fast", "phase": p, "status": "ok", "speedup_vs_baseline": s, "mfu_pct": 40.0}
+              for p, s in (("train", 3.5), ("rollout", 1.5))]
+    got = {t["name"]: t["status"] for t in _report.evaluate_targets(kern, phases, is_gpu=True)}
+    assert got["fused loss % of copy bandwidth (full, >= 64 MB, worst case)"] == "met"
+    assert got["training MFU %"] == "not met"
+    assert got["rollout images/s vs unfused baseline"] == "not met"
+    assert got["end-to-end images/s vs unfused baseline"] == "not measured"
+
+
+def test_bad_arguments_stop_with_a_message():
+    with pytest.raises(SystemExit):
+        step_time.parse_args(["--only", "kernels,bogus"])
