@@ -39,8 +39,10 @@ class ModelConfig:
 class SampleConfig:
     num_steps: int = 14
     shift: float = 3.0
-    sampler: str = "euler_maruyama"  # euler_maruyama | cps | ode
-    noise_level: float = 0.7
+    sampler: str = "euler_maruyama"  # euler_maruyama | cps | ode | sa_solver
+    noise_level: float = 0.7  # SDE noise a (euler_maruyama, cps); tau inside the window (sa_solver, official 0.4)
+    sa_noise_t_min: float = 0.3  # sa_solver: noise only where sa_noise_t_min <= t <= sa_noise_t_max
+    sa_noise_t_max: float = 0.9
     guidance_scale: float = 1.0  # 1 = classifier-free guidance off
     prompts_per_step: int = 72
     group_size: int = 24
@@ -48,11 +50,13 @@ class SampleConfig:
     eval_num_steps: int = 40
     eval_guidance_scale: float = 1.0
     prompt_file: str = ""  # one prompt per line (model.kind=sd3); digits uses the digits 0-9
-    eval_prompts: int = 64  # how many prompts of prompt_file the evaluation uses (sd3)
+    eval_prompt_file: str = ""  # evaluation prompts (e.g. prompts/geneval_test.txt); empty: prompt_file
+    eval_prompts: int = 64  # how many evaluation prompts are used (sd3, flux)
 
 
 @dataclass
 class TrainConfig:
+    algorithm: str = "awm"  # awm | flow_grpo | nft (baselines: awm_fast/train/algorithms.py)
     steps: int = 200
     micro_batch: int = 3  # images per training micro-batch (rows = micro_batch * num_timesteps)
     num_timesteps: int = 6
@@ -77,12 +81,22 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward (less memory)
     shared_batch: bool = False  # one [policy; ref; ema] transformer call per micro-batch (models/shared_batch.py)
     eval_ema: bool = True  # evaluation EMA of the LoRA weights, decay min((1 + n) / (10 + n), 0.99)
+    grpo_clip_range: float = 1e-4  # flow_grpo: ratio clip c
+    grpo_beta: float = 0.04  # flow_grpo: KL to the reference in mean space (0.04 GenEval/OCR, 0.01 PickScore)
+    grpo_sde_window: int = 0  # flow_grpo: 0 = SDE at every step; k = "Fast": SDE (and training) on k steps only
+    nft_beta: float = 1.0  # nft: b in v+- (implicit positive / negative policies)
+    nft_kl_beta: float = 1e-4  # nft: weight of mean (v - v_ref)^2
+    nft_decay_rate: float = 0.001  # nft: "old" (the "ema" adapter) decay d = min(nft_decay_cap, rate * step)
+    nft_decay_cap: float = 0.5
     seed: int = 42
 
 
 @dataclass
 class RewardConfig:
-    name: str = "digits"  # digits | jpeg_compressibility | jpeg_incompressibility | pickscore | ocr | geneval
+    # digits | jpeg_compressibility | jpeg_incompressibility | pickscore | clipscore | aesthetic | ocr | geneval,
+    # or "package.module:function" (a user reward), or several joined by "+" (a weighted sum, see weights)
+    name: str = "digits"
+    weights: list[float] = field(default_factory=list)  # one per "+" component of name; empty = all 1
     num_workers: int = 1
 
 
@@ -120,27 +134,44 @@ class Config:
         return dataclasses.asdict(self)
 
 
+class _RewardNames(tuple):
+    """reward.name choices: a registered name, an import path "package.module:function", or several joined by "+"."""
+
+    def __contains__(self, value) -> bool:
+        import re
+
+        return isinstance(value, str) and all(
+            tuple.__contains__(self, p) or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", p) is not None
+            for p in value.split("+"))
+
+    def __repr__(self) -> str:
+        return f"{tuple(self)!r}, 'package.module:function', or several joined by '+'"
+
+
 CHOICES = {
     "model.kind": ("digits", "sd3", "flux"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.lora_init": ("gaussian", "default"),
     "model.attention_backend": ("auto", "flash3", "flash2", "xformers", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
                                 "sdpa_math"),
-    "sample.sampler": ("euler_maruyama", "cps", "ode"),
+    "sample.sampler": ("euler_maruyama", "cps", "ode", "sa_solver"),
+    "train.algorithm": ("awm", "flow_grpo", "nft"),
     "train.timestep_sampling": ("discrete_wo_init", "discrete", "uniform", "logit_normal"),
     "train.weighting": ("ghuber", "uniform", "t", "t2", "huber"),
     "train.ratio_mode": ("exp_first", "sum_first"),
     "train.kl_weighting": ("uniform", "elbo"),
-    "reward.name": ("digits", "jpeg_compressibility", "jpeg_incompressibility", "pickscore", "ocr", "geneval"),
+    "reward.name": _RewardNames(("digits", "jpeg_compressibility", "jpeg_incompressibility", "pickscore", "clipscore",
+                                 "aesthetic", "ocr", "geneval")),
     "run.device": ("auto", "cpu", "cuda"),
 }
 POSITIVE = ["model.text_tokens", "model.lora_rank", "model.lora_alpha", "model.resolution", "sample.num_steps", "sample.shift",
             "sample.prompts_per_step", "sample.batch_size", "sample.eval_num_steps", "sample.eval_prompts", "train.steps",
             "train.micro_batch", "train.num_timesteps", "train.ghuber_power", "train.clip_range",
-            "train.adv_clip_max", "train.lr", "train.adam_eps", "train.max_grad_norm", "reward.num_workers",
+            "train.adv_clip_max", "train.grpo_clip_range", "train.nft_beta", "train.lr", "train.adam_eps", "train.max_grad_norm", "reward.num_workers",
             "digits.pretrain_batch", "digits.pretrain_lr", "digits.eval_per_digit", "run.keep_checkpoints"]
 NON_NEGATIVE = ["sample.noise_level", "train.beta", "train.ema_beta", "train.weight_decay", "train.ema_decay_rate",
-                "train.ema_decay_cap", "digits.pretrain_steps", "digits.classifier_steps", "run.eval_every",
+                "train.ema_decay_cap", "train.grpo_beta", "train.grpo_sde_window", "train.nft_kl_beta",
+                "train.nft_decay_rate", "train.nft_decay_cap", "digits.pretrain_steps", "digits.classifier_steps", "run.eval_every",
                 "run.checkpoint_every", "run.threads"]
 
 
@@ -285,15 +316,32 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.num_timesteps={t.num_timesteps} with sample.num_steps={s.num_steps}: {exc}") from None
     if t.ema_decay_cap >= 1:
         raise ConfigError(f"train.ema_decay_cap={t.ema_decay_cap} must be < 1")
+    if t.nft_decay_cap >= 1:
+        raise ConfigError(f"train.nft_decay_cap={t.nft_decay_cap} must be < 1")
+    if not 0 <= s.sa_noise_t_min <= s.sa_noise_t_max <= 1:
+        raise ConfigError(f"sample.sa_noise_t_min/sa_noise_t_max=({s.sa_noise_t_min}, {s.sa_noise_t_max}) must satisfy "
+                          "0 <= min <= max <= 1")
+    if t.algorithm == "flow_grpo" and s.sampler not in ("euler_maruyama", "cps"):
+        raise ConfigError(f"train.algorithm=flow_grpo needs a stochastic sampler with log-probs "
+                          f"(sample.sampler=euler_maruyama or cps), got {s.sampler!r}")
+    if t.algorithm == "flow_grpo" and not (s.noise_level > 0 and t.grpo_sde_window <= s.num_steps - 1):
+        raise ConfigError(f"train.algorithm=flow_grpo needs sample.noise_level > 0 and train.grpo_sde_window="
+                          f"{t.grpo_sde_window} <= sample.num_steps - 1 = {s.num_steps - 1} (the last step is deterministic)")
     if not 0 <= t.adam_beta1 < 1 or not 0 <= t.adam_beta2 < 1:
         raise ConfigError(f"train.adam_beta1/adam_beta2=({t.adam_beta1}, {t.adam_beta2}) must be in [0, 1)")
     if m.kind != "digits" and not s.prompt_file:
         raise ConfigError(f"sample.prompt_file is empty: model.kind={m.kind} trains on prompts from a text file")
     if m.kind != "digits" and not m.path:
         raise ConfigError(f"model.path is empty: give a diffusers folder or hub id for model.kind={m.kind}")
-    if m.kind == "digits" and cfg.reward.name != "digits":
-        raise ConfigError(f"reward.name={cfg.reward.name!r} does not apply to model.kind=digits (use reward.name=digits)")
-    if m.kind != "digits" and cfg.reward.name == "digits":
+    parts = [p.strip() for p in cfg.reward.name.split("+")]
+    model_rewards = [p for p in parts if p in ("pickscore", "clipscore", "aesthetic", "ocr", "geneval")]
+    if m.kind == "digits" and model_rewards:
+        raise ConfigError(f"reward.name={cfg.reward.name!r}: {model_rewards[0]} does not apply to model.kind=digits "
+                          f"(8x8 digits; use digits, jpeg_* or your own import path)")
+    if m.kind != "digits" and "digits" in parts:
         raise ConfigError("reward.name=digits needs model.kind=digits")
+    if cfg.reward.weights and len(cfg.reward.weights) != len(parts):
+        raise ConfigError(f"reward.weights has {len(cfg.reward.weights)} values for the {len(parts)} parts of "
+                          f"reward.name={cfg.reward.name!r}")
     if not m.lora_targets:
         raise ConfigError("model.lora_targets is empty: name the modules that carry LoRA")

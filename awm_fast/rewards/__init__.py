@@ -1,26 +1,98 @@
-"""Reward registry."""
+"""Reward registry: `load_reward(name_or_import_path, **options)` and the trainer's `build_reward`.
+
+Names: digits, jpeg_compressibility, jpeg_incompressibility, pickscore, clipscore, aesthetic, ocr, geneval;
+"package.module:function" for a user reward; several joined by "+" for a weighted sum (CombinedReward).
+Model-based rewards import their dependencies only when built.
+"""
 from __future__ import annotations
 
+from typing import Callable
+
 from awm_fast.rewards.base import Reward, check_reward_output
+from awm_fast.rewards.combined import CombinedReward, FunctionReward, reward_from_import_path
 
-MODEL_REWARDS = ("pickscore", "ocr", "geneval")
+
+def _digits(classifier=None):
+    from awm_fast.rewards.digits import DigitsReward
+
+    if classifier is None:
+        raise ValueError("reward 'digits' needs the digits task's classifier")
+    return DigitsReward(classifier)
 
 
-def build_reward(name: str, *, digits_classifier=None) -> Reward:
-    if name == "digits":
-        from awm_fast.rewards.digits import DigitsReward
-
-        if digits_classifier is None:
-            raise ValueError("reward 'digits' needs the digits task's classifier")
-        return DigitsReward(digits_classifier)
-    if name in ("jpeg_compressibility", "jpeg_incompressibility"):
+def _jpeg(compressible: bool) -> Callable:
+    def build(**options):
         from awm_fast.rewards.jpeg import JpegReward
 
-        return JpegReward(compressible=name == "jpeg_compressibility")
-    if name in MODEL_REWARDS:
-        raise ValueError(f"reward {name!r} is not available in this version of awm-fast "
-                         f"(available: digits, jpeg_compressibility, jpeg_incompressibility)")
-    raise ValueError(f"unknown reward {name!r}")
+        return JpegReward(compressible=compressible, **options)
+    return build
 
 
-__all__ = ["Reward", "build_reward", "check_reward_output"]
+def _lazy(module: str, cls: str) -> Callable:
+    def build(**options):
+        import importlib
+
+        return getattr(importlib.import_module(f"awm_fast.rewards.{module}"), cls)(**options)
+    return build
+
+
+REWARDS: dict[str, Callable] = {
+    "digits": _digits,
+    "jpeg_compressibility": _jpeg(True),
+    "jpeg_incompressibility": _jpeg(False),
+    "pickscore": _lazy("pickscore", "PickScoreReward"),
+    "clipscore": _lazy("clipscore", "ClipScoreReward"),
+    "aesthetic": _lazy("aesthetic", "AestheticReward"),
+    "ocr": _lazy("ocr", "OcrReward"),
+    "geneval": _lazy("geneval", "GenEvalReward"),
+}
+
+
+def _load_one(name: str, options: dict):
+    if ":" in name:
+        return reward_from_import_path(name, **options)
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r} (known: {', '.join(REWARDS)}; or 'package.module:function')")
+    try:
+        return REWARDS[name](**options)
+    except TypeError as exc:
+        if "argument" in str(exc):
+            raise TypeError(f"reward {name!r}: bad option ({exc})") from None
+        raise
+
+
+def load_reward(name: str, **options) -> Reward:
+    """A reward from a registered name, an import path "package.module:function", or several of them joined by "+".
+
+    For one reward, `options` go to its constructor (e.g. load_reward("pickscore", model="/ckpt/PickScore_v1")).
+    For "a+b": `weights=[w_a, w_b]` (default all 1) and per-component options keyed by component name,
+    e.g. load_reward("pickscore+jpeg_compressibility", weights=[1.0, 0.05], pickscore={"device": "cuda"}).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"reward name must be a non-empty string, got {name!r}")
+    parts = [p.strip() for p in name.split("+")]
+    if len(parts) == 1:
+        if "weights" in options and options["weights"] not in (None, [], [1], [1.0]):
+            raise ValueError(f"reward {name!r}: weights={options['weights']} given for a single reward")
+        options.pop("weights", None)
+        return _load_one(parts[0], options)
+    weights = options.pop("weights", None)
+    unknown = set(options) - set(parts)
+    if unknown:
+        raise ValueError(f"reward {name!r}: options {sorted(unknown)} do not name a component (options of a combined "
+                         f"reward are keyed by component, e.g. {parts[0]}={{...}})")
+    return CombinedReward([_load_one(p, dict(options.get(p) or {})) for p in parts], weights)
+
+
+def build_reward(name: str, *, digits_classifier=None, weights: list[float] | None = None, **options) -> Reward:
+    """The trainer's entry point: `load_reward`, with the digits task's classifier passed through."""
+    parts = [p.strip() for p in name.split("+")]
+    if parts == ["digits"]:
+        return _digits(digits_classifier)
+    if "digits" in parts:
+        options["digits"] = {**(options.get("digits") or {}), "classifier": digits_classifier}
+    return load_reward(name, weights=weights or None, **options)
+
+
+__all__ = ["REWARDS", "CombinedReward", "FunctionReward", "Reward", "build_reward", "check_reward_output",
+           "load_reward"]

@@ -1,16 +1,25 @@
-"""Reward interface: images in [0, 1] (B, C, H, W) + prompts + metadata -> {"reward": (B,), other metrics}."""
+"""Reward interface and the helpers every reward shares.
+
+A reward is called as ``reward(images, prompts, metadata)`` with
+  images:   a float tensor (N, C, H, W) in [0, 1] (C = 1 or 3), or a list of N PIL images,
+  prompts:  N strings, metadata: N dicts (per-prompt metadata, e.g. GenEval's {"tag", "include"}),
+and returns a dict with "reward": a float tensor (N,) plus optional named sub-scores, each (N,).
+"""
 from __future__ import annotations
 
-from typing import Protocol
+import os
+from pathlib import Path
+from typing import Any, Protocol, Sequence
 
+import numpy as np
 import torch
-
+from PIL import Image
 
 class Reward(Protocol):
     name: str
 
-    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, torch.Tensor]:
-        """Must return at least "reward": a float tensor of shape (B,)."""
+    def __call__(self, images, prompts: list[str], metadata: list[dict]) -> dict[str, torch.Tensor]:
+        """Must return at least "reward": a float tensor of shape (N,)."""
         ...
 
 
@@ -25,3 +34,110 @@ def check_reward_output(name: str, out: dict[str, torch.Tensor], batch: int) -> 
     if bad.any():
         raise ValueError(f"reward {name!r} returned {int(bad.sum())} non-finite values (NaN/inf) for {batch} images")
     return r
+
+
+def num_images(images) -> int:
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4:
+            raise ValueError(f"images: expected a (N, C, H, W) tensor, got shape {tuple(images.shape)}")
+        return images.shape[0]
+    if isinstance(images, (list, tuple)):
+        return len(images)
+    raise TypeError(f"images: expected a (N, C, H, W) tensor in [0, 1] or a list of PIL images, got {type(images).__name__}")
+
+
+def to_uint8_arrays(images) -> list[np.ndarray]:
+    """N RGB uint8 arrays (H, W, 3): round(clamp(x, 0, 1) * 255) for tensors, convert("RGB") for PIL images."""
+    if isinstance(images, torch.Tensor):
+        num_images(images)
+        x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[1] != 3:
+            raise ValueError(f"images: expected 1 or 3 channels, got {x.shape[1]}")
+        return list(x.permute(0, 2, 3, 1).contiguous().numpy())
+    num_images(images)
+    out = []
+    for i, im in enumerate(images):
+        if not isinstance(im, Image.Image):
+            raise TypeError(f"images[{i}]: expected a PIL image, got {type(im).__name__}")
+        out.append(np.asarray(im.convert("RGB")))
+    return out
+
+
+def to_pil(images) -> list[Image.Image]:
+    """N RGB PIL images (tensor input goes through `to_uint8_arrays`)."""
+    if not isinstance(images, torch.Tensor) and all(isinstance(im, Image.Image) and im.mode == "RGB" for im in images):
+        return list(images)
+    return [Image.fromarray(a) for a in to_uint8_arrays(images)]
+
+
+def as_scores(name: str, values: Any, batch: int) -> torch.Tensor:
+    """A (batch,) float32 tensor from a tensor / list / array; ValueError naming the reward otherwise."""
+    try:
+        t = torch.as_tensor(np.asarray(values, dtype=np.float64) if not isinstance(values, torch.Tensor) else values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"reward {name!r} returned scores that are not numbers ({exc})") from None
+    t = t.detach().float().reshape(-1).cpu()
+    if t.numel() != batch:
+        raise ValueError(f"reward {name!r} returned {t.numel()} scores for {batch} images")
+    return t
+
+
+def check_batch(name: str, images, prompts: Sequence[str], metadata: Sequence[dict] | None) -> int:
+    """N, after checking that prompts (and metadata when given) have one entry per image."""
+    n = num_images(images)
+    if len(prompts) != n:
+        raise ValueError(f"reward {name!r}: {len(prompts)} prompts for {n} images")
+    if metadata is not None and len(metadata) != n:
+        raise ValueError(f"reward {name!r}: {len(metadata)} metadata entries for {n} images")
+    return n
+
+
+def require(module: str, reward: str, pip: str):
+    """Import an optional package or raise ImportError with the `pip install` line that fixes it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"reward {reward!r} needs the package {module!r}: pip install {pip}") from None
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_kwargs(source: str) -> dict:
+    """from_pretrained kwargs: local_files_only for a local folder or when HF_HUB_OFFLINE=1."""
+    return {"local_files_only": True} if Path(source).is_dir() or hub_offline() else {}
+
+
+def load_pretrained(loader, source: str, *, reward: str, what: str, option: str):
+    """`loader.from_pretrained(source)`, turning any failure into ONE FileNotFoundError line that names the reward,
+    the missing model and how to get it (download, then pass the folder as option `option`)."""
+    hint = f"(`hf download {source}` on a machine with network) and pass the local folder as {option}=PATH"
+    local = source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+    if local and not Path(source).expanduser().exists():
+        raise FileNotFoundError(f"reward {reward!r}: the {what} folder {source!r} does not exist; download it {hint}")
+    path = str(Path(source).expanduser()) if local else source
+    if not local and hub_offline():  # resolve the cached snapshot ourselves: some loaders still probe the hub
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = snapshot_download(source, local_files_only=True)
+        except Exception:  # LocalEntryNotFoundError and friends: not in the cache
+            raise FileNotFoundError(f"reward {reward!r}: the {what} {source!r} is not in the local hub cache and "
+                                    f"HF_HUB_OFFLINE=1; download it {hint}") from None
+    try:
+        return loader.from_pretrained(path, **hub_kwargs(path))
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise FileNotFoundError(
+            f"reward {reward!r}: cannot load the {what} {source!r} ({first}); download it {hint}") from None
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -109,3 +109,15 @@ def test_trainer_runs_on_the_fused_triton_ops(tmp_path, monkeypatch):
     rows = [json.loads(x) for x in (tmp_path / "fused" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["skipped"] == 0 and r["grad_norm"] > 0 for r in rows)
     assert 0 <= summary["eval_after"]["accuracy"] <= 1
+
+
+def test_two_rewards_with_weights_end_to_end(tmp_path):
+    cfg = _cfg(tmp_path, "run.name=combo", "train.steps=2", "run.checkpoint_every=0",
+               "reward.name=digits+jpeg_compressibility", "reward.weights=[1.0, 0.05]", "sample.prompts_per_step=2",
+               "sample.batch_size=16", "train.micro_batch=8", "digits.eval_per_digit=2")
+    summary = json.loads(train(cfg, log=lambda *_: None).read_text())
+    after = summary["eval_after"]
+    assert {"digits", "jpeg_compressibility", "accuracy"} <= set(after)
+    assert after["reward"] == pytest.approx(after["digits"] + 0.05 * after["jpeg_compressibility"], rel=1e-6)
+    rows = [json.loads(x) for x in (tmp_path / "combo" / "metrics.jsonl").read_text().splitlines()]
+    assert all("digits" in r and "jpeg_compressibility" in r for r in rows)

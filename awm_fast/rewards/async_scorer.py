@@ -1,0 +1,90 @@
+"""Score rollout batches on a thread pool so that scoring batch k overlaps sampling batch k+1.
+
+    scorer = AsyncRewardScorer(reward, num_workers=1)
+    for k in batches:
+        images = sample(k)                       # GPU work of batch k+1 runs while batch k is scored
+        scorer.submit(images, prompts_k, meta_k)
+    outs = scorer.gather()                       # results in submission order
+    scorer.timings                               # per batch: queued_s, score_s, waited_s
+
+Timings per batch: queued_s = submit -> a worker starts it, score_s = the reward call, waited_s = how long
+`gather` (or `result`) blocked the caller on that batch (0 when it was ready). With num_workers > 1 the reward
+is called from several threads at once, so it must be thread-safe (torch inference and the OCR engine are).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from awm_fast.rewards.base import check_reward_output, num_images
+
+
+@dataclass
+class BatchTiming:
+    index: int
+    queued_s: float = 0.0
+    score_s: float = 0.0
+    waited_s: float = 0.0
+
+
+class AsyncRewardScorer:
+    def __init__(self, reward, num_workers: int = 1) -> None:
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"AsyncRewardScorer: num_workers={num_workers!r} must be an integer >= 1")
+        self.reward = reward
+        self.pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="reward")
+        self.pending: list[Future] = []
+        self.timings: list[BatchTiming] = []
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def _score(self, images, prompts, metadata, timing: BatchTiming, submitted: float) -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        timing.queued_s = start - submitted
+        out = self.reward(images, prompts, metadata)
+        n = num_images(images)
+        check_reward_output(getattr(self.reward, "name", "reward"), out, n)
+        out = {k: torch.as_tensor(v).detach().double().reshape(-1).cpu() for k, v in out.items()}
+        timing.score_s = time.perf_counter() - start
+        return out
+
+    def submit(self, images, prompts: list[str], metadata: list[dict]) -> Future:
+        """Queue one batch; returns a Future of the checked output dict (float64 CPU tensors of N values)."""
+        with self._lock:
+            timing = BatchTiming(self._count)
+            self._count += 1
+            self.timings.append(timing)
+            fut = self.pool.submit(self._score, images, list(prompts), list(metadata), timing, time.perf_counter())
+            fut.timing = timing
+            self.pending.append(fut)
+        return fut
+
+    def result(self, fut: Future) -> dict[str, torch.Tensor]:
+        """Block on one batch, adding the time blocked to its `waited_s`."""
+        t0 = time.perf_counter()
+        out = fut.result()
+        fut.timing.waited_s += time.perf_counter() - t0
+        return out
+
+    def gather(self) -> list[dict[str, torch.Tensor]]:
+        """Results of every batch submitted since the last gather, in submission order (re-raises a reward error)."""
+        with self._lock:
+            pending, self.pending = self.pending, []
+        return [self.result(f) for f in pending]
+
+    def wait_time(self) -> float:
+        """Total seconds the caller blocked on results so far."""
+        return sum(t.waited_s for t in self.timings)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "AsyncRewardScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
