@@ -20,12 +20,21 @@ def sample_latents(
     guidance_scale: float = 1.0,
     null_cond: Conditioning | None = None,
     adapter: str | None = POLICY,
+    sa_noise_window: tuple[float, float] = (0.3, 0.9),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns the final latents x0 (B, *latent_shape) and the summed per-step log-probs (B,).
 
     Classifier-free guidance runs when guidance_scale != 1: v = v_uncond + w (v_cond - v_uncond),
     with the conditional and unconditional rows in one transformer call.
+    sampler="sa_solver": the stochastic Adams solver of `awm_fast.sampling.sa_solver` (noise tau = noise_level
+    only where sa_noise_window[0] <= t <= sa_noise_window[1]); its log-probs are not defined (zeros).
     """
+    if sampler == "sa_solver":
+        from awm_fast.sampling.sa_solver import sa_solver_sample
+
+        return sa_solver_sample(policy, cond, grid, tau=noise_level, noise_window=sa_noise_window,
+                                generator=generator, guidance_scale=guidance_scale, null_cond=null_cond,
+                                adapter=adapter)
     batch = cond.embeds.shape[0]
     use_cfg = guidance_scale != 1.0
     if use_cfg and null_cond is None:

@@ -1,4 +1,4 @@
-"""The AWM RL loop: rollout with the current policy -> rewards -> group advantages -> AWM update."""
+"""The RL loop: rollout -> rewards -> group advantages -> update (AWM, or a baseline: train/algorithms.py)."""
 from __future__ import annotations
 
 import time
@@ -14,10 +14,9 @@ from awm_fast.config import Config
 from awm_fast.models.lora import POLICY, EvalEMA, adapter_params, update_ema_adapter
 from awm_fast.models.load import pick_device
 from awm_fast.rewards import check_reward_output
-from awm_fast.sampling.rollout import sample_latents
 from awm_fast.train import checkpoint as ckpt
 from awm_fast.train import report
-from awm_fast.train.awm_update import awm_update
+from awm_fast.train.algorithms import Algorithm, get_algorithm, merge_extras
 from awm_fast.train.evaluate import evaluate
 from awm_fast.train.logger import MetricsLogger
 from awm_fast.train.task import Task, build_task
@@ -32,8 +31,8 @@ def peak_memory_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
-def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, gens: dict) -> dict:
-    """Sample prompts_per_step prompts x group_size images with the current policy and score them."""
+def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, gens: dict, algo: Algorithm) -> dict:
+    """Sample prompts_per_step prompts x group_size images with `algo.sample` and score them."""
     s = cfg.sample
     pick = torch.randint(0, len(task.prompts), (s.prompts_per_step,), generator=gens["prompts"]).tolist()
     order = [k for k in pick for _ in range(s.group_size)]
@@ -42,12 +41,11 @@ def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, gens: dict) -
     groups = torch.arange(s.prompts_per_step).repeat_interleave(s.group_size)
     cond = task.policy.encode(prompts)
     t0 = time.perf_counter()
-    latents = []
+    latents, extras = [], []
     for b in tqdm(range(0, len(prompts), s.batch_size), desc="sample", unit="batch", leave=False, disable=None):
-        x, _ = sample_latents(task.policy, cond[b:b + s.batch_size], grid, sampler=s.sampler,
-                             noise_level=s.noise_level, generator=gens["rollout"], guidance_scale=s.guidance_scale,
-                             null_cond=task.null_cond)
+        x, extra = algo.sample(task.policy, cond[b:b + s.batch_size], grid, cfg, gens["rollout"], task.null_cond)
         latents.append(x)
+        extras.append(extra)
     t1 = time.perf_counter()
     outs = []
     for i in tqdm(range(len(latents)), desc="reward", unit="batch", leave=False, disable=None):
@@ -58,7 +56,7 @@ def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, gens: dict) -
     latents = torch.cat(latents)
     rewards = torch.cat([o["reward"] for o in outs])
     extra = {k: float(torch.cat([o[k] for o in outs]).mean()) for k in outs[0] if k != "reward"}
-    return dict(latents=latents, cond=cond, rewards=rewards, groups=groups, extra=extra,
+    return dict(latents=latents, cond=cond, rewards=rewards, groups=groups, extra=extra, extras=merge_extras(extras),
                 sample_s=t1 - t0, reward_s=time.perf_counter() - t1)
 
 
@@ -74,6 +72,7 @@ def train(cfg: Config, *, resume: str | None = None, log=print) -> Path:
     t_start = time.perf_counter()
     task = build_task(cfg, device, log=log)
     policy, t, s = task.policy, cfg.train, cfg.sample
+    algo = get_algorithm(t.algorithm)
     params = list(adapter_params(policy.transformer, POLICY).values())
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
@@ -114,17 +113,18 @@ def train(cfg: Config, *, resume: str | None = None, log=print) -> Path:
     for step in bar:
         t0 = time.perf_counter()
         reset_peak_memory(device)
-        roll = rollout_and_score(task, cfg, grid, gens)
+        roll = rollout_and_score(task, cfg, grid, gens, algo)
         advantages = group_advantages(roll["rewards"], roll["groups"], t.adv_clip_max)
         mem = {"peak_mem_rollout_gb": peak_memory_gb(device)}
         t1 = time.perf_counter()
         reset_peak_memory(device)
-        stats = awm_update(policy, roll["latents"], roll["cond"], advantages.to(device), grid, t, s, gens["train"],
-                           optimizer, params)
+        stats = algo.update(policy, roll, advantages.to(device), grid, cfg, gens["train"], optimizer, params,
+                            task.null_cond)
         mem["peak_mem_train_gb"] = peak_memory_gb(device)
         if stats["skipped"]:
             log(f"[warn] step {step + 1}: non-finite loss or gradient, optimizer step skipped")
-        decay = update_ema_adapter(policy.transformer, step + 1, rate=t.ema_decay_rate, cap=t.ema_decay_cap)
+        rate, cap = algo.adapter_decay(t)
+        decay = update_ema_adapter(policy.transformer, step + 1, rate=rate, cap=cap)
         if eval_ema is not None:
             eval_ema.update(policy.transformer)
         dt = time.perf_counter() - t0

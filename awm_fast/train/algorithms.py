@@ -1,0 +1,94 @@
+"""The RL algorithms the trainer runs (`train.algorithm`): how each samples and how each updates.
+
+    awm        rollout with the policy (sample.sampler); AWM update on the clean latents (awm_update.py)
+    flow_grpo  SDE rollout with the policy storing every state and log-prob (sampling/trajectory.py);
+               update on the stored transitions (flow_grpo_update.py)
+    nft        deterministic (ODE) rollout with the "old" policy = the "ema" adapter slot; update on the clean
+               latents with fresh noise at the rollout timesteps (nft_update.py)
+
+After each optimizer step the trainer moves the "ema" adapter: ema <- d ema + (1 - d) theta with
+d = min(cap, rate * step); (rate, cap) = (ema_decay_rate, ema_decay_cap) for awm and flow_grpo (unused by
+the loss of flow_grpo), (nft_decay_rate, nft_decay_cap) for nft, where that adapter is the old policy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from awm_fast.config import Config, TrainConfig
+from awm_fast.models.lora import EMA
+from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.sampling.rollout import sample_latents
+from awm_fast.sampling.trajectory import sample_trajectory
+from awm_fast.train.awm_update import awm_update
+from awm_fast.train.flow_grpo_update import flow_grpo_update
+from awm_fast.train.nft_update import nft_update
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """sample(policy, cond, grid, cfg, generator, null_cond) -> (x0 (B, ...), extras: dict of (B, ...) tensors);
+    update(policy, roll, advantages, grid, cfg, generator, optimizer, params, null_cond) -> stats;
+    adapter_decay(train config) -> (rate, cap) of the "ema" adapter's move."""
+
+    name: str
+    sample: Callable
+    update: Callable
+    adapter_decay: Callable[[TrainConfig], tuple[float, float]]
+
+
+def _sample_policy(policy: FlowPolicy, cond: Conditioning, grid, cfg: Config, generator, null_cond):
+    s = cfg.sample
+    x, _ = sample_latents(policy, cond, grid, sampler=s.sampler, noise_level=s.noise_level, generator=generator,
+                          guidance_scale=s.guidance_scale, null_cond=null_cond,
+                          sa_noise_window=(s.sa_noise_t_min, s.sa_noise_t_max))
+    return x, {}
+
+
+def _sample_trajectory(policy: FlowPolicy, cond: Conditioning, grid, cfg: Config, generator, null_cond):
+    s = cfg.sample
+    traj = sample_trajectory(policy, cond, grid, sampler=s.sampler, noise_level=s.noise_level, generator=generator,
+                             guidance_scale=s.guidance_scale, null_cond=null_cond, sde_window=cfg.train.grpo_sde_window)
+    return traj.xs[:, -1], traj.as_dict()
+
+
+def _sample_old_ode(policy: FlowPolicy, cond: Conditioning, grid, cfg: Config, generator, null_cond):
+    x, _ = sample_latents(policy, cond, grid, sampler="ode", noise_level=0.0, generator=generator,
+                          guidance_scale=cfg.sample.guidance_scale, null_cond=null_cond, adapter=EMA)
+    return x, {}
+
+
+def _update_awm(policy, roll, advantages, grid, cfg, generator, optimizer, params, null_cond):
+    return awm_update(policy, roll["latents"], roll["cond"], advantages, grid, cfg.train, cfg.sample, generator,
+                      optimizer, params)
+
+
+def _update_flow_grpo(policy, roll, advantages, grid, cfg, generator, optimizer, params, null_cond):
+    return flow_grpo_update(policy, roll["extras"], roll["cond"], advantages, grid, cfg.train, cfg.sample,
+                            generator, optimizer, params, null_cond)
+
+
+def _update_nft(policy, roll, advantages, grid, cfg, generator, optimizer, params, null_cond):
+    return nft_update(policy, roll["latents"], roll["cond"], advantages, grid, cfg.train, cfg.sample, generator,
+                      optimizer, params)
+
+
+ALGORITHMS = {
+    "awm": Algorithm("awm", _sample_policy, _update_awm, lambda t: (t.ema_decay_rate, t.ema_decay_cap)),
+    "flow_grpo": Algorithm("flow_grpo", _sample_trajectory, _update_flow_grpo,
+                           lambda t: (t.ema_decay_rate, t.ema_decay_cap)),
+    "nft": Algorithm("nft", _sample_old_ode, _update_nft, lambda t: (t.nft_decay_rate, t.nft_decay_cap)),
+}
+
+
+def get_algorithm(name: str) -> Algorithm:
+    if name not in ALGORITHMS:
+        raise ValueError(f"train.algorithm={name!r} is not one of {tuple(ALGORITHMS)}")
+    return ALGORITHMS[name]
+
+
+def merge_extras(extras: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate the per-batch extras of a rollout along the batch dimension."""
+    return {k: torch.cat([e[k] for e in extras]) for k in extras[0]} if extras else {}

@@ -1,0 +1,57 @@
+"""One DiffusionNFT optimizer step over a rollout's clean latents (`awm_fast.algo.nft.nft_loss`).
+
+Rows are (timestep, sample) pairs, timestep-major, at every rollout timestep sigma_0 = 1 .. sigma_{N-1}
+(t = 0 excluded), each with fresh eps: x_t = (1 - t) x0 + t eps. The same rows go to the policy ("default"
+adapter, with grad), the "old" policy (the "ema" adapter slot, which the trainer moves with
+d = min(nft_decay_rate step, nft_decay_cap) and which also sampled the rollout) and, when nft_kl_beta > 0,
+the reference (adapters disabled). Gradients of all micro-batches are averaged into one AdamW step.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from awm_fast.algo.nft import nft_loss
+from awm_fast.config import SampleConfig, TrainConfig
+from awm_fast.models.lora import EMA
+from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.train.flow_grpo_update import finish_step
+
+OLD = EMA  # the "old" policy of DiffusionNFT lives in the "ema" adapter slot
+
+
+def nft_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, advantages: torch.Tensor,
+               grid: torch.Tensor, tcfg: TrainConfig, scfg: SampleConfig, generator: torch.Generator,
+               optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, float]:
+    """latents: (n, ...) clean x0; advantages: (n,) in [-1, 1]. Returns mean loss parts and grad stats."""
+    n, mb = latents.shape[0], tcfg.micro_batch
+    if advantages.shape != (n,) or n % mb:
+        raise ValueError(f"advantages {tuple(advantages.shape)} must have one value per latent ({n}), "
+                         f"and micro_batch {mb} must divide {n}")
+    num_micro = n // mb
+    times = grid[:-1].to(latents.device, torch.float32)
+    T = times.numel()
+    perm = torch.randperm(n, generator=generator, device=generator.device).to(latents.device)
+    sums: dict[str, float] = defaultdict(float)
+    optimizer.zero_grad(set_to_none=True)
+    for i in tqdm(range(num_micro), desc="train", unit="mb", leave=False, disable=None):
+        idx = perm[i * mb:(i + 1) * mb]
+        x0 = latents[idx].repeat(T, *([1] * (latents.dim() - 1)))
+        t = times.repeat_interleave(mb)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        tv = t.view(-1, *([1] * (x0.dim() - 1)))
+        x_t = (1 - tv) * x0 + tv * eps
+        c = cond[idx].repeat(T)
+        with torch.no_grad():
+            v_old = policy.velocity(x_t, t, c, OLD).float()
+            v_ref = policy.velocity(x_t, t, c, None).float() if tcfg.nft_kl_beta > 0 else None
+        v = policy.velocity(x_t, t, c).float()
+        out = nft_loss(v, v_old, x_t, x0, t, advantages[idx].repeat(T), nft_beta=tcfg.nft_beta,
+                       kl_beta=tcfg.nft_kl_beta, v_ref=v_ref, clip_max=tcfg.adv_clip_max)
+        (out.loss / num_micro).backward()
+        for key, value in (("loss", out.loss.item()), ("policy_loss", out.policy_loss.item()), ("kl", out.kl.item()),
+                           ("positive_loss", out.positive_loss.item()), ("negative_loss", out.negative_loss.item())):
+            sums[key] += value / num_micro
+    return {**sums, **finish_step(optimizer, params, tcfg.max_grad_norm, sums["loss"])}

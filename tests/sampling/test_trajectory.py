@@ -1,0 +1,44 @@
+"""Flow-GRPO trajectories: stored log-probs are the ones the log-prob mode of sde_step recomputes."""
+import pytest
+import torch
+
+from awm_fast.algo.timesteps import time_grid
+from awm_fast.ops import sde_step
+from awm_fast.sampling.trajectory import sample_trajectory, sde_window_mask
+from tests.sampling.test_rollout import _policy
+from awm_fast.models.policy import Conditioning
+
+
+@pytest.mark.parametrize("sampler,window", [("euler_maruyama", 0), ("cps", 3)])
+def test_stored_log_probs_match_recomputation(gen, sampler, window):
+    target = torch.randn(1, 4, 4, generator=gen)
+    policy = _policy(target)
+    cond = Conditioning(torch.zeros(5, 2, 8), torch.zeros(5, 8))
+    grid = time_grid(10, 3.0)
+    traj = sample_trajectory(policy, cond, grid, sampler=sampler, noise_level=0.8, generator=gen, sde_window=window)
+    assert traj.xs.shape == (5, 11, 1, 4, 4) and traj.log_probs.shape == traj.sde_mask.shape == (5, 10)
+    assert int(traj.sde_mask[0].sum()) == (9 if window == 0 else 3) and not traj.sde_mask[:, -1].any()
+    torch.testing.assert_close(traj.xs[:, -1], target.expand(5, -1, -1, -1), atol=1e-5, rtol=1e-5)
+    for k in range(10):
+        x = traj.xs[:, k]
+        v = policy.velocity(x, torch.full((5,), grid[k].item()), cond)
+        kind = sampler if traj.sde_mask[0, k] else "ode"
+        lp = sde_step(x, v, grid[k].item(), grid[k + 1].item(), noise_level=0.8, kind=kind,
+                      x_next=traj.xs[:, k + 1]).log_prob
+        torch.testing.assert_close(lp, traj.log_probs[:, k], atol=1e-4, rtol=1e-4)
+        if kind == "ode":
+            torch.testing.assert_close(traj.xs[:, k + 1], x + (grid[k + 1] - grid[k]).float() * v)
+
+
+def test_window_mask():
+    g = torch.Generator().manual_seed(0)
+    starts = set()
+    for _ in range(50):
+        m = sde_window_mask(10, 3, g)
+        idx = m.nonzero().flatten().tolist()
+        assert len(idx) == 3 and idx == list(range(idx[0], idx[0] + 3)) and idx[-1] <= 8
+        starts.add(idx[0])
+    assert starts == set(range(0, 6))  # start in [0, min(N // 2, N - 1 - W)] = [0, 5]
+    assert sde_window_mask(4, 0, g).tolist() == [True, True, True, False]
+    with pytest.raises(ValueError, match="window"):
+        sde_window_mask(4, 4, g)
