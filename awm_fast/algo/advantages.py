@@ -32,3 +32,8 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, clip_max: f
     std = r.std(unbiased=False) if r.numel() > 1 else torch.zeros((), dtype=torch.float64)
     adv = (r - means[inverse]) / (std + STD_EPS)
     return adv.clamp(-clip_max, clip_max) / clip_max
+
+
+def count_flat_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> int:
+    """How many groups have all-equal rewards (zero advantages: no learning signal from that prompt)."""
+    return sum(int(bool((rewards[group_ids == g] == rewards[group_ids == g][0]).all())) for g in group_ids.unique())

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from awm_fast.algo.advantages import group_advantages
+from awm_fast.algo.advantages import count_flat_groups, group_advantages
 from awm_fast.algo.timesteps import time_grid
 from awm_fast.config import Config
 from awm_fast.models.lora import POLICY, EvalEMA, adapter_params, update_ema_adapter
 from awm_fast.models.load import pick_device
-from awm_fast.rewards import check_reward_output
+from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.train import checkpoint as ckpt
 from awm_fast.train import report
 from awm_fast.train.algorithms import Algorithm, get_algorithm, merge_extras
@@ -31,8 +31,10 @@ def peak_memory_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
-def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, gens: dict, algo: Algorithm) -> dict:
-    """Sample prompts_per_step prompts x group_size images with `algo.sample` and score them."""
+def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, gens: dict, algo: Algorithm,
+                      scorer: AsyncRewardScorer) -> dict:
+    """Sample prompts_per_step prompts x group_size images with `algo.sample`; each decoded batch is scored on
+    the reward thread pool while the next batch is sampled."""
     s = cfg.sample
     pick = torch.randint(0, len(task.prompts), (s.prompts_per_step,), generator=gens["prompts"]).tolist()
     order = [k for k in pick for _ in range(s.group_size)]
@@ -44,20 +46,26 @@ def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, gens: dict, a
     latents, extras = [], []
     for b in tqdm(range(0, len(prompts), s.batch_size), desc="sample", unit="batch", leave=False, disable=None):
         x, extra = algo.sample(task.policy, cond[b:b + s.batch_size], grid, cfg, gens["rollout"], task.null_cond)
+        scorer.submit(task.policy.decode(x), prompts[b:b + s.batch_size], meta[b:b + s.batch_size])
         latents.append(x)
         extras.append(extra)
     t1 = time.perf_counter()
-    outs = []
-    for i in tqdm(range(len(latents)), desc="reward", unit="batch", leave=False, disable=None):
-        b = i * s.batch_size
-        out = task.reward(task.policy.decode(latents[i]), prompts[b:b + s.batch_size], meta[b:b + s.batch_size])
-        check_reward_output(task.reward.name, out, len(latents[i]))
-        outs.append({k: torch.as_tensor(v).double().reshape(-1).cpu() for k, v in out.items()})
-    latents = torch.cat(latents)
+    outs = scorer.gather()
+    timings = scorer.timings[-len(outs):]
     rewards = torch.cat([o["reward"] for o in outs])
     extra = {k: float(torch.cat([o[k] for o in outs]).mean()) for k in outs[0] if k != "reward"}
-    return dict(latents=latents, cond=cond, rewards=rewards, groups=groups, extra=extra, extras=merge_extras(extras),
-                sample_s=t1 - t0, reward_s=time.perf_counter() - t1)
+    return dict(latents=torch.cat(latents), cond=cond, rewards=rewards, groups=groups, extra=extra,
+                extras=merge_extras(extras), sample_s=t1 - t0, reward_s=sum(t.score_s for t in timings),
+                reward_wait_s=time.perf_counter() - t1)
+
+
+def step_metrics(roll: dict, stats: dict, decay: float, step_s: float, train_s: float, mem: dict) -> dict:
+    """What one step logs: reward stats and reward parts, loss parts, phase times, images/s, memory."""
+    r = roll["rewards"]
+    return {"reward_mean": r.mean().item(), "reward_std": r.std(unbiased=False).item(), **roll["extra"], **stats,
+            "flat_groups": count_flat_groups(r, roll["groups"]), "ema_decay": decay, "time_sample": roll["sample_s"],
+            "time_reward": roll["reward_s"], "time_reward_wait": roll["reward_wait_s"], "time_train": train_s,
+            "time_step": step_s, "images_per_s": len(r) / step_s, **mem}
 
 
 def train(cfg: Config, *, resume: str | None = None, log=print) -> Path:
@@ -109,45 +117,42 @@ def train(cfg: Config, *, resume: str | None = None, log=print) -> Path:
         _, before_images = run_eval(0)
     logger = MetricsLogger(run_dir, cfg.run.tensorboard, history)
     grid = time_grid(s.num_steps, s.shift)
-    bar = tqdm(range(start, t.steps), desc="AWM", unit="step", initial=start, total=t.steps, mininterval=1.0)
-    for step in bar:
-        t0 = time.perf_counter()
-        reset_peak_memory(device)
-        roll = rollout_and_score(task, cfg, grid, gens, algo)
-        advantages = group_advantages(roll["rewards"], roll["groups"], t.adv_clip_max)
-        mem = {"peak_mem_rollout_gb": peak_memory_gb(device)}
-        t1 = time.perf_counter()
-        reset_peak_memory(device)
-        stats = algo.update(policy, roll, advantages.to(device), grid, cfg, gens["train"], optimizer, params,
-                            task.null_cond)
-        mem["peak_mem_train_gb"] = peak_memory_gb(device)
-        if stats["skipped"]:
-            log(f"[warn] step {step + 1}: non-finite loss or gradient, optimizer step skipped")
-        rate, cap = algo.adapter_decay(t)
-        decay = update_ema_adapter(policy.transformer, step + 1, rate=rate, cap=cap)
-        if eval_ema is not None:
-            eval_ema.update(policy.transformer)
-        dt = time.perf_counter() - t0
-        train_seconds += dt
-        r = roll["rewards"]
-        flat = int(sum(bool((r[roll["groups"] == g] == r[roll["groups"] == g][0]).all()) for g in roll["groups"].unique()))
-        metrics = {"reward_mean": r.mean().item(), "reward_std": r.std(unbiased=False).item(), **roll["extra"],
-                   **stats, "flat_groups": flat, "ema_decay": decay, "time_sample": roll["sample_s"],
-                   "time_reward": roll["reward_s"], "time_train": time.perf_counter() - t1, "time_step": dt,
-                   "images_per_s": len(r) / dt, **(mem if device.type == "cuda" else {})}
-        logger.log(step + 1, metrics)
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{stats['loss']:.4f}", refresh=False)
-        if flat == s.prompts_per_step:
-            log(f"[warn] step {step + 1}: every prompt group has identical rewards: zero advantages, no signal")
-        if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < t.steps:
-            run_eval(step + 1)
-        if (cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0) or step + 1 == t.steps:
-            state = {"optimizer": optimizer.state_dict(), "eval_ema": eval_ema.state_dict() if eval_ema else None,
-                     "generators": {k: g.get_state() for k, g in gens.items()}, "torch_rng": torch.get_rng_state(),
-                     "evals": evals, "history": logger.history, "before_images": before_images,
-                     "train_seconds": train_seconds, "config": cfg.to_dict()}
-            ckpt.save_checkpoint(run_dir, step + 1, policy.transformer, state, cfg.run.keep_checkpoints)
-    bar.close()
+    scorer = AsyncRewardScorer(task.reward, cfg.reward.num_workers)
+    with scorer:
+        bar = tqdm(range(start, t.steps), desc="AWM", unit="step", initial=start, total=t.steps, mininterval=1.0)
+        for step in bar:
+            t0 = time.perf_counter()
+            reset_peak_memory(device)
+            roll = rollout_and_score(task, cfg, grid, gens, algo, scorer)
+            advantages = group_advantages(roll["rewards"], roll["groups"], t.adv_clip_max)
+            mem = {"peak_mem_rollout_gb": peak_memory_gb(device)}
+            t1 = time.perf_counter()
+            reset_peak_memory(device)
+            stats = algo.update(policy, roll, advantages.to(device), grid, cfg, gens["train"], optimizer, params,
+                                task.null_cond)
+            mem["peak_mem_train_gb"] = peak_memory_gb(device)
+            if stats["skipped"]:
+                log(f"[warn] step {step + 1}: non-finite loss or gradient, optimizer step skipped")
+            rate, cap = algo.adapter_decay(t)
+            decay = update_ema_adapter(policy.transformer, step + 1, rate=rate, cap=cap)
+            if eval_ema is not None:
+                eval_ema.update(policy.transformer)
+            dt = time.perf_counter() - t0
+            train_seconds += dt
+            metrics = step_metrics(roll, stats, decay, dt, time.perf_counter() - t1, mem if device.type == "cuda" else {})
+            logger.log(step + 1, metrics)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{stats['loss']:.4f}", refresh=False)
+            if metrics["flat_groups"] == s.prompts_per_step:
+                log(f"[warn] step {step + 1}: every prompt group has identical rewards: zero advantages, no signal")
+            if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < t.steps:
+                run_eval(step + 1)
+            if (cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0) or step + 1 == t.steps:
+                state = {"optimizer": optimizer.state_dict(), "eval_ema": eval_ema.state_dict() if eval_ema else None,
+                         "generators": {k: g.get_state() for k, g in gens.items()}, "torch_rng": torch.get_rng_state(),
+                         "evals": evals, "history": logger.history, "before_images": before_images,
+                         "train_seconds": train_seconds, "config": cfg.to_dict()}
+                ckpt.save_checkpoint(run_dir, step + 1, policy.transformer, state, cfg.run.keep_checkpoints)
+        bar.close()
     logger.close()
     after, after_images = run_eval(t.steps)
     summary = {"eval_before": {k: v for k, v in evals[0].items() if k not in ("step", "weights")},

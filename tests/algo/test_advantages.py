@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from awm_fast.algo.advantages import STD_EPS, group_advantages
+from awm_fast.algo.advantages import STD_EPS, count_flat_groups, group_advantages
 
 
 def test_group_mean_and_global_std(gen):
@@ -38,3 +38,8 @@ def test_bad_rewards():
         group_advantages(torch.tensor([1.0, float("nan"), 0.0, 1.0]), torch.tensor([0, 0, 1, 1]))
     with pytest.raises(ValueError, match="single sample"):
         group_advantages(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 1]))
+
+
+def test_count_flat_groups():
+    r = torch.tensor([0.5, 0.5, 0.1, 0.9, 0.3, 0.3])
+    assert count_flat_groups(r, torch.tensor([0, 0, 1, 1, 2, 2])) == 2

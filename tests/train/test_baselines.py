@@ -38,6 +38,7 @@ def test_flow_grpo_step_raises_the_advantage_weighted_log_prob(tmp_path):
     from awm_fast.algo.timesteps import time_grid
     from awm_fast.ops import sde_step
     from awm_fast.train.task import build_task
+    from awm_fast.rewards.async_scorer import AsyncRewardScorer
     from awm_fast.train.trainer import rollout_and_score
 
     cfg = load_config(None, SMALL + [f"run.output_dir={tmp_path}", "train.algorithm=flow_grpo", "train.grpo_beta=0"])
@@ -45,7 +46,8 @@ def test_flow_grpo_step_raises_the_advantage_weighted_log_prob(tmp_path):
     task = build_task(cfg, torch.device("cpu"), log=lambda *_: None)
     algo, grid = get_algorithm("flow_grpo"), time_grid(cfg.sample.num_steps, cfg.sample.shift)
     gens = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("prompts", "rollout", "train"))}
-    roll = rollout_and_score(task, cfg, grid, gens, algo)
+    with AsyncRewardScorer(task.reward) as scorer:
+        roll = rollout_and_score(task, cfg, grid, gens, algo, scorer)
     adv = group_advantages(roll["rewards"], roll["groups"])
     xs, mask = roll["extras"]["xs"], roll["extras"]["sde_mask"]
 

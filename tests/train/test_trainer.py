@@ -9,7 +9,7 @@ from awm_fast.config import load_config
 from awm_fast.models.lora import POLICY, adapter_params
 from awm_fast.train.trainer import train
 
-TIMING = {"time_sample", "time_reward", "time_train", "time_step", "images_per_s"}
+TIMING = {"time_sample", "time_reward", "time_reward_wait", "time_train", "time_step", "images_per_s"}
 
 
 def _cfg(tmp_path, *extra):
