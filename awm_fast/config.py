@@ -97,6 +97,9 @@ class RewardConfig:
     # or "package.module:function" (a user reward), or several joined by "+" (a weighted sum, see weights)
     name: str = "digits"
     weights: list[float] = field(default_factory=list)  # one per "+" component of name; empty = all 1
+    # constructor options: {model: /ckpt/PickScore_v1} for one reward, {aesthetic: {head: /ckpt/head.pth}} per
+    # component of a combination (see awm_fast.rewards.load_reward)
+    options: dict[str, typing.Any] = field(default_factory=dict)
     num_workers: int = 1
 
 
@@ -177,6 +180,10 @@ NON_NEGATIVE = ["sample.noise_level", "train.beta", "train.ema_beta", "train.wei
 
 def _check_type(key: str, value, annotation):
     origin = typing.get_origin(annotation)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping with string keys, got {value!r}")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):

@@ -33,6 +33,7 @@ from awm_fast.models.sd3 import make_decoder
 from awm_fast.models.shared_batch import separate_velocities, shared_velocities
 from awm_fast.ops import awm_loss
 from awm_fast.ops.dispatch import ENV_VAR
+from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.rewards.jpeg import JpegReward
 from awm_fast.sampling.rollout import sample_latents
 from awm_fast.train.awm_update import noisy_rows
@@ -122,6 +123,7 @@ class Bench:
         self.null = Conditioning(torch.zeros_like(self.cond.embeds[:1]), torch.zeros_like(self.cond.pooled[:1]))
         self.grid = time_grid(spec.num_steps, SHIFT, torch.float32)
         self.reward = JpegReward(compressible=True)
+        self.reward_overlap = {"score_s": 0.0, "wait_s": 0.0, "calls": 0}
         self.time_gen = torch.Generator(device="cpu").manual_seed(seed)  # the T training times are drawn on the CPU
 
     def policy(self, variant: Variant, log=print) -> tuple[FlowPolicy, str]:
@@ -169,10 +171,25 @@ class Bench:
         (out.loss / num_micro).backward()
 
     def end_to_end(self, policy: FlowPolicy, variant: Variant, gen: torch.Generator) -> None:
-        """Rollout -> VAE decode -> JPEG reward -> advantages -> training of every micro-batch of the batch."""
-        x0 = self.rollout(policy, False, gen)
-        images = policy.decode(x0)
-        rewards = self.reward(images, [""] * len(images), [{}] * len(images))["reward"]
+        """Rollout -> VAE decode -> JPEG reward -> advantages -> training of every micro-batch of the batch.
+
+        As in the trainer, the batch is sampled in two halves and each decoded half is scored on the reward
+        thread pool while the next one samples; `reward_overlap` records the reward's own time and the time the
+        loop blocked waiting for it (wait < score means the reward ran hidden behind sampling)."""
+        halves = [self.cond[: len(self.cond.pooled) // 2], self.cond[len(self.cond.pooled) // 2:]]
+        parts = []
+        with AsyncRewardScorer(self.reward) as scorer:
+            for cond in (h for h in halves if len(h.pooled)):
+                x, _ = sample_latents(policy, cond, self.grid, sampler="euler_maruyama", noise_level=NOISE_LEVEL,
+                                      generator=gen)
+                scorer.submit(policy.decode(x), [""] * len(x), [{}] * len(x))
+                parts.append(x)
+            outs = scorer.gather()
+            self.reward_overlap["score_s"] += sum(t.score_s for t in scorer.timings)
+            self.reward_overlap["wait_s"] += scorer.wait_time()
+            self.reward_overlap["calls"] += 1
+        x0 = torch.cat(parts)
+        rewards = torch.cat([o["reward"] for o in outs])
         adv = group_advantages(rewards, torch.zeros(len(rewards), dtype=torch.long)).to(self.device)
         mb = self.spec.micro_batch
         num_micro = x0.shape[0] // mb
@@ -208,6 +225,14 @@ class Bench:
                            "train = T (3 F_fwd + F_bwd); rollout = steps F_fwd (x2 with CFG); e2e = rollout + train"}
 
 
+def overlap_fields(overlap: dict) -> dict:
+    """Per end-to-end call: the reward's own ms and the ms the loop blocked on it (end_to_end rows only)."""
+    if not overlap["calls"]:
+        return {"reward_score_ms": None, "reward_wait_ms": None}
+    return {"reward_score_ms": 1e3 * overlap["score_s"] / overlap["calls"],
+            "reward_wait_ms": 1e3 * overlap["wait_s"] / overlap["calls"]}
+
+
 def _reps(device: torch.device, quick: bool, spec: ModelSpec) -> dict:
     if device.type != "cuda":
         return {"warmup": 1, "reps": spec.cpu_reps}
@@ -240,6 +265,7 @@ def run_variant(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: 
     rows = []
     for phase in phases:
         fn, images = work[phase]
+        bench.reward_overlap = {"score_s": 0.0, "wait_s": 0.0, "calls": 0}
         row = {"variant": variant.name, "phase": phase, "model": spec.name, "images_per_call": images,
                "attention": attention, **{f"opt_{k}": v for k, v in asdict(variant).items() if k != "name"}}
         try:
@@ -259,7 +285,8 @@ def run_variant(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: 
                      "images_per_s_p20": images / (timing.p80_ms * 1e-3),
                      "images_per_s_p80": images / (timing.p20_ms * 1e-3), "peak_mem_bytes": peak,
                      "model_tflop_per_image": model_flops / 1e12 if model_flops else None, "mfu_pct": mfu,
-                     **{f"telemetry_{k}": v for k, v in tel.summary().items()}})
+                     **{f"telemetry_{k}": v for k, v in tel.summary().items()},
+                     **overlap_fields(bench.reward_overlap)})
     del policy
     if dev.type == "cuda":
         torch.cuda.empty_cache()

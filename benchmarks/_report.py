@@ -15,7 +15,8 @@ KERNEL_COLUMNS = [("op", "op"), ("mode", "mode"), ("rows", "rows"), ("latent", "
 PHASE_COLUMNS = [("variant", "variant"), ("phase", "phase"), ("img/s", "images_per_s"),
                  ("img/s p20", "images_per_s_p20"), ("img/s p80", "images_per_s_p80"), ("median ms", "median_ms"),
                  ("x baseline", "speedup_vs_baseline"), ("TFLOP/img", "model_tflop_per_image"), ("MFU %", "mfu_pct"),
-                 ("peak MB", "peak_mem_bytes"), ("SM MHz", "telemetry_sm_clock_mhz_mean"),
+                 ("peak MB", "peak_mem_bytes"), ("reward ms", "reward_score_ms"), ("reward wait ms", "reward_wait_ms"),
+                 ("SM MHz", "telemetry_sm_clock_mhz_mean"),
                  ("W", "telemetry_power_w_mean"), ("util %", "telemetry_gpu_util_pct_mean"), ("status", "status")]
 TARGET_COLUMNS = [("target", "name"), ("threshold", "threshold"), ("measured", "value"), ("status", "status")]
 PRINTED_KERNEL_MODES = {("awm_loss", "full"), ("sde_logprob", "full"), ("sde_sample", "forward")}

@@ -28,8 +28,10 @@ def test_presets_listed():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["train.lr=1e-4", "train.steps=7", "run.tensorboard=false"])
+    cfg = load_config(None, ["train.lr=1e-4", "train.steps=7", "run.tensorboard=false",
+                             "reward.options={jpeg_compressibility: {quality: 90}}"])
     assert cfg.train.lr == 1e-4 and cfg.train.steps == 7 and cfg.run.tensorboard is False
+    assert cfg.reward.options == {"jpeg_compressibility": {"quality": 90}}
 
 
 @pytest.mark.parametrize("override,match", [
@@ -38,6 +40,7 @@ def test_overrides_are_typed():
     (["train.steps=1.5"], "train.steps: expected an integer"),
     (["train.lr=fast"], "train.lr: expected a number"),
     (["run.tensorboard=2"], "run.tensorboard: expected true/false"),
+    (["reward.options=[1, 2]"], "reward.options: expected a mapping"),
     (["sample.group_size=1"], "group_size=1"),
     (["train.micro_batch=7"], "train.micro_batch=7 does not divide"),
     (["sample.batch_size=7"], "sample.batch_size=7 does not divide"),

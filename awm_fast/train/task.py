@@ -30,13 +30,14 @@ def build_task(cfg: Config, device: torch.device, log=print) -> Task:
         art = prepare_digits(cfg.digits, log=log)
         log(f"[digits] classifier accuracy on the held-out split: {art.classifier_accuracy:.1%}")
         policy = load_policy(cfg, device, digits_artifacts=art)
-        reward = build_reward(cfg.reward.name, digits_classifier=art.classifier, weights=cfg.reward.weights)
+        reward = build_reward(cfg.reward.name, digits_classifier=art.classifier, weights=cfg.reward.weights,
+                              **cfg.reward.options)
         eval_prompts = [p for _ in range(cfg.digits.eval_per_digit) for p in PROMPTS]
         return Task(policy, reward, list(PROMPTS), [{"digit": int(p)} for p in PROMPTS], eval_prompts,
                     [{"digit": int(p)} for p in eval_prompts], policy.encode([""]),
                     {"classifier_accuracy": art.classifier_accuracy})
     prompts, metadata = load_prompt_set(cfg.sample.prompt_file)
-    reward = build_reward(cfg.reward.name, weights=cfg.reward.weights)
+    reward = build_reward(cfg.reward.name, weights=cfg.reward.weights, **cfg.reward.options)
     eval_prompts, eval_metadata = load_prompt_set(cfg.sample.eval_prompt_file or cfg.sample.prompt_file)
     n = cfg.sample.eval_prompts
     eval_prompts, eval_metadata = eval_prompts[:n], eval_metadata[:n]

@@ -39,6 +39,8 @@ def test_json_has_every_field_the_table_shows(tiny_run):
             assert all(key in r for r in rows), key
     for key in ("system", "calibration", "flops", "notes", "phase_model", "phase_workload"):
         assert key in saved, key
+    e2e = [r for r in ok_phases if r["phase"] == "end_to_end"]
+    assert e2e and all(r["reward_score_ms"] > 0 and r["reward_wait_ms"] >= 0 for r in e2e)  # the reward overlap
 
 
 def test_tiny_run_measures_both_sections(tiny_run):

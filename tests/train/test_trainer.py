@@ -113,8 +113,12 @@ def test_trainer_runs_on_the_fused_triton_ops(tmp_path, monkeypatch):
 
 def test_two_rewards_with_weights_end_to_end(tmp_path):
     cfg = _cfg(tmp_path, "run.name=combo", "train.steps=2", "run.checkpoint_every=0",
-               "reward.name=digits+jpeg_compressibility", "reward.weights=[1.0, 0.05]", "sample.prompts_per_step=2",
+               "reward.name=digits+jpeg_compressibility", "reward.weights=[1.0, 0.05]",
+               "reward.options={jpeg_compressibility: {quality: 101}}", "sample.prompts_per_step=2",
                "sample.batch_size=16", "train.micro_batch=8", "digits.eval_per_digit=2")
+    with pytest.raises(ValueError, match="quality=101"):  # options from the config reach the reward
+        train(cfg, log=lambda *_: None)
+    cfg.reward.options = {"jpeg_compressibility": {"quality": 90}}
     summary = json.loads(train(cfg, log=lambda *_: None).read_text())
     after = summary["eval_after"]
     assert {"digits", "jpeg_compressibility", "accuracy"} <= set(after)
