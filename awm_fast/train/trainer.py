@@ -119,7 +119,7 @@ def train(cfg: Config, *, resume: str | None = None, log=print) -> Path:
     grid = time_grid(s.num_steps, s.shift)
     scorer = AsyncRewardScorer(task.reward, cfg.reward.num_workers)
     with scorer:
-        bar = tqdm(range(start, t.steps), desc="AWM", unit="step", initial=start, total=t.steps, mininterval=1.0)
+        bar = tqdm(range(start, t.steps), desc=t.algorithm, unit="step", initial=start, total=t.steps, mininterval=1.0)
         for step in bar:
             t0 = time.perf_counter()
             reset_peak_memory(device)
