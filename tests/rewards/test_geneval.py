@@ -16,8 +16,9 @@ from awm_fast.rewards.geneval import GenEvalReward
 class Server:
     """Scores each JPEG by its mean brightness; `fail_first` requests answer HTTP 500, `delay` seconds before replying."""
 
-    def __init__(self, fail_first=0, delay=0.0, status=200):
+    def __init__(self, fail_first=0, delay=0.0, status=200, garbage=False):
         self.requests, self.fail_first, self.delay, self.status = [], fail_first, delay, status
+        self.garbage = garbage
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -31,7 +32,7 @@ class Server:
                     return
                 data = outer.requests[-1]
                 scores = [float(Image.open(io.BytesIO(b)).convert("L").getextrema()[1]) / 255 for b in data["images"]]
-                reply = pickle.dumps({"scores": scores, "rewards": [float(s > 0.5) for s in scores],
+                reply = b"<html>not a pickle</html>" if outer.garbage else pickle.dumps({"scores": scores, "rewards": [float(s > 0.5) for s in scores],
                                       "strict_rewards": [float(s > 0.9) for s in scores],
                                       "group_rewards": {}, "group_strict_rewards": {}})
                 try:
@@ -118,3 +119,10 @@ def test_no_server_and_bad_metadata():
         GenEvalReward(url=f"http://127.0.0.1:{port}")(images, prompts, [{}, {}])
     with pytest.raises(ValueError, match="http://"):
         GenEvalReward(url="127.0.0.1:18085")
+
+
+@pytest.mark.parametrize("server", [{"garbage": True}], indirect=True)
+def test_garbage_answer_is_a_clear_error(server):
+    images, prompts, meta, _ = batch(2)
+    with pytest.raises(RuntimeError, match="not a pickle"):
+        GenEvalReward(url=server.url, retries=2, backoff=0.01, timeout=5)(images, prompts, meta)
