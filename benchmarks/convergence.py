@@ -33,6 +33,7 @@ from awm_fast.config import load_config
 from awm_fast.models.lora import POLICY, adapter_params
 from awm_fast.train.algorithms import get_algorithm
 from awm_fast.train.task import build_task
+from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.train.trainer import rollout_and_score, train
 
 # Official-style settings per method on the digits preset (10 steps, shift 3, 10 prompts x 8 images per step).
@@ -112,12 +113,13 @@ def gradient_variance(method: str, batches: int, args, workdir: Path) -> dict:
     params = list(adapter_params(task.policy.transformer, POLICY).values())
     capture = _CaptureGrad(params)
     grid = time_grid(cfg.sample.num_steps, cfg.sample.shift)
-    for k in range(batches):
-        gens = {"prompts": torch.Generator().manual_seed(10_000 + k), "rollout": torch.Generator().manual_seed(20_000 + k),
-                "train": torch.Generator().manual_seed(30_000 + k)}
-        roll = rollout_and_score(task, cfg, grid, gens, algo)
-        adv = group_advantages(roll["rewards"], roll["groups"], cfg.train.adv_clip_max)
-        algo.update(task.policy, roll, adv, grid, cfg, gens["train"], capture, params, task.null_cond)
+    with AsyncRewardScorer(task.reward) as scorer:
+        for k in range(batches):
+            gens = {"prompts": torch.Generator().manual_seed(10_000 + k),
+                    "rollout": torch.Generator().manual_seed(20_000 + k), "train": torch.Generator().manual_seed(30_000 + k)}
+            roll = rollout_and_score(task, cfg, grid, gens, algo, scorer)
+            adv = group_advantages(roll["rewards"], roll["groups"], cfg.train.adv_clip_max)
+            algo.update(task.policy, roll, adv, grid, cfg, gens["train"], capture, params, task.null_cond)
     g = torch.stack(capture.grads)
     norms = g.norm(dim=1)
     mean_g = g.mean(0)
