@@ -9,9 +9,6 @@ value, then unpacks the predicted velocity. Attention goes through diffusers' di
 from __future__ import annotations
 
 import functools
-import json
-import os
-from pathlib import Path
 
 import torch
 
@@ -62,15 +59,9 @@ def set_flux_attention(transformer, backend: str, log=print) -> None:
 def load_flux_pipeline(path: str, dtype: torch.dtype):
     from diffusers import FluxPipeline
 
-    local_only = os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE") == "1"
-    index = Path(path) / "model_index.json"
-    absent = {k: None for k, v in json.loads(index.read_text()).items() if v == [None, None]} if index.is_file() else {}
-    try:
-        return FluxPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=local_only, **absent)
-    except (OSError, ValueError) as exc:
-        where = "the folder" if os.path.isdir(path) else "the hub id (no network or not in the local cache)"
-        raise FileNotFoundError(f"cannot load FLUX weights from model.path={path!r} via {where}: "
-                                f"{str(exc).splitlines()[0]}") from None
+    from awm_fast.models.sd3 import from_pretrained
+
+    return from_pretrained(FluxPipeline, "FLUX", path, dtype)
 
 
 def load_flux_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:

@@ -18,21 +18,25 @@ from awm_fast.models.policy import Conditioning, FlowPolicy
 
 
 
-def load_pipeline(path: str, dtype: torch.dtype):
-    """StableDiffusion3Pipeline from a local folder or the hub cache; one clear line when it is missing."""
-    from diffusers import StableDiffusion3Pipeline
-
+def from_pretrained(pipeline_cls, family: str, path: str, dtype: torch.dtype):
+    """A diffusers pipeline from a local folder or the hub cache; one clear line when it is missing."""
     local_only = os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE") == "1"
     absent = {}  # components saved as null (e.g. SD3 without T5) must be passed as None explicitly
     index = Path(path) / "model_index.json"
     if index.is_file():
         absent = {k: None for k, v in json.loads(index.read_text()).items() if v == [None, None]}
     try:
-        return StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=local_only, **absent)
-    except (OSError, ValueError, EnvironmentError) as exc:
+        return pipeline_cls.from_pretrained(path, torch_dtype=dtype, local_files_only=local_only, **absent)
+    except (OSError, ValueError) as exc:
         where = "the folder" if os.path.isdir(path) else "the hub id (no network or not in the local cache)"
-        raise FileNotFoundError(f"cannot load SD3 weights from model.path={path!r} via {where}: "
+        raise FileNotFoundError(f"cannot load {family} weights from model.path={path!r} via {where}: "
                                 f"{str(exc).splitlines()[0]}") from None
+
+
+def load_pipeline(path: str, dtype: torch.dtype):
+    from diffusers import StableDiffusion3Pipeline
+
+    return from_pretrained(StableDiffusion3Pipeline, "SD3", path, dtype)
 
 
 def prompt_cache_dir(model_path: str, text_tokens: int) -> Path:
