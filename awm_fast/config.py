@@ -100,7 +100,7 @@ class RewardConfig:
     # constructor options: {model: /ckpt/PickScore_v1} for one reward, {aesthetic: {head: /ckpt/head.pth}} per
     # component of a combination (see awm_fast.rewards.load_reward)
     options: dict[str, typing.Any] = field(default_factory=dict)
-    num_workers: int = 1
+    num_workers: int = 1  # reward threads overlapping sampling; 0 = score inline (faster on CPU-only machines)
 
 
 @dataclass
@@ -170,9 +170,9 @@ CHOICES = {
 POSITIVE = ["model.text_tokens", "model.lora_rank", "model.lora_alpha", "model.resolution", "sample.num_steps", "sample.shift",
             "sample.prompts_per_step", "sample.batch_size", "sample.eval_num_steps", "sample.eval_prompts", "train.steps",
             "train.micro_batch", "train.num_timesteps", "train.ghuber_power", "train.clip_range",
-            "train.adv_clip_max", "train.grpo_clip_range", "train.nft_beta", "train.lr", "train.adam_eps", "train.max_grad_norm", "reward.num_workers",
+            "train.adv_clip_max", "train.grpo_clip_range", "train.nft_beta", "train.lr", "train.adam_eps", "train.max_grad_norm",
             "digits.pretrain_batch", "digits.pretrain_lr", "digits.eval_per_digit", "run.keep_checkpoints"]
-NON_NEGATIVE = ["sample.noise_level", "train.beta", "train.ema_beta", "train.weight_decay", "train.ema_decay_rate",
+NON_NEGATIVE = ["reward.num_workers", "sample.noise_level", "train.beta", "train.ema_beta", "train.weight_decay", "train.ema_decay_rate",
                 "train.ema_decay_cap", "train.grpo_beta", "train.grpo_sde_window", "train.nft_kl_beta",
                 "train.nft_decay_rate", "train.nft_decay_cap", "digits.pretrain_steps", "digits.classifier_steps", "run.eval_every",
                 "run.checkpoint_every", "run.threads"]

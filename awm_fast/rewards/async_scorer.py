@@ -32,11 +32,16 @@ class BatchTiming:
 
 
 class AsyncRewardScorer:
+    """num_workers=0 scores inline in the caller's thread (same interface, no overlap). On a CPU-only machine
+    that is the faster choice: torch ops in a second thread start a second intra-op thread pool that competes
+    with sampling for the same cores (measured on the 2-core digits run: 0.78 s/step with a worker thread,
+    0.39 s/step inline)."""
+
     def __init__(self, reward, num_workers: int = 1) -> None:
-        if not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"AsyncRewardScorer: num_workers={num_workers!r} must be an integer >= 1")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"AsyncRewardScorer: num_workers={num_workers!r} must be an integer >= 0")
         self.reward = reward
-        self.pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="reward")
+        self.pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="reward") if num_workers else None
         self.pending: list[Future] = []
         self.timings: list[BatchTiming] = []
         self._lock = threading.Lock()
@@ -58,7 +63,14 @@ class AsyncRewardScorer:
             timing = BatchTiming(self._count)
             self._count += 1
             self.timings.append(timing)
-            fut = self.pool.submit(self._score, images, list(prompts), list(metadata), timing, time.perf_counter())
+            if self.pool is None:
+                fut = Future()
+                try:
+                    fut.set_result(self._score(images, list(prompts), list(metadata), timing, time.perf_counter()))
+                except Exception as exc:  # raised again by gather/result, as from a worker thread
+                    fut.set_exception(exc)
+            else:
+                fut = self.pool.submit(self._score, images, list(prompts), list(metadata), timing, time.perf_counter())
             fut.timing = timing
             self.pending.append(fut)
         return fut
@@ -81,7 +93,8 @@ class AsyncRewardScorer:
         return sum(t.waited_s for t in self.timings)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "AsyncRewardScorer":
         return self

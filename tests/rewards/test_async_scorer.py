@@ -52,5 +52,26 @@ def test_reward_errors_reach_the_caller():
     with pytest.raises(ValueError, match="1 scores for 3 images"):
         scorer.result(fut)
     scorer.close()
-    with pytest.raises(ValueError, match="num_workers"):
-        AsyncRewardScorer(load_reward("jpeg_compressibility"), num_workers=0)
+    with pytest.raises(ValueError, match="num_workers"):  # 0 is the inline mode; negative is an error
+        AsyncRewardScorer(load_reward("jpeg_compressibility"), num_workers=-1)
+
+
+def test_inline_mode_scores_in_the_callers_thread_in_order():
+    import threading
+
+    seen = []
+
+    def reward(images, prompts, metadata):
+        seen.append(threading.current_thread().name)
+        return {"reward": torch.full((len(prompts),), float(metadata[0]["batch"]))}
+
+    with AsyncRewardScorer(reward, num_workers=0) as scorer:
+        submit_batches(scorer, 3)
+        outs = scorer.gather()
+    assert [o["reward"].tolist() for o in outs] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
+    assert seen == [threading.current_thread().name] * 3
+    assert scorer.wait_time() < 0.01 and all(t.score_s >= 0 for t in scorer.timings)
+    with AsyncRewardScorer(load_reward(f"{PATH}:wrong_length"), num_workers=0) as scorer:
+        fut = scorer.submit(torch.zeros(3, 3, 4, 4), ["a", "b", "c"], [{}] * 3)  # errors surface at result time
+        with pytest.raises(ValueError, match="1 scores for 3 images"):
+            scorer.result(fut)
