@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from benchmarks import _kernels, _phases, _report, _telemetry, _timing  # noqa: E402
 from benchmarks._models import model_spec  # noqa: E402
+from awm_fast.models import load  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SECTIONS = ("kernels", "phases")
@@ -51,11 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device")
-    return torch.device(name)
+    try:
+        return load.pick_device(name, "--device")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def run_size(device: torch.device, quick: bool, tiny: bool) -> str:

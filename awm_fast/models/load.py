@@ -11,11 +11,12 @@ from awm_fast.models.policy import FlowPolicy
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, option: str = "run.device") -> torch.device:
+    """"auto" -> cuda when torch sees one, else cpu; `option` names the setting in the error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device=cuda but torch sees no CUDA device (use run.device=cpu or auto)")
+        raise ValueError(f"{option}=cuda but torch sees no CUDA device (use {option}=cpu or auto)")
     return torch.device(name)
 
 
