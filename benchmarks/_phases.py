@@ -36,7 +36,7 @@ from awm_fast.ops.dispatch import ENV_VAR
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.rewards.jpeg import JpegReward
 from awm_fast.sampling.rollout import sample_latents
-from awm_fast.train.awm_update import noisy_rows
+from awm_fast.train.update_parts import noisy_rows
 
 from benchmarks._models import ModelSpec, build_transformer, build_vae, count_flops, mmdit_forward_flops
 from benchmarks._telemetry import Telemetry

@@ -9,7 +9,6 @@ Gradients of all micro-batches are averaged into one AdamW step with grad-norm c
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
@@ -20,16 +19,7 @@ from awm_fast.config import SampleConfig, TrainConfig
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.shared_batch import separate_velocities, shared_velocities
 from awm_fast.ops import awm_loss
-
-
-def noisy_rows(x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
-    """Rows for T times over B latents: (x_t, u = eps - x0, t per row), timestep-major."""
-    T, B = t.numel(), x0.shape[0]
-    x0r = x0.repeat(T, *([1] * (x0.dim() - 1)))
-    t_rows = t.to(x0.device, torch.float32).repeat_interleave(B)
-    eps = torch.randn(x0r.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    tv = t_rows.view(-1, *([1] * (x0.dim() - 1)))
-    return (1 - tv) * x0r + tv * eps, eps - x0r, t_rows
+from awm_fast.train.update_parts import finish_step, noisy_rows
 
 
 def awm_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, advantages: torch.Tensor,
@@ -40,6 +30,7 @@ def awm_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, ad
     num_micro = n // mb
     perm = torch.randperm(n, generator=generator, device=generator.device).to(latents.device)
     sums: dict[str, float] = defaultdict(float)
+    velocities = shared_velocities if tcfg.shared_batch else separate_velocities
     optimizer.zero_grad(set_to_none=True)
     for i in tqdm(range(num_micro), desc="train", unit="mb", leave=False, disable=None):
         idx = perm[i * mb:(i + 1) * mb]
@@ -48,7 +39,6 @@ def awm_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, ad
         xt, target, t_rows = noisy_rows(latents[idx], t, generator)
         c = cond[idx].repeat(T)
         adv = advantages[idx].to(torch.float32).repeat(T)
-        velocities = shared_velocities if tcfg.shared_batch else separate_velocities
         v, v_ref, v_ema = velocities(policy, xt, t_rows, c, need_ref=tcfg.beta > 0, need_ema=tcfg.ema_beta > 0)
         out = awm_loss(v, target, t_rows, adv, v_ref=v_ref, v_ema=v_ema, beta=tcfg.beta, ema_beta=tcfg.ema_beta,
                        weighting=tcfg.weighting, ghuber_power=tcfg.ghuber_power, clip_range=tcfg.clip_range,
@@ -60,11 +50,4 @@ def awm_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, ad
                            ("kl", kl), ("kl_ema", kl_ema), ("clipfrac", out.clipfrac.item()),
                            ("mse", out.mse.mean().item()), ("log_prob", out.log_prob.mean().item())):
             sums[key] += value / num_micro
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm))
-    skipped = not (math.isfinite(grad_norm) and math.isfinite(sums["loss"]))
-    if skipped:
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return {**sums, "grad_norm": grad_norm, "skipped": float(skipped)}
+    return {**sums, **finish_step(optimizer, params, tcfg.max_grad_norm, sums["loss"])}

@@ -10,7 +10,6 @@ AdamW step with grad-norm clipping; a non-finite loss or gradient skips the step
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
@@ -21,6 +20,7 @@ from awm_fast.config import SampleConfig, TrainConfig
 from awm_fast.models.lora import POLICY
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.ops import sde_step
+from awm_fast.train.update_parts import finish_step
 
 
 def guided_velocity(policy: FlowPolicy, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
@@ -33,17 +33,6 @@ def guided_velocity(policy: FlowPolicy, x: torch.Tensor, t: torch.Tensor, cond: 
     both = Conditioning.cat([cond, null_cond.repeat(x.shape[0])])
     v = policy.velocity(torch.cat([x, x]), torch.cat([t, t]), both, adapter).float()
     return v.chunk(2)
-
-
-def finish_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_grad_norm: float,
-                loss: float) -> dict[str, float]:
-    """Clip, then step unless the loss or the gradient is non-finite; always leaves the grads cleared."""
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    skipped = not (math.isfinite(grad_norm) and math.isfinite(loss))
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"grad_norm": grad_norm, "skipped": float(skipped)}
 
 
 def flow_grpo_update(policy: FlowPolicy, trajectory: dict[str, torch.Tensor], cond: Conditioning,

@@ -17,7 +17,7 @@ from awm_fast.algo.nft import nft_loss
 from awm_fast.config import SampleConfig, TrainConfig
 from awm_fast.models.lora import EMA
 from awm_fast.models.policy import Conditioning, FlowPolicy
-from awm_fast.train.flow_grpo_update import finish_step
+from awm_fast.train.update_parts import finish_step, noisy_rows
 
 OLD = EMA  # the "old" policy of DiffusionNFT lives in the "ema" adapter slot
 
@@ -38,11 +38,8 @@ def nft_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, ad
     optimizer.zero_grad(set_to_none=True)
     for i in tqdm(range(num_micro), desc="train", unit="mb", leave=False, disable=None):
         idx = perm[i * mb:(i + 1) * mb]
+        x_t, _, t = noisy_rows(latents[idx], times, generator)
         x0 = latents[idx].repeat(T, *([1] * (latents.dim() - 1)))
-        t = times.repeat_interleave(mb)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        tv = t.view(-1, *([1] * (x0.dim() - 1)))
-        x_t = (1 - tv) * x0 + tv * eps
         c = cond[idx].repeat(T)
         with torch.no_grad():
             v_old = policy.velocity(x_t, t, c, OLD).float()
