@@ -61,3 +61,24 @@ class FlowPolicy:
             return self.transformer(**kwargs)[0]
         with use_adapter(self.transformer, adapter):
             return self.transformer(**kwargs)[0]
+
+
+class GuidedVelocity:
+    """Velocities of one batch with optional classifier-free guidance (`guidance_scale != 1`): one transformer
+    call over [x; x] with [cond; empty prompt], returning (v_cond, v_uncond) in float32, to be combined as
+    v = v_uncond + w (v_cond - v_uncond); without guidance (v, None). The doubled conditioning is built once."""
+
+    def __init__(self, policy: FlowPolicy, cond: Conditioning, guidance_scale: float = 1.0,
+                 null_cond: Conditioning | None = None) -> None:
+        self.policy, self.use_cfg = policy, guidance_scale != 1.0
+        if self.use_cfg and null_cond is None:
+            raise ValueError(f"guidance_scale={guidance_scale} needs the empty-prompt conditioning (null_cond)")
+        self.cond = Conditioning.cat([cond, null_cond.repeat(cond.embeds.shape[0])]) if self.use_cfg else cond
+
+    def __call__(self, x: torch.Tensor, t: float | torch.Tensor, adapter: str | None = POLICY):
+        if not isinstance(t, torch.Tensor):
+            t = torch.full((x.shape[0],), t, device=x.device)
+        if not self.use_cfg:
+            return self.policy.velocity(x, t, self.cond, adapter).float(), None
+        v = self.policy.velocity(torch.cat([x, x]), torch.cat([t, t]), self.cond, adapter).float()
+        return v.chunk(2)

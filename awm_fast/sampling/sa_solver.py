@@ -26,7 +26,7 @@ import math
 import torch
 
 from awm_fast.models.lora import POLICY
-from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.models.policy import Conditioning, FlowPolicy, GuidedVelocity
 
 
 def _lam(t: float) -> float:
@@ -64,17 +64,12 @@ def sa_solver_sample(policy: FlowPolicy, cond: Conditioning, grid: torch.Tensor,
     if times[0] != 1.0 or times[-1] != 0.0 or any(b >= a for a, b in zip(times[:-1], times[1:])):
         raise ValueError("grid must decrease strictly from 1 to 0")
     batch = cond.embeds.shape[0]
-    use_cfg = guidance_scale != 1.0
-    if use_cfg and null_cond is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs the empty-prompt conditioning (null_cond)")
-    both = Conditioning.cat([cond, null_cond.repeat(batch)]) if use_cfg else cond
+    velocity = GuidedVelocity(policy, cond, guidance_scale, null_cond)
 
     def data_prediction(x: torch.Tensor, t: float) -> torch.Tensor:
-        xin = torch.cat([x, x]) if use_cfg else x
-        v = policy.velocity(xin, torch.full((xin.shape[0],), t, device=policy.device), both, adapter).double()
-        if use_cfg:
-            v_cond, v_uncond = v.chunk(2)
-            v = v_uncond + guidance_scale * (v_cond - v_uncond)
+        v, v_uncond = (u if u is None else u.double() for u in velocity(x, t, adapter))
+        if v_uncond is not None:
+            v = v_uncond + guidance_scale * (v - v_uncond)
         return x - t * v
 
     x = torch.randn((batch, *policy.latent_shape), generator=generator, device=policy.device,

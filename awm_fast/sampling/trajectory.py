@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from awm_fast.models.lora import POLICY
-from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.models.policy import Conditioning, FlowPolicy, GuidedVelocity
 from awm_fast.ops import sde_step
 
 
@@ -51,18 +51,12 @@ def sample_trajectory(policy: FlowPolicy, cond: Conditioning, grid: torch.Tensor
     if sampler not in ("euler_maruyama", "cps"):
         raise ValueError(f"sampler={sampler!r}: a trajectory for Flow-GRPO needs euler_maruyama or cps")
     batch, num_steps = cond.embeds.shape[0], grid.numel() - 1
-    use_cfg = guidance_scale != 1.0
-    if use_cfg and null_cond is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs the empty-prompt conditioning (null_cond)")
+    velocity = GuidedVelocity(policy, cond, guidance_scale, null_cond)
     mask = sde_window_mask(num_steps, sde_window, generator)
     x = torch.randn((batch, *policy.latent_shape), generator=generator, device=policy.device, dtype=torch.float32)
-    both = Conditioning.cat([cond, null_cond.repeat(batch)]) if use_cfg else cond
     xs, log_probs = [x], []
     for k, (sigma, sigma_next) in enumerate(zip(grid[:-1].tolist(), grid[1:].tolist())):
-        xin = torch.cat([x, x]) if use_cfg else x
-        t = torch.full((xin.shape[0],), sigma, device=policy.device)
-        v = policy.velocity(xin, t, both, adapter).float()
-        v_cond, v_uncond = v.chunk(2) if use_cfg else (v, None)
+        v_cond, v_uncond = velocity(x, sigma, adapter)
         step = sde_step(x, v_cond, sigma, sigma_next, generator=generator, noise_level=noise_level,
                         kind=sampler if mask[k] else "ode", v_uncond=v_uncond, guidance_scale=guidance_scale,
                         return_log_prob=True)

@@ -17,22 +17,9 @@ from tqdm.auto import tqdm
 
 from awm_fast.algo.flow_grpo import flow_grpo_loss, transition_std
 from awm_fast.config import SampleConfig, TrainConfig
-from awm_fast.models.lora import POLICY
-from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.models.policy import Conditioning, FlowPolicy, GuidedVelocity
 from awm_fast.ops import sde_step
 from awm_fast.train.update_parts import finish_step
-
-
-def guided_velocity(policy: FlowPolicy, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                    null_cond: Conditioning | None, guidance_scale: float, adapter: str | None = POLICY):
-    """(v_cond, v_uncond or None): one call over [x; x] with [cond; null] when guidance_scale != 1."""
-    if guidance_scale == 1.0:
-        return policy.velocity(x, t, cond, adapter).float(), None
-    if null_cond is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs the empty-prompt conditioning (null_cond)")
-    both = Conditioning.cat([cond, null_cond.repeat(x.shape[0])])
-    v = policy.velocity(torch.cat([x, x]), torch.cat([t, t]), both, adapter).float()
-    return v.chunk(2)
 
 
 def flow_grpo_update(policy: FlowPolicy, trajectory: dict[str, torch.Tensor], cond: Conditioning,
@@ -57,14 +44,14 @@ def flow_grpo_update(policy: FlowPolicy, trajectory: dict[str, torch.Tensor], co
         rows = idx[b]
         x, x_next = xs[rows, k], xs[rows, k + 1]
         sigma, sigma_next = sig[k], sig[k + 1]
-        c = cond[rows]
-        v, v_uncond = guided_velocity(policy, x, sigma, c, null_cond, scfg.guidance_scale)
+        velocity = GuidedVelocity(policy, cond[rows], scfg.guidance_scale, null_cond)
+        v, v_uncond = velocity(x, sigma)
         step = sde_step(x, v, sigma, sigma_next, noise_level=scfg.noise_level, kind=scfg.sampler,
                         v_uncond=v_uncond, guidance_scale=scfg.guidance_scale, x_next=x_next, return_log_prob=True)
         mean_ref = std = None
         if tcfg.grpo_beta > 0:
             with torch.no_grad():
-                r, r_uncond = guided_velocity(policy, x, sigma, c, null_cond, scfg.guidance_scale, adapter=None)
+                r, r_uncond = velocity(x, sigma, adapter=None)
                 mean_ref = sde_step(x, r, sigma, sigma_next, noise_level=scfg.noise_level, kind=scfg.sampler,
                                     v_uncond=r_uncond, guidance_scale=scfg.guidance_scale, x_next=x_next).mean
             std = transition_std(scfg.sampler, sigma, sigma_next, scfg.noise_level)
