@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from awm_fast.config import load_config
 from awm_fast.models.flux import image_ids, load_flux_pipeline, pack, unpack
 from awm_fast.models.lora import POLICY
 from awm_fast.models.tiny import build_tiny_flux
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
+from tests.models.tiny_configs import tiny_model_config
 
 
 @pytest.fixture(scope="module")
@@ -18,15 +18,8 @@ def tiny_flux(tmp_path_factory):
 
 
 def _cfg(tmp_path, model_path, *extra):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cube\ntwo green balls\na cat\n")
-    return load_config(None, [
-        "model.kind=flux", f"model.path={model_path}", "model.resolution=16", "model.lora_rank=4", "model.lora_alpha=8",
-        "model.text_tokens=16", "reward.name=jpeg_compressibility", f"sample.prompt_file={prompts}",
-        "sample.prompts_per_step=2", "sample.group_size=2", "sample.batch_size=4", "sample.num_steps=4",
-        "sample.eval_num_steps=4", "sample.eval_prompts=2", "train.micro_batch=2", "train.num_timesteps=2",
-        "train.steps=2", "run.checkpoint_every=1", "run.tensorboard=false", f"run.output_dir={tmp_path}",
-        "run.name=flux", *extra])
+    prompts = ["a red cube", "two green balls", "a cat"]
+    return tiny_model_config(tmp_path, "flux", model_path, prompts, "model.text_tokens=16", *extra)
 
 
 def test_pack_unpack_round_trip(gen):

@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from awm_fast.config import load_config
 from awm_fast.models.lora import POLICY
 from awm_fast.models.sd3 import load_pipeline
 from awm_fast.models.tiny import build_tiny_sd3
 from awm_fast.train.trainer import train
+from tests.models.tiny_configs import tiny_model_config
 
 
 @pytest.fixture(scope="module")
@@ -17,14 +17,8 @@ def tiny_sd3(tmp_path_factory):
 
 
 def _cfg(tmp_path, model_path, *extra):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cube\ntwo green balls\na photo of a cat\nthe word \"hi\" on a sign\n")
-    return load_config(None, [
-        "model.kind=sd3", f"model.path={model_path}", "model.resolution=16", "model.lora_rank=4", "model.lora_alpha=8",
-        "reward.name=jpeg_compressibility", f"sample.prompt_file={prompts}", "sample.prompts_per_step=2",
-        "sample.group_size=2", "sample.batch_size=4", "sample.num_steps=4", "sample.eval_num_steps=4",
-        "sample.eval_prompts=2", "train.micro_batch=2", "train.num_timesteps=2", "train.steps=2",
-        "run.checkpoint_every=1", "run.tensorboard=false", f"run.output_dir={tmp_path}", "run.name=sd3", *extra])
+    prompts = ["a red cube", "two green balls", "a photo of a cat", 'the word "hi" on a sign']
+    return tiny_model_config(tmp_path, "sd3", model_path, prompts, *extra)
 
 
 def test_trainer_runs_on_tiny_sd3_and_exports_loadable_lora(tmp_path, tiny_sd3, monkeypatch):
