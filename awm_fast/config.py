@@ -6,6 +6,7 @@ raises `ConfigError` (a ValueError) with one line naming the key and the value.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,12 @@ import yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
 SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def cache_root() -> Path:
+    """Where the project caches what it builds (digits artefacts, prompt embeddings): $AWM_FAST_CACHE or
+    ~/.cache/awm-fast."""
+    return Path(os.environ.get("AWM_FAST_CACHE", Path.home() / ".cache" / "awm-fast"))
 
 
 class ConfigError(ValueError):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from awm_fast.config import Config
+from awm_fast.config import Config, cache_root
 from awm_fast.models.policy import Conditioning, FlowPolicy
 
 
@@ -40,8 +40,6 @@ def load_pipeline(path: str, dtype: torch.dtype):
 
 
 def prompt_cache_dir(model_path: str, text_tokens: int) -> Path:
-    from awm_fast.tasks.digits import cache_root
-
     where = os.path.abspath(model_path) if os.path.isdir(model_path) else model_path
     return cache_root() / "prompt_embeds" / hashlib.sha256(f"{where}|t5={text_tokens}".encode()).hexdigest()[:16]
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from awm_fast.config import DigitsConfig
+from awm_fast.config import DigitsConfig, cache_root
 
 TEXT_LEN, TEXT_DIM, POOLED_DIM = 2, 32, 32
 NULL_PROMPT = ""
@@ -33,10 +33,6 @@ def tiny_transformer_config() -> dict:
     return dict(sample_size=8, patch_size=2, in_channels=1, out_channels=1, num_layers=3, attention_head_dim=16,
                 num_attention_heads=4, joint_attention_dim=TEXT_DIM, caption_projection_dim=64,
                 pooled_projection_dim=POOLED_DIM, pos_embed_max_size=8)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("AWM_FAST_CACHE", Path.home() / ".cache" / "awm-fast"))
 
 
 def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
