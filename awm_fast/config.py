@@ -40,6 +40,9 @@ class ModelConfig:
     text_tokens: int = 128  # T5 tokens per prompt (128 as the official SD3 RL code; FLUX presets use 512)
     guidance: float = 3.5  # FLUX guidance-embedding value (ignored by models without one)
     attention_backend: str = "auto"  # auto | flash3 | flash2 | xformers | sdpa_cudnn | sdpa_flash | sdpa_efficient | sdpa_math
+    compile: bool = False  # regional torch.compile of the transformer blocks (models/compile.py)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: trace without code generation)
 
 
 @dataclass
@@ -91,10 +94,12 @@ class TrainConfig:
     grpo_clip_range: float = 1e-4  # flow_grpo: ratio clip c
     grpo_beta: float = 0.04  # flow_grpo: KL to the reference in mean space (0.04 GenEval/OCR, 0.01 PickScore)
     grpo_sde_window: int = 0  # flow_grpo: 0 = SDE at every step; k = "Fast": SDE (and training) on k steps only
+    grpo_optimizer_steps: int = 2  # flow_grpo: optimizer steps per rollout (official 2; the ratio clip acts from the 2nd)
     nft_beta: float = 1.0  # nft: b in v+- (implicit positive / negative policies)
     nft_kl_beta: float = 1e-4  # nft: weight of mean (v - v_ref)^2
     nft_decay_rate: float = 0.001  # nft: "old" (the "ema" adapter) decay d = min(nft_decay_cap, rate * step)
     nft_decay_cap: float = 0.5
+    max_nonfinite_steps: int = 3  # stop after this many steps in a row with a non-finite loss/grad (0: never)
     seed: int = 42
 
 
@@ -108,6 +113,8 @@ class RewardConfig:
     # component of a combination (see awm_fast.rewards.load_reward)
     options: dict[str, typing.Any] = field(default_factory=dict)
     num_workers: int = 1  # reward threads overlapping sampling; 0 = score inline (faster on CPU-only machines)
+    retries: int = 2  # a reward call that raises (server, network) is retried this many times, then the run stops
+    retry_wait_s: float = 5.0  # first wait between retries (doubles each time)
 
 
 @dataclass
@@ -129,6 +136,8 @@ class RunConfig:
     tensorboard: bool = True
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads; 0 = all cores
+    dist_backend: str = "auto"  # torchrun runs: auto (nccl on GPUs, gloo on CPU) | nccl | gloo
+    dist_timeout_s: float = 1800.0  # a collective waiting longer (a rank died or hangs) stops the run with an error
 
 
 @dataclass
@@ -164,6 +173,7 @@ CHOICES = {
     "model.lora_init": ("gaussian", "default"),
     "model.attention_backend": ("auto", "flash3", "flash2", "xformers", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
                                 "sdpa_math"),
+    "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "sample.sampler": ("euler_maruyama", "cps", "ode", "sa_solver"),
     "train.algorithm": ("awm", "flow_grpo", "nft"),
     "train.timestep_sampling": ("discrete_wo_init", "discrete", "uniform", "logit_normal"),
@@ -173,16 +183,19 @@ CHOICES = {
     "reward.name": _RewardNames(("digits", "jpeg_compressibility", "jpeg_incompressibility", "pickscore", "clipscore",
                                  "aesthetic", "ocr", "geneval")),
     "run.device": ("auto", "cpu", "cuda"),
+    "run.dist_backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ["model.text_tokens", "model.lora_rank", "model.lora_alpha", "model.resolution", "sample.num_steps", "sample.shift",
             "sample.prompts_per_step", "sample.batch_size", "sample.eval_num_steps", "sample.eval_prompts", "train.steps",
             "train.micro_batch", "train.num_timesteps", "train.ghuber_power", "train.clip_range",
-            "train.adv_clip_max", "train.grpo_clip_range", "train.nft_beta", "train.lr", "train.adam_eps", "train.max_grad_norm",
-            "digits.pretrain_batch", "digits.pretrain_lr", "digits.eval_per_digit", "run.keep_checkpoints"]
+            "train.adv_clip_max", "train.grpo_clip_range", "train.grpo_optimizer_steps", "train.nft_beta", "train.lr", "train.adam_eps", "train.max_grad_norm",
+            "digits.pretrain_batch", "digits.pretrain_lr", "digits.eval_per_digit", "run.keep_checkpoints",
+            "run.dist_timeout_s"]
 NON_NEGATIVE = ["reward.num_workers", "sample.noise_level", "train.beta", "train.ema_beta", "train.weight_decay", "train.ema_decay_rate",
                 "train.ema_decay_cap", "train.grpo_beta", "train.grpo_sde_window", "train.nft_kl_beta",
                 "train.nft_decay_rate", "train.nft_decay_cap", "digits.pretrain_steps", "digits.classifier_steps", "run.eval_every",
-                "run.checkpoint_every", "run.threads"]
+                "run.checkpoint_every", "run.threads", "train.max_nonfinite_steps", "reward.retries",
+                "reward.retry_wait_s"]
 
 
 def _check_type(key: str, value, annotation):
@@ -341,6 +354,9 @@ def validate(cfg: Config) -> None:
     if t.algorithm == "flow_grpo" and not (s.noise_level > 0 and t.grpo_sde_window <= s.num_steps - 1):
         raise ConfigError(f"train.algorithm=flow_grpo needs sample.noise_level > 0 and train.grpo_sde_window="
                           f"{t.grpo_sde_window} <= sample.num_steps - 1 = {s.num_steps - 1} (the last step is deterministic)")
+    if t.algorithm == "flow_grpo" and (images // t.micro_batch) % t.grpo_optimizer_steps:
+        raise ConfigError(f"train.grpo_optimizer_steps={t.grpo_optimizer_steps} must divide the {images // t.micro_batch} "
+                          f"training micro-batches per step ({images} images / train.micro_batch {t.micro_batch})")
     if not 0 <= t.adam_beta1 < 1 or not 0 <= t.adam_beta2 < 1:
         raise ConfigError(f"train.adam_beta1/adam_beta2=({t.adam_beta1}, {t.adam_beta2}) must be in [0, 1)")
     if m.kind != "digits" and not s.prompt_file:

@@ -5,8 +5,10 @@ import torch
 
 from awm_fast.config import Config
 from awm_fast.models.attention import resolve_attention_backend, use_attention_backend
+from awm_fast.models.compile import compile_blocks
 from awm_fast.models.lora import add_adapters
 from awm_fast.models.policy import FlowPolicy
+from awm_fast.models.routing import enable_checkpointing
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,8 +30,6 @@ def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torc
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if cfg.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
     if attention is None:
         use_attention_backend(transformer, resolve_attention_backend(cfg.model.attention_backend, device, dtype, log=log))
     else:
@@ -39,6 +39,12 @@ def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torc
     for name, p in transformer.named_parameters():  # LoRA weights train in float32
         if "lora_" in name:
             p.data = p.data.float()
+    if cfg.train.gradient_checkpointing:
+        enable_checkpointing(transformer)
+    if m.compile:
+        blocks = compile_blocks(transformer, mode=m.compile_mode, backend=m.compile_backend)
+        log(f"[compile] {blocks} transformer blocks compiled (mode {m.compile_mode}, backend {m.compile_backend}); "
+            "the first step compiles them")
     return transformer
 
 

@@ -11,11 +11,12 @@ import warnings
 import torch
 from peft import LoraConfig
 
-POLICY, EMA = "default", "ema"
+from awm_fast.models.routing import EMA, POLICY, enable_routing
 
 
 def add_adapters(transformer, *, rank: int, alpha: int, init: str, targets: list[str]) -> None:
-    """Attach "default" and "ema" (a copy of "default") and make "default" active and trainable."""
+    """Attach "default" and "ema" (a copy of "default"), make "default" active and trainable, and switch the
+    LoRA layers to tensor routing (models.routing)."""
     init_weights = "gaussian" if init == "gaussian" else True
     for name in (POLICY, EMA):
         config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init_weights, target_modules=list(targets))
@@ -27,6 +28,7 @@ def add_adapters(transformer, *, rank: int, alpha: int, init: str, targets: list
             raise ValueError(f"cannot add LoRA on model.lora_targets={targets}: {exc}") from None
     copy_adapter(transformer, POLICY, EMA)
     transformer.set_adapter(POLICY)
+    enable_routing(transformer)
 
 
 def adapter_params(transformer, name: str) -> dict[str, torch.nn.Parameter]:
@@ -50,24 +52,6 @@ def update_ema_adapter(transformer, step: int, *, rate: float, cap: float) -> fl
     for key, p in adapter_params(transformer, POLICY).items():
         ema[key].mul_(decay).add_(p.detach(), alpha=1 - decay)
     return decay
-
-
-@contextlib.contextmanager
-def use_adapter(transformer, name: str | None):
-    """Run the transformer with one adapter (`None`: adapters disabled = the reference model)."""
-    if name is None:
-        transformer.disable_adapters()
-        try:
-            yield
-        finally:
-            transformer.enable_adapters()
-            transformer.set_adapter(POLICY)
-        return
-    transformer.set_adapter(name)
-    try:
-        yield
-    finally:
-        transformer.set_adapter(POLICY)
 
 
 class EvalEMA:

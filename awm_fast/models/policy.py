@@ -4,13 +4,13 @@ The transformer is called with timestep = 1000 t (the SD3 convention) and predic
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from awm_fast.models.lora import POLICY, use_adapter
+from awm_fast.models.lora import POLICY
+from awm_fast.models.routing import routed, routing_mask
 
 
 @dataclass
@@ -45,22 +45,27 @@ class FlowPolicy:
     device: torch.device
     dtype: torch.dtype = torch.float32
     call: Callable | None = None  # call(transformer, x, t, cond) -> v; None: the SD3 call below
+    _masks: dict = field(default_factory=dict, repr=False)  # routing masks by (adapter, rows, device)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, adapter: str | None = POLICY) -> torch.Tensor:
         """v(x, t, c) with the given adapter ("default", "ema", or None for the reference = base model)."""
+        key = (adapter, x.shape[0], x.device)
+        if key not in self._masks:
+            self._masks[key] = routing_mask([(adapter, x.shape[0])], x.device)
+        return self.routed_velocity(x, t, cond, self._masks[key])
+
+    def routed_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, mask: torch.Tensor) -> torch.Tensor:
+        """v(x, t, c) with row b using the adapters mask[b] (models.routing); under autocast when the
+        transformer's dtype is a half type (the LoRA weights stay float32)."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        if self.call is not None:
-            cond = Conditioning(cond.embeds.to(self.dtype), cond.pooled.to(self.dtype))
-            with use_adapter(self.transformer, adapter) if adapter != POLICY else contextlib.nullcontext():
-                return self.call(self.transformer, x.to(self.dtype), t.to(self.dtype), cond)
-        kwargs = dict(hidden_states=x.to(self.dtype), encoder_hidden_states=cond.embeds.to(self.dtype),
-                      pooled_projections=cond.pooled.to(self.dtype), timestep=(t * 1000).to(self.dtype),
-                      return_dict=False)
-        if adapter == POLICY:
-            return self.transformer(**kwargs)[0]
-        with use_adapter(self.transformer, adapter):
-            return self.transformer(**kwargs)[0]
+        x, cond = x.to(self.dtype), Conditioning(cond.embeds.to(self.dtype), cond.pooled.to(self.dtype))
+        half = self.dtype in (torch.bfloat16, torch.float16)
+        with routed(mask), torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
+            if self.call is not None:
+                return self.call(self.transformer, x, t.to(self.dtype), cond)
+            return self.transformer(hidden_states=x, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
+                                    timestep=(t * 1000).to(self.dtype), return_dict=False)[0]
 
 
 class GuidedVelocity:

@@ -4,38 +4,19 @@ Three calls (the official code): v = f_{base + default}(x), v_ref = f_base(x), v
 
 Shared batch: ONE transformer call over the rows stacked three times, [policy; reference; ema]. The frozen
 base weights run once over all 3R rows; each LoRA layer adds the "default" delta only to the policy rows
-and the "ema" delta only to the EMA rows (peft's per-row adapter routing, `adapter_names`). The call runs
-without autograd, so no activations of any row are kept; in backward the policy rows alone are recomputed
-with the "default" adapter and back-propagated (as reentrant activation checkpointing does). Cost: one
-batched 3R-row forward + an R-row forward and backward; memory: no stored activations during the forward.
+and the "ema" delta only to the EMA rows (the routing mask of models.routing: (1, 0), (0, 0), (0, 1)).
+The call runs without autograd, so no activations of any row are kept; in backward the policy rows alone
+are recomputed with the "default" adapter and back-propagated (as reentrant activation checkpointing does).
+Cost: one batched 3R-row forward + an R-row forward and backward; memory: no stored activations during the
+forward.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
-from peft.tuners.lora import LoraLayer
 
 from awm_fast.models.lora import EMA, POLICY, adapter_params
 from awm_fast.models.policy import Conditioning, FlowPolicy
-
-BASE = "__base__"  # peft's name for "no adapter" in per-row routing
-
-
-@contextlib.contextmanager
-def routed_adapters(transformer, names: list[str]):
-    """Every LoRA layer routes row i of its input through adapter names[i] ("__base__": none)."""
-
-    def hook(module, args, kwargs):
-        return args, {**kwargs, "adapter_names": names}
-
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
-               for m in transformer.modules() if isinstance(m, LoraLayer)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+from awm_fast.models.routing import BASE, routing_mask
 
 
 def separate_velocities(policy: FlowPolicy, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
@@ -51,10 +32,11 @@ class _SharedBatch(torch.autograd.Function):
     """forward: the shared no-grad call; backward: recompute and back-propagate the policy rows only."""
 
     @staticmethod
-    def forward(ctx, anchor, policy, x, t, cond, names, repeats):
+    def forward(ctx, anchor, policy, x, t, cond, mask, repeats):
         stack = lambda a: torch.cat([a] * repeats)
-        with torch.no_grad(), routed_adapters(policy.transformer, names):
-            v_all = policy.velocity(stack(x), stack(t), Conditioning(stack(cond.embeds), stack(cond.pooled)))
+        with torch.no_grad():
+            v_all = policy.routed_velocity(stack(x), stack(t), Conditioning(stack(cond.embeds), stack(cond.pooled)),
+                                           mask)
         ctx.policy, ctx.cond = policy, cond
         ctx.save_for_backward(x, t)
         rows = x.shape[0]
@@ -76,10 +58,12 @@ def shared_velocities(policy: FlowPolicy, x: torch.Tensor, t: torch.Tensor, cond
                       need_ref: bool, need_ema: bool):
     """One call over [policy; ref; ema] rows: (v differentiable in the "default" LoRA, v_ref, v_ema)."""
     rows = x.shape[0]
+    if t.dim() == 0:
+        t = t.expand(rows)
     groups = [POLICY] + ([BASE] if need_ref else []) + ([EMA] if need_ema else [])
-    names = [g for g in groups for _ in range(rows)]
+    mask = routing_mask([(g, rows) for g in groups], x.device)
     anchor = next(iter(adapter_params(policy.transformer, POLICY).values()))
-    v, others = _SharedBatch.apply(anchor, policy, x, t, cond, names, len(groups))
+    v, others = _SharedBatch.apply(anchor, policy, x, t, cond, mask, len(groups))
     rest = list(others.split(rows)) if len(groups) > 1 else []
     v_ref = rest.pop(0) if need_ref else None
     v_ema = rest.pop(0) if need_ema else None

@@ -3,7 +3,8 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from awm_fast.models.lora import EMA, POLICY, EvalEMA, adapter_params, add_adapters, update_ema_adapter, use_adapter
+from awm_fast.models.lora import EMA, POLICY, EvalEMA, adapter_params, add_adapters, update_ema_adapter
+from awm_fast.models.routing import routed, routing_mask
 from awm_fast.tasks.digits import tiny_transformer_config
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 
@@ -31,7 +32,7 @@ def _call(m, gen):
 def test_reference_is_the_base_model(model):
     torch.manual_seed(0)  # the same initial weights as the fixture's model, without adapters
     base = SD3Transformer2DModel(**tiny_transformer_config())
-    with use_adapter(model, None):
+    with routed(routing_mask([(None, 3)], "cpu")):
         ref = _call(model, torch.Generator().manual_seed(1))
     torch.testing.assert_close(ref, _call(base, torch.Generator().manual_seed(1)))
     assert not torch.allclose(ref, _call(model, torch.Generator().manual_seed(1)))

@@ -5,6 +5,7 @@ from diffusers import SD3Transformer2DModel
 
 from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
 from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.models.routing import enable_checkpointing
 from awm_fast.models.shared_batch import separate_velocities, shared_velocities
 from awm_fast.tasks.digits import tiny_transformer_config
 from tests.tolerances import tol
@@ -66,7 +67,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(policy, gen):
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
-            policy.transformer.enable_gradient_checkpointing()
+            enable_checkpointing(policy.transformer)
         for p in params:
             p.grad = None
         v, _, _ = shared_velocities(policy, x, t, cond, True, True)

@@ -1,0 +1,68 @@
+"""Regional torch.compile: every transformer block compiled on its own, before any distributed wrapping.
+
+diffusers' `compile_repeated_blocks` raises on SD3 (it defines no `_repeated_blocks`), so each block of
+`transformer_blocks` (and FLUX's `single_transformer_blocks`) gets a compiled forward here. Blocks of one
+class share one compiled function: torch.compile caches per code object and, with nn.Module inlining, a
+block's parameters are graph inputs, so one graph serves every block of the same structure (SD3.5-M has
+three: dual-attention blocks 0-12, single-attention blocks, the last context-pre-only block).
+
+Only the batch dimension is dynamic (marked on the block inputs before each call), so rollout batches,
+training rows, the [policy; ref; ema] shared batch and evaluation batches reuse one graph per variant. The
+adapters are a tensor input (models.routing), so switching between policy, reference and EMA recompiles
+nothing. Variants that torch.compile must specialise remain: grad mode (rollout vs training) and whether
+the block input requires grad; all are compiled in the first training step, and none after (tested with
+`torch.compiler.set_stance("fail_on_recompile")`).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+BATCH_INPUTS = ("hidden_states", "encoder_hidden_states", "temb")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# compiled variants per block class: grad off; grad on with the input not requiring / requiring grad;
+# times two for activation checkpointing's recompute, with room to spare
+VARIANTS_PER_CLASS = 8
+
+
+def transformer_blocks(transformer) -> list[torch.nn.Module]:
+    return [b for name in BLOCK_LISTS for b in getattr(transformer, name, None) or []]
+
+
+def _batch_dynamic_call(compiled, block):
+    @functools.wraps(compiled)
+    def forward(*args, **kwargs):
+        for name in BATCH_INPUTS:
+            if isinstance(kwargs.get(name), torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(kwargs[name], 0)
+        return compiled(block, *args, **kwargs)
+
+    return forward
+
+
+def compile_blocks(transformer, *, mode: str = "default", backend: str = "inductor") -> int:
+    """Compile each block's forward (fullgraph) in place; returns the number of blocks. Parameter names and
+    the state dict are unchanged (the compiled forward is an instance attribute)."""
+    if mode not in MODES:
+        raise ValueError(f"compile mode={mode!r} is not one of {MODES}")
+    blocks = transformer_blocks(transformer)
+    if not blocks:
+        raise ValueError(f"{type(transformer).__name__} has none of {BLOCK_LISTS}: no blocks to compile")
+    compiled: dict[type, object] = {}
+    for block in blocks:
+        cls = type(block)
+        if cls not in compiled:
+            compiled[cls] = torch.compile(cls.forward, fullgraph=True, backend=backend,
+                                          mode=None if mode == "default" else mode)
+        block.forward = _batch_dynamic_call(compiled[cls], block)
+    limit = VARIANTS_PER_CLASS * 4  # up to four block structures per class (tests build several models)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    return len(blocks)
+
+
+def uncompile_blocks(transformer) -> None:
+    """Back to the eager forwards."""
+    for block in transformer_blocks(transformer):
+        block.__dict__.pop("forward", None)
