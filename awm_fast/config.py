@@ -54,6 +54,7 @@ class SampleConfig:
     sa_noise_t_min: float = 0.3  # sa_solver: noise only where sa_noise_t_min <= t <= sa_noise_t_max
     sa_noise_t_max: float = 0.9
     guidance_scale: float = 1.0  # 1 = classifier-free guidance off
+    cuda_graphs: bool = False  # replay the no-grad transformer calls (rollout steps) as CUDA graphs (CUDA only)
     prompts_per_step: int = 72
     group_size: int = 24
     batch_size: int = 6  # images per rollout batch
@@ -324,6 +325,9 @@ def validate(cfg: Config) -> None:
         if not _get(cfg, dotted) >= 0:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)!r} must be >= 0")
     s, t, m = cfg.sample, cfg.train, cfg.model
+    if s.cuda_graphs and m.compile and m.compile_mode in ("reduce-overhead", "max-autotune"):
+        raise ConfigError(f"sample.cuda_graphs=true with model.compile_mode={m.compile_mode!r}: that mode captures CUDA "
+                          "graphs of its own; use one or the other (e.g. compile_mode=max-autotune-no-cudagraphs)")
     if s.group_size < 2:
         raise ConfigError(f"sample.group_size={s.group_size}: group advantages need at least 2 samples per prompt")
     images = s.prompts_per_step * s.group_size

@@ -5,7 +5,8 @@ use as ground truth, so reference code exists once):
 - "torch": the float64 eager path (`backend="torch"`), what the official AWM code does;
 - "torch_compile": the same torch function under `torch.compile`;
 - every other backend of `awm_fast.ops.BACKENDS` that can run here ("triton": the fused kernels; on a CPU
-  only with TRITON_INTERPRET=1 and only at tiny sizes).
+  only with TRITON_INTERPRET=1 and only at tiny sizes; "cpp" / "cuda": the native ops of csrc/ when the
+  extension is built, "cpp" on a CPU and "cuda" on a GPU).
 
 Byte model (the bytes each op MUST move, independent of the implementation, so GB/s is an effective
 bandwidth comparable across variants; R rows, D latent values per row, s(x) the element size of x; per-row
@@ -29,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from awm_fast.ops import BACKENDS, awm_loss, sde_step
+from awm_fast.ops.dispatch import backend_present
 from awm_fast.ops.awm_loss_torch import awm_loss_torch
 from awm_fast.ops.sde_step_torch import sde_step_torch
 
@@ -84,12 +86,15 @@ def kernel_bytes(op: str, mode: str, rows: int, dims: int, s_x: int, s_v: int) -
 
 def kernel_cases(device: torch.device, size: str, dtype_v: torch.dtype) -> list[KernelCase]:
     """size "full": official rows (6, 18, 72) x (16x64x64, 16x128x128) + a 1024 px sweep to >= 1 GB;
-    "quick": official rows at both latents, no sweep past 144 rows; "cpu": small latents; "tiny": minimal."""
+    "quick": official rows at both latents, no sweep past 144 rows; "cpu": small latents, the digits preset's
+    loss shape and the SD3.5-M 512 px shape at 6 and 18 rows; "tiny": minimal."""
     if size == "tiny":
         shapes = [(6, (4, 8, 8), "cpu-tiny")]
     elif size == "cpu":
         shapes = [(r, lat, "cpu-small") for lat in ((16, 8, 8), (16, 16, 16)) for r in (6, 18)]
         shapes.append((72, (16, 16, 16), "cpu-small"))
+        shapes.append((160, (1, 8, 8), "digits"))  # digits preset: micro-batch 40 x 4 timesteps of 1x8x8
+        shapes += [(r, (16, 64, 64), "sd35m") for r in (6, 18)]  # SD3.5-M 512 px: rollout 6, micro-batch 3 x 6
     elif size in ("quick", "full"):
         shapes = [(r, lat, "official") for lat in ((16, 64, 64), (16, 128, 128)) for r in (6, 18, 72)]
         sizes = torch.tensor([], dtype=dtype_v).element_size()
@@ -124,6 +129,8 @@ def available_variants(device: torch.device, with_compile: bool) -> list[str]:
                 continue
             if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 continue
+        if b in ("cpp", "cuda") and not backend_present(b, device.type):
+            continue  # native ops: "cpp" on a CPU, "cuda" on a GPU, when the extension is built
         names.append(b)
     return names
 
@@ -177,9 +184,9 @@ def _forward_fn(case: KernelCase, variant: str, inp: _Inputs):
         f = _compiled("sde_sample", sde_step_torch)
         return lambda: f(inp.x, v, inp.sigma, inp.sigma_next, None, None, NOISE_LEVEL, "euler_maruyama", None, 1.0,
                          None)[0]
-    if variant == "triton":  # the fused path as a rollout uses it: in-kernel Philox noise, preallocated output
-        return lambda: sde_step(inp.x, v, inp.sigma, inp.sigma_next, seed=1234, out=inp.out, noise_level=NOISE_LEVEL,
-                                backend="triton").x_next
+    if variant in ("triton", "cuda", "cpp"):  # the fused path as a rollout uses it: in-kernel Philox noise,
+        return lambda: sde_step(inp.x, v, inp.sigma, inp.sigma_next, seed=1234, out=inp.out,  # preallocated output
+                                noise_level=NOISE_LEVEL, backend=variant).x_next
     return lambda: sde_step(inp.x, v, inp.sigma, inp.sigma_next, noise_level=NOISE_LEVEL, backend=variant).x_next
 
 

@@ -6,9 +6,10 @@ Everything runs through the trainer's public pieces: `sample_latents` (rollout w
 `awm_update` does it), `make_decoder` + `JpegReward` + `group_advantages` (the reward step). The fused ops
 are toggled with AWM_FAST_BACKEND (auto: Triton on CUDA; torch: the float64 / Python-op reference).
 
-- fast: bf16 weights, shared [policy; ref; ema] batch, torch.compile of each transformer block, the best
-  attention backend of `awm_fast.models.attention`, fused ops. CUDA graphs are not used (LoRA adapter
-  routing changes per call).
+- fast: bf16 weights (LoRA float32 under bf16 autocast), shared [policy; ref; ema] batch, regional
+  torch.compile of the transformer blocks (`awm_fast.models.compile`), the best attention backend of
+  `awm_fast.models.attention`, fused ops, CUDA graphs for the no-grad transformer calls (the LoRA routing is
+  a tensor input, so one graph serves every adapter).
 - baseline (the official AWM code): fp32 weights under fp16 autocast, three separate forwards, diffusers'
   default SDPA processor, no compile, float64 loss and Python-op SDE step (backend "torch").
 - "fast -X": the fast path with one optimisation X switched back to the baseline's choice.
@@ -27,6 +28,8 @@ from awm_fast.algo.advantages import group_advantages
 from awm_fast.algo.timesteps import sample_train_timesteps, time_grid
 from awm_fast.config import ModelConfig
 from awm_fast.models.attention import resolve_attention_backend, use_attention_backend
+from awm_fast.models.compile import compile_blocks
+from awm_fast.models.cuda_graphs import VelocityGraphs
 from awm_fast.models.lora import POLICY, adapter_params, add_adapters
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.sd3 import make_decoder
@@ -56,12 +59,13 @@ class Variant:
     compile_blocks: bool = True
     best_attention: bool = True
     fused_ops: bool = True
+    cuda_graphs: bool = True
 
 
 FAST = Variant("fast")
 BASELINE = Variant("baseline", bf16=False, shared_batch=False, compile_blocks=False, best_attention=False,
-                   fused_ops=False)
-TOGGLES = ("shared_batch", "compile_blocks", "best_attention", "fused_ops", "bf16")
+                   fused_ops=False, cuda_graphs=False)
+TOGGLES = ("shared_batch", "compile_blocks", "best_attention", "fused_ops", "bf16", "cuda_graphs")
 
 
 def variants() -> list[Variant]:
@@ -76,6 +80,8 @@ def inactive_reason(variant: Variant, device: torch.device, allow_compile: bool)
             return "precision toggle inactive on CPU (both run float32)"
         if variant.name == "fast -fused_ops":
             return "fused ops are Triton on CUDA only (on CPU both run the torch path)"
+        if variant.name == "fast -cuda_graphs":
+            return "CUDA graphs need a CUDA device"
     if not allow_compile and variant.name == "fast -compile_blocks":
         return "torch.compile switched off for this run (--no-compile / --tiny)"
     return None
@@ -140,15 +146,17 @@ class Bench:
             if "lora_" in name:
                 p.data = p.data.float()
         if variant.compile_blocks:
-            for block in tr.transformer_blocks:
-                block.compile()
+            compile_blocks(tr)
         vae = copy.deepcopy(self.vae).to(dtype)
         cond = self.cond
 
         def encode(prompts):
             return cond[: len(prompts)]
 
-        return FlowPolicy(tr, encode, make_decoder(vae), self.spec.latent, self.device, dtype), attention
+        policy = FlowPolicy(tr, encode, make_decoder(vae), self.spec.latent, self.device, dtype)
+        if variant.cuda_graphs and self.device.type == "cuda":
+            policy.graphs = VelocityGraphs(policy.forward)
+        return policy, attention
 
     # --- the timed workloads -------------------------------------------------------------------------------
     def rollout(self, policy: FlowPolicy, cfg: bool, gen: torch.Generator) -> torch.Tensor:
@@ -208,8 +216,10 @@ class Bench:
         t = torch.full((1,), 0.5, device=dev)
         cond = self.cond[:1]
         with sdpa_kernel(SDPBackend.MATH):
-            with torch.no_grad():
-                fwd_counted = count_flops(lambda: policy.velocity(x, t, cond, adapter=None))
+            with torch.no_grad():  # the base model alone (the routed LoRA layers compute both adapters' deltas)
+                fwd_counted = count_flops(lambda: self.base(hidden_states=x, encoder_hidden_states=cond.embeds,
+                                                            pooled_projections=cond.pooled, timestep=t * 1000,
+                                                            return_dict=False))
             full = count_flops(lambda: policy.velocity(x, t, cond).float().sum().backward())
             lora_fwd = count_flops(lambda: policy.velocity(x, t, cond).detach())
         del policy

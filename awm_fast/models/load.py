@@ -6,6 +6,7 @@ import torch
 from awm_fast.config import Config
 from awm_fast.models.attention import resolve_attention_backend, use_attention_backend
 from awm_fast.models.compile import compile_blocks
+from awm_fast.models.cuda_graphs import VelocityGraphs
 from awm_fast.models.lora import add_adapters
 from awm_fast.models.policy import FlowPolicy
 from awm_fast.models.routing import enable_checkpointing
@@ -48,8 +49,21 @@ def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torc
     return transformer
 
 
-def load_policy(cfg: Config, device: torch.device, *, digits_artifacts=None, prompts: list[str] = ()) -> FlowPolicy:
-    """digits: the cached tiny base model; sd3: a diffusers folder/hub id, encoding `prompts` up front."""
+def load_policy(cfg: Config, device: torch.device, *, digits_artifacts=None, prompts: list[str] = (),
+                log=print) -> FlowPolicy:
+    """digits: the cached tiny base model; sd3/flux: a diffusers folder/hub id, encoding `prompts` up front.
+    With sample.cuda_graphs the no-grad transformer calls replay CUDA graphs (models.cuda_graphs)."""
+    policy = _build_policy(cfg, device, digits_artifacts, list(prompts))
+    if cfg.sample.cuda_graphs:
+        if device.type == "cuda":
+            policy.graphs = VelocityGraphs(policy.forward)
+            log("[cuda graphs] no-grad transformer calls (rollout steps) replay CUDA graphs")
+        else:
+            log(f"[cuda graphs] off: sample.cuda_graphs needs a CUDA device, this run is on {device.type}")
+    return policy
+
+
+def _build_policy(cfg: Config, device: torch.device, digits_artifacts, prompts: list[str]) -> FlowPolicy:
     dtype = DTYPES[cfg.model.dtype]
     if cfg.model.kind == "digits":
         from diffusers import SD3Transformer2DModel
@@ -70,7 +84,7 @@ def load_policy(cfg: Config, device: torch.device, *, digits_artifacts=None, pro
     if cfg.model.kind == "flux":
         from awm_fast.models.flux import load_flux_policy
 
-        return load_flux_policy(cfg, device, dtype, list(prompts))
+        return load_flux_policy(cfg, device, dtype, prompts)
     from awm_fast.models.sd3 import load_sd3_policy
 
-    return load_sd3_policy(cfg, device, dtype, list(prompts))
+    return load_sd3_policy(cfg, device, dtype, prompts)

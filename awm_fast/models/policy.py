@@ -45,6 +45,7 @@ class FlowPolicy:
     device: torch.device
     dtype: torch.dtype = torch.float32
     call: Callable | None = None  # call(transformer, x, t, cond) -> v; None: the SD3 call below
+    graphs: Callable | None = None  # models.cuda_graphs.VelocityGraphs(self.forward): no-grad calls replayed
     _masks: dict = field(default_factory=dict, repr=False)  # routing masks by (adapter, rows, device)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, adapter: str | None = POLICY) -> torch.Tensor:
@@ -56,15 +57,23 @@ class FlowPolicy:
 
     def routed_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, mask: torch.Tensor) -> torch.Tensor:
         """v(x, t, c) with row b using the adapters mask[b] (models.routing); under autocast when the
-        transformer's dtype is a half type (the LoRA weights stay float32)."""
+        transformer's dtype is a half type (the LoRA weights stay float32); no-grad calls replay CUDA graphs
+        when `graphs` is set."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         x, cond = x.to(self.dtype), Conditioning(cond.embeds.to(self.dtype), cond.pooled.to(self.dtype))
+        if self.graphs is not None and not torch.is_grad_enabled():
+            return self.graphs(x, t, cond.embeds, cond.pooled, mask)
+        return self.forward(x, t, cond.embeds, cond.pooled, mask)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """The transformer call itself (inputs already in the transformer's dtype, t per row in [0, 1])."""
         half = self.dtype in (torch.bfloat16, torch.float16)
         with routed(mask), torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
             if self.call is not None:
-                return self.call(self.transformer, x, t.to(self.dtype), cond)
-            return self.transformer(hidden_states=x, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
+                return self.call(self.transformer, x, t.to(self.dtype), Conditioning(embeds, pooled))
+            return self.transformer(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
                                     timestep=(t * 1000).to(self.dtype), return_dict=False)[0]
 
 

@@ -84,6 +84,8 @@ def awm_loss(
     custom op `torch.ops.awm_fast.awm_loss_triton`: fp32 accumulation for any input dtypes, dLoss/dv written
     during the forward, loss as a float32 scalar; gradients reach v, target, v_ref and v_ema, while t,
     advantages and old_log_prob are constants. Works under torch.compile(fullgraph=True).
+    backend="cpp" (CPU tensors; the "auto" choice on CPU when the extension is built) and "cuda" run the same
+    algorithm as the native op `torch.ops.awm_fast.awm_loss_native` (csrc/, `awm_fast.ops.native_backend`).
     """
     _check_inputs(v, target, t, advantages, v_ref, v_ema, old_log_prob, weighting, ghuber_power,
                   clip_range, kl_weighting, ratio_mode, num_timesteps)
@@ -96,6 +98,10 @@ def awm_loss(
         from awm_fast.ops.triton_backend import awm_loss_triton
 
         return AWMLossOutput(*awm_loss_triton(*args))
+    if chosen in ("cpp", "cuda"):
+        from awm_fast.ops.native_backend import awm_loss_native
+
+        return AWMLossOutput(*awm_loss_native(*args))
     return AWMLossOutput(*awm_loss_torch(*args))
 
 

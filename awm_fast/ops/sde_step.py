@@ -41,7 +41,7 @@ def sde_step(
     """One Euler-Maruyama / CPS / ODE step of the rollout (sigma, sigma_next: floats or (B,) tensors).
 
     Sampling mode draws x_next = mean + scale * noise, with noise given, drawn from `generator` (the same
-    draws on both backends), or, with `seed` (backend "triton" only), drawn inside the kernel: element i of
+    draws on every backend), or, with `seed` (backends "triton", "cpp", "cuda"), drawn inside the kernel: element i of
     the flattened (B, ...) batch uses randn(seed, offset + i) (Philox counter offset + i, so no noise tensor
     exists and a run is reproducible; advance `offset` by x.numel() per step, keep offset + numel < 2^32).
     `out` (same shape and dtype as x; may be x itself for an in-place step) receives x_next in sampling mode.
@@ -70,6 +70,17 @@ def sde_step(
     chosen = resolve_backend(backend, x.device)
     args = (x, v, sigma_t, sigma_next_t, noise, generator, float(noise_level), kind, v_uncond,
             float(guidance_scale), x_next)
+    if chosen in ("cpp", "cuda"):
+        if x_next is None and torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in (x, v, v_uncond, noise)):
+            if backend != "auto" or seed is not None:
+                raise ValueError(f"sde_step sampling (x_next=None) with backend={chosen!r} is not differentiable: "
+                                 "run it under torch.no_grad(), or use log-prob mode (x_next=...)")
+            chosen = "torch"  # "auto" on CPU used to be the differentiable torch path: keep it so
+        else:
+            from awm_fast.ops.native_backend import sde_step_native
+
+            return SDEStepOutput(*sde_step_native(*args, seed=seed, offset=offset, out=out))
     if chosen == "triton":
         if x_next is None and torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in (x, v, v_uncond, noise)):
@@ -79,8 +90,8 @@ def sde_step(
 
         return SDEStepOutput(*sde_step_triton(*args, seed=seed, offset=offset, out=out))
     if seed is not None:
-        raise ValueError("seed= (in-kernel noise) needs backend='triton'; with backend='torch' pass noise= or "
-                         "generator=")
+        raise ValueError("seed= (in-kernel noise) needs backend='triton', 'cpp' or 'cuda'; with backend='torch' "
+                         "pass noise= or generator=")
     result = sde_step_torch(*args)
     if out is not None:
         out.copy_(result[0])
