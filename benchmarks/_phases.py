@@ -1,5 +1,6 @@
 """Phase benchmarks: rollout, training and end-to-end images/s of the fast path, the unfused baseline and
-the fast path minus each optimisation, on a random-weight MMDiT (`benchmarks._models`).
+the fast path minus each optimisation, on a random-weight SD3.5-M-shaped MMDiT or FLUX.1-dev-shaped transformer
+(`benchmarks._models`).
 
 Everything runs through the trainer's public pieces: `sample_latents` (rollout with `sde_step`),
 `noisy_rows` + `shared_velocities` / `separate_velocities` + `awm_loss` (one training micro-batch, as
@@ -13,13 +14,19 @@ are toggled with AWM_FAST_BACKEND (auto: Triton on CUDA; torch: the float64 / Py
 - baseline (the official AWM code): fp32 weights under fp16 autocast, three separate forwards, diffusers'
   default SDPA processor, no compile, float64 loss and Python-op SDE step (backend "torch").
 - "fast -X": the fast path with one optimisation X switched back to the baseline's choice.
+
+FLUX (`spec.kind == "flux"`): the policy calls `awm_fast.models.flux.flux_call` (2x2 packing, guidance
+embedding 3.5) as the trainer does; attention goes through diffusers' dispatch (`set_flux_attention` with the best
+backend; the baseline: diffusers' default, native SDPA), LoRA on the presets' targets (the attention projections
+of both block kinds), activation checkpointing of the blocks in every variant (the FLUX presets train with it),
+no CFG (the rollout_cfg phase is reported as skipped). Each variant builds its own copy of the weights from the
+seed in its dtype, so at most one set of weights is on the device at a time.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
-from dataclasses import asdict, dataclass, replace
+import functools
+from dataclasses import asdict, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -30,95 +37,33 @@ from awm_fast.config import ModelConfig
 from awm_fast.models.attention import resolve_attention_backend, use_attention_backend
 from awm_fast.models.compile import compile_blocks
 from awm_fast.models.cuda_graphs import VelocityGraphs
+from awm_fast.models.flux import flux_call, set_flux_attention
 from awm_fast.models.lora import POLICY, adapter_params, add_adapters
 from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.models.routing import enable_checkpointing
 from awm_fast.models.sd3 import make_decoder
 from awm_fast.models.shared_batch import separate_velocities, shared_velocities
 from awm_fast.ops import awm_loss
-from awm_fast.ops.dispatch import ENV_VAR
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.rewards.jpeg import JpegReward
 from awm_fast.sampling.rollout import sample_latents
 from awm_fast.train.update_parts import noisy_rows
 
-from benchmarks._models import ModelSpec, build_transformer, build_vae, count_flops, mmdit_forward_flops
+from benchmarks._models import ModelSpec, build_transformer, build_vae, count_flops, forward_flops
 from benchmarks._telemetry import Telemetry
 from benchmarks._timing import peak_memory_bytes, time_runs
+from benchmarks._variants import (BASELINE, FAST, TOGGLES, Variant, diffusers_default_attention,  # noqa: F401
+                                  inactive_reason, ops_backend, precision, release_memory, variants)
 
 BETA, EMA_BETA, SHIFT, NOISE_LEVEL = 1e-3, 1.0, 3.0, 0.7  # the GenEval preset
 PHASES = ("rollout", "rollout_cfg", "train", "end_to_end")
 
 
-@dataclass(frozen=True)
-class Variant:
-    """Which optimisations are on. bf16=False: fp32 weights under fp16 autocast (the official setting)."""
-
-    name: str
-    bf16: bool = True
-    shared_batch: bool = True
-    compile_blocks: bool = True
-    best_attention: bool = True
-    fused_ops: bool = True
-    cuda_graphs: bool = True
-
-
-FAST = Variant("fast")
-BASELINE = Variant("baseline", bf16=False, shared_batch=False, compile_blocks=False, best_attention=False,
-                   fused_ops=False, cuda_graphs=False)
-TOGGLES = ("shared_batch", "compile_blocks", "best_attention", "fused_ops", "bf16", "cuda_graphs")
-
-
-def variants() -> list[Variant]:
-    """fast, fast minus each optimisation, baseline."""
-    return [FAST] + [replace(FAST, name=f"fast -{t}", **{t: False}) for t in TOGGLES] + [BASELINE]
-
-
-def inactive_reason(variant: Variant, device: torch.device, allow_compile: bool) -> str | None:
-    """Why a "fast -X" row would measure nothing new on this device (None: it is a real measurement)."""
-    if device.type != "cuda":
-        if variant.name == "fast -bf16":
-            return "precision toggle inactive on CPU (both run float32)"
-        if variant.name == "fast -fused_ops":
-            return "fused ops are Triton on CUDA only (on CPU both run the torch path)"
-        if variant.name == "fast -cuda_graphs":
-            return "CUDA graphs need a CUDA device"
-    if not allow_compile and variant.name == "fast -compile_blocks":
-        return "torch.compile switched off for this run (--no-compile / --tiny)"
-    return None
-
-
-@contextlib.contextmanager
-def ops_backend(fused: bool):
-    """AWM_FAST_BACKEND=torch for the unfused ops; unset (auto) for the fused path; restored afterwards."""
-    old = os.environ.get(ENV_VAR)
-    if fused:
-        os.environ.pop(ENV_VAR, None)
-    else:
-        os.environ[ENV_VAR] = "torch"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
-
-
-def precision(variant: Variant, device: torch.device):
-    """(weight dtype, autocast context factory) of a variant on this device."""
-    if device.type != "cuda":
-        return torch.float32, contextlib.nullcontext
-    if variant.bf16:
-        return torch.bfloat16, contextlib.nullcontext
-    return torch.float32, lambda: torch.autocast("cuda", dtype=torch.float16)
-
-
 class Bench:
-    """One model shape on one device: the fp32 base weights, inputs, and the variant builder."""
+    """One model shape on one device: the seed of the weights, the VAE, inputs, and the variant builder."""
 
     def __init__(self, spec: ModelSpec, device: torch.device, *, seed: int = 0) -> None:
-        self.spec, self.device = spec, device
-        self.base = build_transformer(spec, device, seed)
+        self.spec, self.device, self.seed = spec, device, seed
         self.vae = build_vae(spec, device, seed)
         g = torch.Generator(device="cpu").manual_seed(seed)
         cfg = spec.transformer
@@ -133,18 +78,29 @@ class Bench:
         self.time_gen = torch.Generator(device="cpu").manual_seed(seed)  # the T training times are drawn on the CPU
 
     def policy(self, variant: Variant, log=print) -> tuple[FlowPolicy, str]:
-        """A fresh copy of the base with the variant's dtype, attention, LoRA ("default" + "ema"), compile."""
+        """The seeded weights in the variant's dtype, its attention, LoRA ("default" + "ema"), checkpointing (as
+        the spec's presets), compile."""
         dtype, _ = precision(variant, self.device)
-        tr = copy.deepcopy(self.base).to(dtype)
-        attention = "diffusers default (JointAttnProcessor2_0, SDPA)"
+        flux = self.spec.kind == "flux"
+        tr = build_transformer(self.spec, self.device, self.seed, dtype)
+        attention = "diffusers default (FluxAttnProcessor, native SDPA dispatch)" if flux else \
+            "diffusers default (JointAttnProcessor2_0, SDPA)"
         if variant.best_attention:
-            attention = resolve_attention_backend("auto", self.device, dtype, log=log)
-            use_attention_backend(tr, attention)
+            attention = resolve_attention_backend("auto", self.device, dtype, log=log, skip=("flash3",) if flux else ())
+            if flux:
+                set_flux_attention(tr, attention, log=log)
+                attention += " (diffusers dispatch)"
+            else:
+                use_attention_backend(tr, attention)
+        elif flux:
+            diffusers_default_attention()
         add_adapters(tr, rank=self.spec.lora_rank, alpha=2 * self.spec.lora_rank, init="gaussian",
-                     targets=list(ModelConfig().lora_targets))
+                     targets=list(ModelConfig().lora_targets))  # the presets' targets (SD3 and FLUX alike)
         for name, p in tr.named_parameters():
             if "lora_" in name:
                 p.data = p.data.float()
+        if self.spec.gradient_checkpointing:
+            enable_checkpointing(tr)
         if variant.compile_blocks:
             compile_blocks(tr)
         vae = copy.deepcopy(self.vae).to(dtype)
@@ -153,7 +109,8 @@ class Bench:
         def encode(prompts):
             return cond[: len(prompts)]
 
-        policy = FlowPolicy(tr, encode, make_decoder(vae), self.spec.latent, self.device, dtype)
+        call = functools.partial(flux_call, guidance=self.spec.guidance) if flux else None
+        policy = FlowPolicy(tr, encode, make_decoder(vae), self.spec.latent, self.device, dtype, call=call)
         if variant.cuda_graphs and self.device.type == "cuda":
             policy.graphs = VelocityGraphs(policy.forward)
         return policy, attention
@@ -206,33 +163,49 @@ class Bench:
             self.train_micro_batch(policy, variant, x0, adv, idx, gen, num_micro)
 
     # --- FLOPs ---------------------------------------------------------------------------------------------
+    def _count_base_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> int:
+        """FlopCounterMode on the base model alone (the routed LoRA layers compute both adapters' deltas)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if self.spec.kind == "flux":
+            diffusers_default_attention()
+        base = build_transformer(self.spec, self.device, self.seed)
+        with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+            if self.spec.kind == "flux":
+                return count_flops(lambda: flux_call(base, x, t, cond, self.spec.guidance))
+            return count_flops(lambda: base(hidden_states=x, encoder_hidden_states=cond.embeds,
+                                            pooled_projections=cond.pooled, timestep=t * 1000, return_dict=False))
+
     def model_flops(self) -> dict:
         """Forward FLOPs per image (formula, and FlopCounterMode as a check), backward FLOPs per training row."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         spec, dev = self.spec, self.device
-        policy, _ = self.policy(replace(BASELINE, name="flops"), log=lambda *_: None)
+        flux = spec.kind == "flux"
         x = torch.randn(1, *spec.latent, device=dev)
         t = torch.full((1,), 0.5, device=dev)
         cond = self.cond[:1]
+        fwd_counted = self._count_base_forward(x, t, cond)
+        release_memory(dev)
+        policy, _ = self.policy(replace(BASELINE, name="flops"), log=lambda *_: None)
         with sdpa_kernel(SDPBackend.MATH):
-            with torch.no_grad():  # the base model alone (the routed LoRA layers compute both adapters' deltas)
-                fwd_counted = count_flops(lambda: self.base(hidden_states=x, encoder_hidden_states=cond.embeds,
-                                                            pooled_projections=cond.pooled, timestep=t * 1000,
-                                                            return_dict=False))
             full = count_flops(lambda: policy.velocity(x, t, cond).float().sum().backward())
             lora_fwd = count_flops(lambda: policy.velocity(x, t, cond).detach())
         del policy
-        fwd = mmdit_forward_flops(spec.transformer, spec.latent[1:], spec.text_len)
+        release_memory(dev)
+        fwd = forward_flops(spec)
         bwd = full - lora_fwd
         T = spec.num_timesteps
-        cfg_mult = 2
+        formula = ("F_fwd = 2 (embed + B double + B1 single + out)" if flux else
+                   "F_fwd = 2 (embed + B block + K dual + out)")
+        recompute = " (F_bwd includes the checkpointed blocks' recompute)" if spec.gradient_checkpointing else ""
         return {"forward_per_image": fwd, "forward_counted": fwd_counted, "lora_forward_counted": lora_fwd,
                 "backward_per_row_counted": bwd, "train_per_image": T * (3 * fwd + bwd),
-                "rollout_per_image": spec.num_steps * fwd, "rollout_cfg_per_image": spec.num_steps * cfg_mult * fwd,
+                "rollout_per_image": spec.num_steps * fwd,
+                "rollout_cfg_per_image": spec.num_steps * 2 * fwd if spec.uses_cfg else None,
                 "end_to_end_per_image": spec.num_steps * fwd + T * (3 * fwd + bwd),
-                "formula": "F_fwd = 2 (embed + B block + K dual + out) [benchmarks/_models.py]; "
-                           "train = T (3 F_fwd + F_bwd); rollout = steps F_fwd (x2 with CFG); e2e = rollout + train"}
+                "formula": f"{formula} [benchmarks/_models.py]; train = T (3 F_fwd + F_bwd){recompute}"
+                           "; rollout = steps F_fwd (x2 with CFG); e2e = rollout + train"}
 
 
 def overlap_fields(overlap: dict) -> dict:
@@ -253,7 +226,13 @@ def run_variant(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: 
                 matmul_flops: float | None, log=print) -> list[dict]:
     """Every phase of one variant: images/s (median, 20/80 %), peak memory, telemetry, MFU."""
     dev, spec = bench.device, bench.spec
-    policy, attention = bench.policy(variant, log=log)
+    row0 = {"variant": variant.name, "model": spec.name, "images_per_call": None,
+            **{f"opt_{k}": v for k, v in asdict(variant).items() if k != "name"}}
+    try:
+        policy, attention = bench.policy(variant, log=log)
+    except torch.cuda.OutOfMemoryError:  # e.g. the float32 weights of a large model
+        release_memory(dev)
+        return [{**row0, "phase": phase, "status": "oom (building the model)"} for phase in phases]
     _, autocast = precision(variant, dev)
     lora = list(adapter_params(policy.transformer, POLICY).values())
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -277,7 +256,8 @@ def run_variant(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: 
         fn, images = work[phase]
         bench.reward_overlap = {"score_s": 0.0, "wait_s": 0.0, "calls": 0}
         row = {"variant": variant.name, "phase": phase, "model": spec.name, "images_per_call": images,
-               "attention": attention, **{f"opt_{k}": v for k, v in asdict(variant).items() if k != "name"}}
+               "attention": attention, "grad_checkpointing": spec.gradient_checkpointing,
+               **{f"opt_{k}": v for k, v in asdict(variant).items() if k != "name"}}
         try:
             with autocast(), ops_backend(variant.fused_ops):
                 clear_grads()
@@ -286,7 +266,7 @@ def run_variant(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: 
                     timing = time_runs(fn, dev, setup=clear_grads, **_reps(dev, quick, spec))
         except torch.cuda.OutOfMemoryError:
             rows.append({**row, "status": "oom"})
-            torch.cuda.empty_cache()
+            release_memory(dev)
             continue
         ips = images / (timing.median_ms * 1e-3)
         model_flops = flops.get(f"{phase}_per_image")
@@ -297,9 +277,8 @@ def run_variant(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: 
                      "model_tflop_per_image": model_flops / 1e12 if model_flops else None, "mfu_pct": mfu,
                      **{f"telemetry_{k}": v for k, v in tel.summary().items()},
                      **overlap_fields(bench.reward_overlap)})
-    del policy
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    del policy, work
+    release_memory(dev)
     return rows
 
 
@@ -308,23 +287,32 @@ def run_phases(bench: Bench, phases: tuple[str, ...], quick: bool, allow_compile
     """All variants; a compile failure falls back to eager for that variant (noted in `status`)."""
     flops = bench.model_flops()
     rows = []
+    if "rollout_cfg" in phases and not bench.spec.uses_cfg:
+        phases = tuple(p for p in phases if p != "rollout_cfg")
+        rows.append({"variant": "*", "phase": "rollout_cfg", "model": bench.spec.name,
+                     "status": "skipped: no CFG in this model's presets (guidance-distilled FLUX.1-dev samples with "
+                               f"guidance embedding {bench.spec.guidance}, guidance_scale 1)"})
     for variant in tqdm(variants(), desc="phases", unit="variant", disable=None):
         reason = inactive_reason(variant, bench.device, allow_compile)
         if reason:
-            rows.append({"variant": variant.name, "phase": "*", "model": bench.spec.name, "status": f"skipped: {reason}"})
+            rows.append({"variant": variant.name, "phase": "*", "model": bench.spec.name,
+                         "status": f"skipped: {reason}"})
             continue
         if not allow_compile:
             variant = replace(variant, compile_blocks=False)
         try:
             rows.extend(run_variant(bench, variant, phases, quick, flops, matmul_flops, log=log))
+            continue
         except Exception as exc:
             if not variant.compile_blocks:
                 raise
             note = f"compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); eager blocks"
-            log(f"[phases] {variant.name}: {note}")
-            torch._dynamo.reset()
-            got = run_variant(bench, replace(variant, compile_blocks=False), phases, quick, flops, matmul_flops, log)
-            rows.extend({**r, "note": note} for r in got)
+        # outside the except block: the failed variant's frames (and its weights) are released first
+        log(f"[phases] {variant.name}: {note}")
+        torch._dynamo.reset()
+        release_memory(bench.device)
+        got = run_variant(bench, replace(variant, compile_blocks=False), phases, quick, flops, matmul_flops, log)
+        rows.extend({**r, "note": note} for r in got)
     base = {r["phase"]: r.get("images_per_s") for r in rows if r["variant"] == "baseline"}
     for r in rows:
         ref = base.get(r["phase"])

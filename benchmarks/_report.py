@@ -12,7 +12,7 @@ KERNEL_COLUMNS = [("op", "op"), ("mode", "mode"), ("rows", "rows"), ("latent", "
                   ("median ms", "median_ms"), ("p20 ms", "p20_ms"), ("p80 ms", "p80_ms"), ("MB moved", "bytes"),
                   ("GB/s", "gbps"), ("% copy", "pct_copy_bw"), ("x torch", "speedup_vs_torch"),
                   ("peak MB", "peak_mem_bytes"), ("status", "status")]
-PHASE_COLUMNS = [("variant", "variant"), ("phase", "phase"), ("img/s", "images_per_s"),
+PHASE_COLUMNS = [("model", "model"), ("variant", "variant"), ("phase", "phase"), ("img/s", "images_per_s"),
                  ("img/s p20", "images_per_s_p20"), ("img/s p80", "images_per_s_p80"), ("median ms", "median_ms"),
                  ("x baseline", "speedup_vs_baseline"), ("TFLOP/img", "model_tflop_per_image"), ("MFU %", "mfu_pct"),
                  ("peak MB", "peak_mem_bytes"), ("reward ms", "reward_score_ms"), ("reward wait ms", "reward_wait_ms"),
@@ -75,6 +75,11 @@ def printed_kernel_rows(kernels: list[dict]) -> list[dict]:
     return [r for r in kernels if (r["op"], r["mode"]) in PRINTED_KERNEL_MODES]
 
 
+def phase_models(result: dict) -> list[str]:
+    """The phase models of a run, in the order they ran."""
+    return list(dict.fromkeys(r.get("model") for r in result.get("phases", [])))
+
+
 def render(result: dict) -> str:
     """The text printed last (and the body of the .md file)."""
     info, cal = result["system"], result["calibration"]
@@ -88,10 +93,13 @@ def render(result: dict) -> str:
         lines += ["## Kernels (full mode = forward + backward; all modes in the CSV/JSON)", "",
                   table(printed_kernel_rows(result["kernels"]), KERNEL_COLUMNS), ""]
     if result.get("phases"):
-        fl = result["flops"]
-        lines += [f"## Phases ({result['phase_model']}; forward {fl['forward_per_image'] / 1e12:.4g} TFLOP/image by "
-                  f"formula, {fl['forward_counted'] / 1e12:.4g} counted)", "",
-                  table(result["phases"], PHASE_COLUMNS), ""]
+        flops = result.get("flops_by_model") or {result["phase_model"]: result["flops"]}
+        for model in phase_models(result):
+            fl = flops.get(model)
+            about = (f"; forward {fl['forward_per_image'] / 1e12:.4g} TFLOP/image by formula, "
+                     f"{fl['forward_counted'] / 1e12:.4g} counted" if fl else "")
+            lines += [f"## Phases ({model}{about})", "",
+                      table([r for r in result["phases"] if r.get("model") == model], PHASE_COLUMNS), ""]
     lines += ["## Targets", "", table(result["targets"], TARGET_COLUMNS), ""]
     lines += [f"- {n}" for n in result.get("notes", [])]
     return "\n".join(lines)
@@ -146,16 +154,23 @@ def plot_phases(path: Path, result: dict) -> None:
     rows = [r for r in result["phases"] if r.get("status") == "ok"]
     phases = [p for p in ("rollout", "rollout_cfg", "train", "end_to_end") if any(r["phase"] == p for r in rows)]
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    fig, axes = plt.subplots(1, len(phases), figsize=(4.5 * len(phases), 0.5 * len(variants) + 2), squeeze=False)
-    for ax, phase in zip(axes[0], phases):
-        vals = {r["variant"]: r for r in rows if r["phase"] == phase}
+    models = list(dict.fromkeys(r.get("model") for r in rows))  # one row of panels per phase model
+    height = len(models) * (0.5 * len(variants) + 2)
+    fig, axes = plt.subplots(len(models), len(phases), figsize=(4.5 * len(phases), height), squeeze=False)
+    for (model, phase), ax in zip([(m, p) for m in models for p in phases], axes.flat):
+        vals = {r["variant"]: r for r in rows if r["phase"] == phase and r.get("model") == model}
         names = [v for v in variants if v in vals]
+        if not names:
+            ax.set_axis_off()
+            ax.set_title(f"{model}: {phase} (not run)", fontsize=9)
+            continue
         ax.barh(names, [vals[v]["images_per_s"] for v in names],
                 color=["tab:green" if v == "fast" else "tab:red" if v == "baseline" else "tab:blue" for v in names])
         for i, v in enumerate(names):
             s = vals[v].get("speedup_vs_baseline")
             ax.text(vals[v]["images_per_s"], i, f" {s:.2f}x" if s else "", va="center", fontsize=8)
-        ax.set(title=phase, xlabel="images/s")
+        ax.set_title(f"{model}: {phase}", fontsize=9)
+        ax.set(xlabel="images/s")
         ax.invert_yaxis()
     fig.suptitle(f"Phases, fast vs baseline and fast minus one: {result['label']}")
     fig.tight_layout()

@@ -1,14 +1,17 @@
 """Profiling harness: fused kernels and trainer phases of awm-fast against the unfused official-style baseline.
 
-    python benchmarks/step_time.py                 # full run (GPU): official shapes + sweep, SD3.5-M-shaped phases
+    python benchmarks/step_time.py                 # full run (GPU): official shapes + sweep, SD3.5-M- and
+                                                   # FLUX.1-dev-shaped phases (FLUX where GPU memory allows)
     python benchmarks/step_time.py --quick         # short run; on a CPU: tiny shapes, labelled NOT a GPU measurement
     python benchmarks/step_time.py --quick --tiny  # the smallest CPU run (the CI test)
     python benchmarks/step_time.py --only kernels  # kernels | phases | kernels,phases (default)
+    python benchmarks/step_time.py --model flux    # phase model: sd35m | flux | both (default; CPU: tiny shapes)
 
 Every figure is measured in this one run on this one machine: the kernel timings (median, 20/80 % from CUDA
 events via triton.testing.do_bench; wall clock on a CPU), the device-to-device copy bandwidth and the dense
 matmul rate used as the roofline for GB/s and MFU, and the phase images/s of each variant. The byte model is in
-benchmarks/_kernels.py, the FLOP formula in benchmarks/_models.py, the variants in benchmarks/_phases.py.
+benchmarks/_kernels.py, the FLOP formulas in benchmarks/_models.py, the phases in benchmarks/_phases.py (the
+variants in benchmarks/_variants.py).
 Writes <out>/<stem>.{json,csv,md} and <stem>_{kernels,phases}.png; prints the table last.
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `awm_fast` importable from the repo root
@@ -25,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `awm_fas
 
 import torch  # noqa: E402
 
-from benchmarks import _kernels, _phases, _report, _telemetry, _timing  # noqa: E402
+from benchmarks import _kernels, _models, _phases, _report, _telemetry, _timing  # noqa: E402
 from benchmarks._models import model_spec  # noqa: E402
 from awm_fast.models import load  # noqa: E402
 
@@ -41,8 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", default="kernels,phases", help="comma list of sections: kernels, phases")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/results/)")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    ap.add_argument("--model", default="both", choices=(*_models.MODELS, "both"),
+                    help="phase model: SD3.5-M-shaped, FLUX.1-dev-shaped (skipped if GPU memory is short), or both; "
+                         "on a CPU the tiny shapes of each")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (kernels and transformer blocks)")
     args = ap.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
     bad = [s for s in sections if s not in SECTIONS]
     if bad or not sections:
@@ -67,11 +75,73 @@ def run_size(device: torch.device, quick: bool, tiny: bool) -> str:
     return "tiny" if tiny else "cpu"
 
 
-def output_stem(device: torch.device, info: dict, size: str) -> str:
+def output_stem(device: torch.device, info: dict, size: str, model: str = "both") -> str:
+    """step_time_<gpu>[_quick] / step_time_cpu_{quick,tiny}, with _<model> when one phase model was asked for."""
+    suffix = "" if model == "both" else f"_{model}"
     if device.type != "cuda":
-        return f"step_time_cpu_{'tiny' if size == 'tiny' else 'quick'}"
+        return f"step_time_cpu_{'tiny' if size == 'tiny' else 'quick'}{suffix}"
     gpu = re.sub(r"[^a-z0-9]+", "_", (info.get("gpu_name") or "gpu").lower()).strip("_")
-    return f"step_time_{gpu}" + ("_quick" if size == "quick" else "")
+    return f"step_time_{gpu}" + ("_quick" if size == "quick" else "") + suffix
+
+
+def memory_skip_reason(spec: _models.ModelSpec, device: torch.device) -> str | None:
+    """On a GPU, why a phase model will not fit in the free memory now (None: try it). Checked for FLUX only: the
+    SD3.5-M phases need a fraction of any H100/H200."""
+    if device.type != "cuda" or spec.kind != "flux":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    est = _models.phase_memory_estimate(spec)
+    if free >= est["total_bytes"]:
+        return None
+    return (f"{spec.name} phase skipped: it needs ~{est['total_bytes'] / 1e9:.0f} GB of GPU memory (float32 weights "
+            f"of {est['params'] / 1e9:.1f} B parameters {est['weights_fp32_bytes'] / 1e9:.0f} GB for the baseline and "
+            f"every variant's build, ~{est['activation_bytes'] / 1e9:.0f} GB of training activations, 2 GiB "
+            f"workspace); {free / 1e9:.0f} of {total / 1e9:.0f} GB are free on this GPU")
+
+
+def run_phase_models(args, device: torch.device, size: str, quick: bool, with_compile: bool, cal: dict,
+                     result: dict, notes: list[str]) -> None:
+    """The phases of each asked-for model, one after the other (each Bench freed before the next is built). The
+    first model's name, workload and FLOPs keep the single-model fields; `phase_models`, `phase_workloads` and
+    `flops_by_model` list them all, and every phase row carries its `model`."""
+    names = list(_models.MODELS) if args.model == "both" else [args.model]
+    rows, workloads, flops, skipped = [], {}, {}, {}
+    for name in names:
+        spec = model_spec(size, name)
+        reason = memory_skip_reason(spec, device)
+        if reason:
+            print(f"[step_time] {reason}")
+            skipped[spec.name] = reason
+            notes.append(reason)
+            continue
+        try:
+            bench = _phases.Bench(spec, device)
+            got, flops[spec.name] = _phases.run_phases(bench, _phases.PHASES, quick, with_compile,
+                                                       cal["matmul"]["tflops"] * 1e12,
+                                                       log=lambda msg: print(msg, file=sys.stderr))
+        except Exception as exc:  # the FLUX phase is an extra: its failure keeps the SD3.5-M results
+            if spec.kind != "flux":
+                raise
+            traceback.print_exc()
+            skipped[spec.name] = f"{spec.name} phase failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            notes.append(skipped[spec.name])
+            bench = None
+            _phases.release_memory(device)
+            continue
+        rows += got
+        workloads[spec.name] = {k: getattr(spec, k) for k in ("latent", "text_len", "rollout_batch", "micro_batch",
+                                                               "num_timesteps", "num_steps", "guidance_scale",
+                                                               "lora_rank", "kind", "guidance",
+                                                               "gradient_checkpointing")}
+        del bench
+        _phases.release_memory(device)
+        _phases.diffusers_default_attention()  # set_flux_attention changes a process-wide default
+    result["phase_models_skipped"] = skipped
+    if not workloads:
+        return
+    first = next(iter(workloads))
+    result.update(phase_model=first, phase_workload=workloads[first], flops=flops[first], phases=rows,
+                  phase_models=list(workloads), phase_workloads=workloads, flops_by_model=flops)
 
 
 def compile_available(device: torch.device, requested: bool) -> tuple[bool, str | None]:
@@ -96,6 +166,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
     size = run_size(device, args.quick, args.tiny)
+    threads = torch.get_num_threads()
+    if size == "tiny":  # tiny shapes gain nothing from intra-op threads; on a loaded CPU they stall in OpenMP
+        torch.set_num_threads(1)
+    try:
+        return run(args, device, size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, device: torch.device, size: str) -> dict:
     quick = args.quick or device.type != "cuda"
     info = _telemetry.system_info(device)
     print(f"[step_time] {info['nvml']}")
@@ -105,8 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
     notes = [] if is_gpu else [f"{NOT_GPU}: tiny shapes and CPU backends; the GPU figures remain to be measured "
                                f"(benchmarks/README.md)."]
     notes += [compile_note] if compile_note else []
-    notes += ["CUDA graphs: not used (LoRA adapter routing changes per call; optional item).",
-              "FLUX.1-dev-shaped phase: not run (optional; this version measures the SD3.5-M shape only).",
+    notes += ["--tiny: one torch intra-op thread (tiny shapes)."] if size == "tiny" else []
+    notes += ["CUDA graphs (GPU only): the no-grad transformer calls of the fast path replay CUDA graphs (the LoRA "
+              "routing is a tensor input); `fast -cuda_graphs` measures without them.",
+              f"phase models (--model {args.model}): SD3.5-M-shaped and/or FLUX.1-dev-shaped (FLUX: 512 T5 tokens, "
+              "guidance embedding 3.5, no CFG, activation checkpointing in every variant, as the FLUX presets); "
+              "the targets are judged on the SD3.5-M-shaped rows.",
               "training phase = one micro-batch (micro_batch images x T timesteps, 3 velocities + backward); the "
               "AdamW step (once per epoch of 1728 images in the official presets) is excluded.",
               "end_to_end = rollout (no CFG) + VAE decode + JPEG reward + advantages + training of every "
@@ -116,25 +200,18 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     cal = calibrate(device, size, quick)
     result: dict = {"label": label, "size": size, "quick": quick, "system": info, "calibration": cal,
-                    "argv": sys.argv[1:] if argv is None else list(argv), "notes": notes}
+                    "argv": args.argv, "notes": notes}
     if "kernels" in args.sections:
         with _telemetry.Telemetry(device) as tel:
             result["kernels"] = _kernels.run_kernels(device, size, quick, with_compile, cal["copy"]["gbps"])
         result["kernels_telemetry"] = tel.summary()
     if "phases" in args.sections:
-        spec = model_spec(size)
-        bench = _phases.Bench(spec, device)
-        result["phase_model"] = spec.name
-        result["phase_workload"] = {k: getattr(spec, k) for k in ("latent", "text_len", "rollout_batch", "micro_batch",
-                                                                   "num_timesteps", "num_steps", "guidance_scale",
-                                                                   "lora_rank")}
-        result["phases"], result["flops"] = _phases.run_phases(
-            bench, _phases.PHASES, quick, with_compile, cal["matmul"]["tflops"] * 1e12,
-            log=lambda msg: print(msg, file=sys.stderr))
-        del bench
-    result["targets"] = _report.evaluate_targets(result.get("kernels", []), result.get("phases", []), is_gpu)
+        run_phase_models(args, device, size, quick, with_compile, cal, result, notes)
+    target_model = model_spec(size, "sd35m").name
+    target_rows = [r for r in result.get("phases", []) if r.get("model") == target_model]
+    result["targets"] = _report.evaluate_targets(result.get("kernels", []), target_rows, is_gpu)
     result["wall_s"] = time.time() - started
-    result["files"] = _report.write_outputs(result, args.out, output_stem(device, info, size))
+    result["files"] = _report.write_outputs(result, args.out, output_stem(device, info, size, args.model))
     print(_report.render(result))
     print("\nwrote: " + ", ".join(result["files"].values()))
     return result

@@ -16,6 +16,7 @@ the block input requires grad; all are compiled in the first training step, and 
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -32,11 +33,16 @@ def transformer_blocks(transformer) -> list[torch.nn.Module]:
 
 
 def _batch_dynamic_call(compiled, block):
+    """block.forward(...) through `compiled`, with dim 0 of the batch inputs marked dynamic whether they come
+    by keyword (the transformers' loops) or by position (diffusers' gradient checkpointing)."""
+    positions = list(inspect.signature(type(block).forward).parameters)[1:]
+
     @functools.wraps(compiled)
     def forward(*args, **kwargs):
+        named = {**dict(zip(positions, args)), **kwargs}
         for name in BATCH_INPUTS:
-            if isinstance(kwargs.get(name), torch.Tensor):
-                torch._dynamo.maybe_mark_dynamic(kwargs[name], 0)
+            if isinstance(named.get(name), torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(named[name], 0)
         return compiled(block, *args, **kwargs)
 
     return forward

@@ -1,16 +1,21 @@
 """The profiling harness (benchmarks/step_time.py): a tiny CPU run end to end, the byte model, the FLOP formula."""
+import csv
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
-from benchmarks import _kernels, _models, _report, _timing
+from benchmarks import _kernels, _models, _phases, _report, _timing
 from benchmarks import step_time
+
+SD3_TINY, FLUX_TINY = _models.model_spec("tiny").name, _models.model_spec("tiny", "flux").name
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One `--quick --tiny` run (kernels and phases) on the CPU; returns (result, JSON read back, out dir)."""
+    """One `--quick --tiny` run (kernels and phases of both tiny models) on the CPU; returns (result, JSON read back,
+    out dir)."""
     out = tmp_path_factory.mktemp("step_time")
     result = step_time.main(["--quick", "--tiny", "--device", "cpu", "--out", str(out)])
     return result, json.loads((out / "step_time_cpu_tiny.json").read_text()), out
@@ -52,10 +57,11 @@ def test_tiny_run_measures_both_sections(tiny_run):
         if r["status"] == "ok":
             assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
             assert r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e-3) / 1e9)
-    phases = {(r["variant"], r["phase"]) for r in saved["phases"] if r["status"] == "ok"}
+    phases = {(r["model"], r["variant"], r["phase"]) for r in saved["phases"] if r["status"] == "ok"}
     for variant in ("fast", "baseline", "fast -shared_batch", "fast -best_attention"):
         for phase in ("rollout", "rollout_cfg", "train", "end_to_end"):
-            assert (variant, phase) in phases
+            assert (SD3_TINY, variant, phase) in phases
+            assert ((FLUX_TINY, variant, phase) in phases) == (phase != "rollout_cfg")  # FLUX: no CFG
     base = [r for r in saved["phases"] if r["variant"] == "baseline" and r["status"] == "ok"]
     assert all(r["speedup_vs_baseline"] == pytest.approx(1.0) for r in base)
     assert all(r["images_per_s"] > 0 and r["mfu_pct"] > 0 for r in base)
@@ -65,10 +71,31 @@ def test_tiny_run_measures_both_sections(tiny_run):
 
 def test_flops_formula_matches_the_counter_in_the_run(tiny_run):
     _, saved, _ = tiny_run
-    fl = saved["flops"]
-    assert fl["forward_per_image"] == fl["forward_counted"]
-    assert fl["backward_per_row_counted"] > 0
-    assert fl["train_per_image"] == 2 * (3 * fl["forward_per_image"] + fl["backward_per_row_counted"])
+    assert saved["flops"] == saved["flops_by_model"][SD3_TINY]
+    for fl in saved["flops_by_model"].values():
+        assert fl["forward_per_image"] == fl["forward_counted"]
+        assert fl["backward_per_row_counted"] > 0
+        assert fl["train_per_image"] == 2 * (3 * fl["forward_per_image"] + fl["backward_per_row_counted"])
+    assert saved["flops_by_model"][FLUX_TINY]["rollout_cfg_per_image"] is None
+
+
+def test_both_phase_models_are_reported_apart(tiny_run):
+    _, saved, out = tiny_run
+    assert saved["phase_model"] == SD3_TINY and saved["phase_models"] == [SD3_TINY, FLUX_TINY]
+    assert saved["phase_models_skipped"] == {}
+    flux = saved["phase_workloads"][FLUX_TINY]
+    assert flux["kind"] == "flux" and flux["guidance"] == 3.5 and flux["gradient_checkpointing"]
+    assert all(r["model"] in (SD3_TINY, FLUX_TINY) for r in saved["phases"])
+    ok = [r for r in saved["phases"] if r["status"] == "ok" and r["model"] == FLUX_TINY]
+    assert all(r["speedup_vs_baseline"] == pytest.approx(1.0) for r in ok if r["variant"] == "baseline")
+    assert {r["attention"] for r in ok if r["variant"] == "baseline"} == {
+        "diffusers default (FluxAttnProcessor, native SDPA dispatch)"}
+    assert all(r["attention"].endswith("(diffusers dispatch)") for r in ok if r["variant"] == "fast")
+    md = (out / "step_time_cpu_tiny.md").read_text()
+    assert f"## Phases ({SD3_TINY};" in md and f"## Phases ({FLUX_TINY};" in md
+    with (out / "step_time_cpu_tiny.csv").open(newline="") as f:
+        csv_rows = [r for r in csv.DictReader(f) if r["section"] == "phase"]
+    assert {r["model"] for r in csv_rows} == {SD3_TINY, FLUX_TINY}
 
 
 def test_byte_model_hand_case():
@@ -116,6 +143,37 @@ def test_flop_formula_matches_flop_counter_on_tiny_mmdit():
     assert counted == _models.mmdit_forward_flops(spec.transformer, spec.latent[1:], spec.text_len)
 
 
+def test_flux_flop_formula_matches_flop_counter_on_tiny_flux():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from awm_fast.models.flux import flux_call
+    from awm_fast.models.policy import Conditioning
+
+    _phases.diffusers_default_attention()  # FLOPs of the native SDPA path (another test may have set flash)
+    for size, guidance_embeds in (("tiny", True), ("cpu", False)):
+        spec = _models.model_spec(size, "flux")
+        spec = replace(spec, transformer={**spec.transformer, "guidance_embeds": guidance_embeds})
+        model = _models.build_transformer(spec, torch.device("cpu"))
+        x = torch.randn(1, *spec.latent)
+        cond = Conditioning(torch.randn(1, spec.text_len, spec.transformer["joint_attention_dim"]),
+                            torch.randn(1, spec.transformer["pooled_projection_dim"]))
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            counted = _models.count_flops(lambda: flux_call(model, x, torch.tensor([0.5]), cond, 3.5))
+        assert counted == _models.forward_flops(spec) > 0, size
+    with pytest.raises(ValueError):
+        _models.flux_forward_flops(_models.TINY_FLUX_CONFIG, (7, 8), 8)
+
+
+def test_flux_dev_forward_flops_and_memory_estimate():
+    spec = _models.model_spec("full", "flux")
+    assert (spec.latent, spec.text_len, spec.guidance, spec.uses_cfg) == ((16, 64, 64), 512, 3.5, False)
+    # 1024 packed image tokens + 512 T5 tokens through 19 double + 38 single blocks of d = 3072: 21.5 TFLOP
+    assert _models.forward_flops(spec) == pytest.approx(21.5026e12, rel=1e-4)
+    est = _models.phase_memory_estimate(spec)
+    assert est["params"] == pytest.approx(11.90e9, rel=1e-3)  # FLUX.1-dev's transformer: 11.9 B parameters
+    assert 70e9 < est["total_bytes"] < 80e9  # fp32 weights 47.6 GB + checkpointed activations + workspace
+
+
 def test_sd35m_forward_flops_per_image():
     # 512 px, 205 text tokens: 2.22 TFLOP (DESIGN.md estimates "about 2.2")
     assert _models.mmdit_forward_flops(_models.SD35M_CONFIG, (64, 64), 205) == pytest.approx(2.2237e12, rel=1e-4)
@@ -140,3 +198,7 @@ def test_quantiles_and_targets():
 def test_bad_arguments_stop_with_a_message():
     with pytest.raises(SystemExit):
         step_time.parse_args(["--only", "kernels,bogus"])
+    with pytest.raises(SystemExit):
+        step_time.parse_args(["--model", "sd3"])
+    assert step_time.parse_args([]).model == "both"
+    assert step_time.output_stem(torch.device("cpu"), {}, "tiny", "flux") == "step_time_cpu_tiny_flux"

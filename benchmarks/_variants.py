@@ -1,0 +1,92 @@
+"""The variants of the phase benchmark (which optimisations are on) and what they mean on a device: weight dtype
+and autocast, the ops backend, diffusers' attention default, and releasing a variant's memory afterwards."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+from awm_fast.ops.dispatch import ENV_VAR
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which optimisations are on. bf16=False: fp32 weights under fp16 autocast (the official setting)."""
+
+    name: str
+    bf16: bool = True
+    shared_batch: bool = True
+    compile_blocks: bool = True
+    best_attention: bool = True
+    fused_ops: bool = True
+    cuda_graphs: bool = True
+
+
+FAST = Variant("fast")
+BASELINE = Variant("baseline", bf16=False, shared_batch=False, compile_blocks=False, best_attention=False,
+                   fused_ops=False, cuda_graphs=False)
+TOGGLES = ("shared_batch", "compile_blocks", "best_attention", "fused_ops", "bf16", "cuda_graphs")
+
+
+def variants() -> list[Variant]:
+    """fast, fast minus each optimisation, baseline."""
+    return [FAST] + [replace(FAST, name=f"fast -{t}", **{t: False}) for t in TOGGLES] + [BASELINE]
+
+
+def inactive_reason(variant: Variant, device: torch.device, allow_compile: bool) -> str | None:
+    """Why a "fast -X" row would measure nothing new on this device (None: it is a real measurement)."""
+    if device.type != "cuda":
+        if variant.name == "fast -bf16":
+            return "precision toggle inactive on CPU (both run float32)"
+        if variant.name == "fast -fused_ops":
+            return "fused ops are Triton on CUDA only (on CPU both run the torch path)"
+        if variant.name == "fast -cuda_graphs":
+            return "CUDA graphs need a CUDA device"
+    if not allow_compile and variant.name == "fast -compile_blocks":
+        return "torch.compile switched off for this run (--no-compile / --tiny)"
+    return None
+
+
+@contextlib.contextmanager
+def ops_backend(fused: bool):
+    """AWM_FAST_BACKEND=torch for the unfused ops; unset (auto) for the fused path; restored afterwards."""
+    old = os.environ.get(ENV_VAR)
+    if fused:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = "torch"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
+
+
+def precision(variant: Variant, device: torch.device):
+    """(weight dtype, autocast context factory) of a variant on this device."""
+    if device.type != "cuda":
+        return torch.float32, contextlib.nullcontext
+    if variant.bf16:
+        return torch.bfloat16, contextlib.nullcontext
+    return torch.float32, lambda: torch.autocast("cuda", dtype=torch.float16)
+
+
+def diffusers_default_attention() -> None:
+    """diffusers' `set_attention_backend` also sets a process-wide active backend, which every FLUX processor
+    without its own backend then uses: put diffusers' default (DIFFUSERS_ATTN_BACKEND, native SDPA) back."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    from diffusers.utils.constants import DIFFUSERS_ATTN_BACKEND
+
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName(DIFFUSERS_ATTN_BACKEND))
+
+
+def release_memory(device: torch.device) -> None:
+    """Collect the cycles a policy leaves (compiled block forwards, CUDA graphs) and return the cached blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
