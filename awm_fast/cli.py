@@ -1,8 +1,12 @@
-"""`awm-fast` command line: `awm-fast train [--config NAME|PATH] [--resume RUN|CKPT] [section.key=value ...]`."""
+"""`awm-fast` command line: `awm-fast train [--config NAME|PATH] [--resume RUN|CKPT] [section.key=value ...]`.
+
+Several processes: `torchrun --nproc_per_node N -m awm_fast.cli train ...` (every rank runs the same command;
+rank 0 prints the report)."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from awm_fast.config import ConfigError, list_presets, load_config
@@ -59,16 +63,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from diffusers.utils import logging as diffusers_logging
 
+    from awm_fast.train.distributed import TrainingError
     from awm_fast.train.trainer import train
 
     diffusers_logging.set_verbosity_error()  # its dtype-cast notices on every save are not actionable here
 
+    rank = os.environ.get("RANK", "0")
     try:
         summary_path = train(cfg, resume=args.resume)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"awm-fast: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, TrainingError) as exc:
+        where = f" (rank {rank})" if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
+        print(f"awm-fast: error{where}: {exc}", file=sys.stderr, flush=True)
         return 1
-    _report(summary_path)
+    if rank == "0":
+        _report(summary_path)
     return 0
 
 

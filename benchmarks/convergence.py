@@ -7,7 +7,8 @@ seconds (evaluation excluded) and images sampled. Time-to-target = the first eva
 `--target`. Speedup of AWM over a baseline = baseline's time-to-target / AWM's (seconds and images).
 
 Gradient variance (the paper's central claim): at fixed parameters (base model, fresh adapters) K independent
-rollout batches give K gradient estimates g_k of each method (its own sampler and loss, no clipping);
+rollout batches give K gradient estimates g_k of each method (its own sampler and loss, no clipping; Flow-GRPO
+with one optimizer step per rollout, so each g_k uses the whole batch as the other methods' do);
     rel_var = (1 / (K - 1)) sum_k ||g_k - g_bar||^2 / (mean_k ||g_k||)^2,
 and the mean pairwise cosine between the g_k. Outputs under --out: convergence_<tag>.{md,png,json}.
 
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -42,7 +45,7 @@ METHODS = {
         "train.ema_beta=1.0", "train.num_timesteps=4"]},
     "flow_grpo": {"label": "Flow-GRPO", "lrs": [1e-3, 3e-3, 1e-2], "overrides": [
         "train.algorithm=flow_grpo", "sample.sampler=euler_maruyama", "sample.noise_level=0.7",
-        "train.grpo_beta=0.04", "train.grpo_clip_range=1e-4", "train.grpo_sde_window=0"]},
+        "train.grpo_beta=0.04", "train.grpo_clip_range=1e-4", "train.grpo_sde_window=0", "train.grpo_optimizer_steps=2"]},
     "nft": {"label": "DiffusionNFT", "lrs": [1e-3, 3e-3, 1e-2], "overrides": [
         "train.algorithm=nft", "train.nft_beta=1.0", "train.nft_kl_beta=1e-4", "train.nft_decay_rate=0.001",
         "train.nft_decay_cap=0.5"]},
@@ -104,7 +107,8 @@ class _CaptureGrad:
 
 def gradient_variance(method: str, batches: int, args, workdir: Path) -> dict:
     """K gradient estimates at the base model with fresh adapters, one per independent rollout batch."""
-    cfg = load_config(None, base_overrides(args) + METHODS[method]["overrides"] + [
+    one_step = ["train.grpo_optimizer_steps=1"] if method == "flow_grpo" else []
+    cfg = load_config(None, base_overrides(args) + METHODS[method]["overrides"] + one_step + [
         f"train.lr={METHODS[method]['lrs'][0]}", f"run.output_dir={workdir}", "train.max_grad_norm=1e30"])
     torch.manual_seed(0)
     task = build_task(cfg, torch.device("cpu"), log=lambda *_: None)
@@ -120,6 +124,7 @@ def gradient_variance(method: str, batches: int, args, workdir: Path) -> dict:
             adv = group_advantages(roll["rewards"], roll["groups"], cfg.train.adv_clip_max)
             algo.update(task.policy, roll, adv, grid, cfg, gens["train"], capture, params, task.null_cond)
     g = torch.stack(capture.grads)
+    assert g.shape[0] == batches, "one gradient estimate per rollout batch"
     norms = g.norm(dim=1)
     mean_g = g.mean(0)
     rel_var = float(((g - mean_g) ** 2).sum(1).sum() / (batches - 1) / norms.mean() ** 2)
@@ -188,8 +193,8 @@ def plot(runs: list[dict], summary: dict, variance: dict, target: float, path: P
         names = list(variance)
         axes[4].bar([METHODS[m]["label"] for m in names], [variance[m]["rel_var"] for m in names],
                     color=[f"C{list(summary).index(m)}" for m in names])
-        axes[4].set_yscale("log")
-        axes[4].set_title("gradient rel. variance at init")
+        axes[4].set_ylim(0, 1.15 * max(variance[m]["rel_var"] for m in names))
+        axes[4].set_title("gradient rel. variance at init (lower = steadier)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -215,6 +220,7 @@ def write_markdown(result: dict, path: Path) -> None:
              f"Machine: {result['machine']}. Total benchmark time {result['total_seconds']:.0f} s. "
              "Seconds are summed training-step times (rollout + reward + update; evaluation excluded); the CPU may "
              "have been shared with other jobs, so images are the steadier axis.", "",
+             f"Command: `{result['command']}`" + (f" (with --note). {a['note']}" if a.get("note") else ""), "",
              "| method | lr | reached | time-to-target s (mean ± std [min, max]) | images to target | final accuracy | "
              "final reward | s/step |", "|---|---|---|---|---|---|---|---|"]
     for m, x in s.items():
@@ -243,6 +249,13 @@ def write_markdown(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def command_line(argv: list[str]) -> str:
+    """The command as run, without --note (the markdown prints the note itself)."""
+    shown = [a for i, a in enumerate(argv) if a != "--note" and not a.startswith("--note=")
+             and (i == 0 or argv[i - 1] != "--note")]
+    return shlex.join(["python", "benchmarks/convergence.py", *shown])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="30 steps, 2 seeds, no lr sweep, K = 4")
@@ -257,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.8)
     p.add_argument("--methods", default="awm,flow_grpo,nft")
     p.add_argument("--tag", default="cpu")
+    p.add_argument("--note", default="", help="a sentence for the markdown (e.g. what else ran on the machine)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
     q = args.quick
@@ -276,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     workdir = out / f"_runs_{args.tag}"
     t0 = time.perf_counter()
+    load0 = os.getloadavg()
     runs, summary = [], {}
     torch.set_num_threads(args.threads)
     if args.lrs:
@@ -302,8 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     import platform
 
     result = {"mode": "quick" if q else "full", "args": vars(args), "sweep": sweep,
+              "command": command_line(sys.argv[1:] if argv is None else argv),
               "images_per_step": runs[0]["images_per_step"],
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+                         f"torch {torch.__version__}, load average {load0[0]:.1f} at the start and "
+                         f"{os.getloadavg()[0]:.1f} at the end",
               "runs": runs, "summary": summary, "speedups": speedups(summary), "variance": variance,
               "variance_ratio_to_awm": {m: variance[m]["rel_var"] / variance["awm"]["rel_var"] for m in variance},
               "total_seconds": time.perf_counter() - t0}

@@ -9,7 +9,9 @@ current policy's log-prob l of the same x' (recomputed with `awm_fast.ops.sde_st
     loss   = policy + beta kl
 
 mean_theta / mean_ref: the Gaussian means of the step under the policy and the reference (adapters
-disabled); std: the step's noise scale (`transition_std`). Official: c = 1e-4, beta 0.04 (GenEval, OCR).
+disabled); std: the official code's `std_dev_t` (`kl_std`): for Euler-Maruyama the noise scale per unit time
+a sqrt(sigma / (1 - sigma~)), NOT the transition's std (which is that times sqrt(sigma - sigma')), for CPS the
+transition's std. Official: c = 1e-4, beta 0.04 (GenEval, OCR).
 """
 from __future__ import annotations
 
@@ -30,16 +32,16 @@ class GRPOLossOutput:
     approx_kl: torch.Tensor
 
 
-def transition_std(kind: str, sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: float) -> torch.Tensor:
-    """The noise scale of one rollout step (per row, float64), the std of x' given x.
+def kl_std(kind: str, sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: float) -> torch.Tensor:
+    """The std that divides the mean-space KL (per row, float64): the official `std_dev_t`.
 
-    euler_maruyama: a sqrt(sigma / (1 - sigma~)) sqrt(sigma - sigma'), sigma~ = sigma (sigma' where sigma == 1);
-    cps: sigma' sin(a pi / 2).
+    euler_maruyama: a sqrt(sigma / (1 - sigma~)), sigma~ = sigma (sigma' where sigma == 1); the step's noise is
+    this times sqrt(sigma - sigma'), which the official KL leaves out. cps: sigma' sin(a pi / 2), the step's noise.
     """
     s, s_next = sigma.to(torch.float64), sigma_next.to(torch.float64)
     if kind == "euler_maruyama":
         s_den = torch.where(s == 1, s_next, s)
-        return noise_level * torch.sqrt(s / (1 - s_den)) * torch.sqrt(s - s_next)
+        return noise_level * torch.sqrt(s / (1 - s_den))
     if kind == "cps":
         return s_next * math.sin(noise_level * math.pi / 2)
     raise ValueError(f"kind={kind!r}: Flow-GRPO trains stochastic steps only (euler_maruyama or cps)")

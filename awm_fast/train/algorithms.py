@@ -2,7 +2,8 @@
 
     awm        rollout with the policy (sample.sampler); AWM update on the clean latents (awm_update.py)
     flow_grpo  SDE rollout with the policy storing every state and log-prob (sampling/trajectory.py);
-               update on the stored transitions (flow_grpo_update.py)
+               update on the stored transitions, train.grpo_optimizer_steps (official 2) optimizer steps per
+               rollout (flow_grpo_update.py)
     nft        deterministic (ODE) rollout with the "old" policy = the "ema" adapter slot; update on the clean
                latents with fresh noise at the rollout timesteps (nft_update.py)
 

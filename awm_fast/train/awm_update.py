@@ -6,6 +6,13 @@ and u = eps - x0. The same rows go to the policy ("default" adapter, with grad),
 disabled) and the "ema" adapter (three calls, or one shared batch with `train.shared_batch`);
 `awm_fast.ops.awm_loss` turns the three velocities into the loss.
 Gradients of all micro-batches are averaged into one AdamW step with grad-norm clipping.
+
+Random numbers: with a `MicroBatchRNG` (the trainer) micro-batch i takes the rows [i mb, (i + 1) mb) in order
+(the trainer's sampler already shuffled the rollout) and draws its timesteps and noise from `micro(i)`, seeded
+by the global micro-batch index: the same rows, times and noise on 1 or N processes. Under DDP the gradient is
+all-reduced once, on the last micro-batch (`accumulate`); the loss is divided by the local micro-batch count,
+and DDP averages over ranks, which is the mean over all micro-batches of the step. With a plain generator the
+rows are permuted and everything is drawn from it in sequence.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from awm_fast.config import SampleConfig, TrainConfig
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.shared_batch import separate_velocities, shared_velocities
 from awm_fast.ops import awm_loss
-from awm_fast.train.update_parts import finish_step, noisy_rows
+from awm_fast.train.update_parts import MicroBatchRNG, accumulate, finish_step, micro_generator, noisy_rows
 
 
 def awm_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, advantages: torch.Tensor,
@@ -28,22 +35,25 @@ def awm_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, ad
     """Returns mean loss parts over micro-batches, grad_norm and skipped (1.0 when a non-finite step was dropped)."""
     n, mb, T = latents.shape[0], tcfg.micro_batch, tcfg.num_timesteps
     num_micro = n // mb
-    perm = torch.randperm(n, generator=generator, device=generator.device).to(latents.device)
+    perm = torch.arange(n, device=latents.device) if isinstance(generator, MicroBatchRNG) else \
+        torch.randperm(n, generator=generator, device=generator.device).to(latents.device)
     sums: dict[str, float] = defaultdict(float)
     velocities = shared_velocities if tcfg.shared_batch else separate_velocities
     optimizer.zero_grad(set_to_none=True)
     for i in tqdm(range(num_micro), desc="train", unit="mb", leave=False, disable=None):
         idx = perm[i * mb:(i + 1) * mb]
+        g = micro_generator(generator, i)
         t = sample_train_timesteps(tcfg.timestep_sampling, T, grid, shift=scfg.shift,
-                                   fraction=tcfg.timestep_fraction, generator=generator)
-        xt, target, t_rows = noisy_rows(latents[idx], t, generator)
+                                   fraction=tcfg.timestep_fraction, generator=g)
+        xt, target, t_rows = noisy_rows(latents[idx], t, g)
         c = cond[idx].repeat(T)
         adv = advantages[idx].to(torch.float32).repeat(T)
-        v, v_ref, v_ema = velocities(policy, xt, t_rows, c, need_ref=tcfg.beta > 0, need_ema=tcfg.ema_beta > 0)
-        out = awm_loss(v, target, t_rows, adv, v_ref=v_ref, v_ema=v_ema, beta=tcfg.beta, ema_beta=tcfg.ema_beta,
-                       weighting=tcfg.weighting, ghuber_power=tcfg.ghuber_power, clip_range=tcfg.clip_range,
-                       kl_weighting=tcfg.kl_weighting, ratio_mode=tcfg.ratio_mode, num_timesteps=T)
-        (out.loss / num_micro).backward()
+        with accumulate(policy, last=i == num_micro - 1):
+            v, v_ref, v_ema = velocities(policy, xt, t_rows, c, need_ref=tcfg.beta > 0, need_ema=tcfg.ema_beta > 0)
+            out = awm_loss(v, target, t_rows, adv, v_ref=v_ref, v_ema=v_ema, beta=tcfg.beta, ema_beta=tcfg.ema_beta,
+                           weighting=tcfg.weighting, ghuber_power=tcfg.ghuber_power, clip_range=tcfg.clip_range,
+                           kl_weighting=tcfg.kl_weighting, ratio_mode=tcfg.ratio_mode, num_timesteps=T)
+            (out.loss / num_micro).backward()
         kl, kl_ema = out.kl.mean().item(), out.kl_ema.mean().item()
         loss = out.loss.item()
         for key, value in (("loss", loss), ("policy_loss", loss - tcfg.beta * kl - tcfg.ema_beta * kl_ema),

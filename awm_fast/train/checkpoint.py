@@ -4,8 +4,11 @@ Layout of `<run>/checkpoints/step_000050/`:
     default/pytorch_lora_weights.safetensors, ema/pytorch_lora_weights.safetensors
         pipeline LoRA format (keys "transformer.<module>.lora_A.weight", adapter config in the metadata):
         `StableDiffusion3Pipeline` / `FluxPipeline.load_lora_weights(".../default")` loads it as trained
-    state.pt: optimizer, evaluation EMA, generator states, global RNG, step, metrics history length
-A checkpoint is written to a temporary folder and renamed into place; the last `keep` are kept.
+    state.pt: optimizer, evaluation EMA, every rank's RNG states, sampler position (seed, step, world size),
+        step, metrics history, evaluations
+A checkpoint is written to a temporary folder and renamed into place, so a run killed while writing leaves
+the previous checkpoints intact (and a `.tmp_*` folder that the next save removes); older ones beyond `keep`
+are renamed to `.trash_*` before being deleted, so a half-deleted folder is never taken for a checkpoint.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from awm_fast.models.lora import EMA, POLICY, adapter_params
+from awm_fast.train.faults import pause_point
 
 PREFIX = "transformer."
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -35,16 +39,25 @@ def save_checkpoint(run_dir: Path, step: int, transformer, state: dict, keep: in
     folder = Path(run_dir) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:06d}"
+    for stale in folder.glob(".t*_step_*"):  # left by a run killed while writing or deleting
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = folder / f".tmp_step_{step:06d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     for name in (POLICY, EMA):
         save_lora(transformer, name, tmp / name)
+    pause_point("checkpoint", step)  # test hook: a SIGKILL here must leave the earlier checkpoints usable
     torch.save({**state, "step": step}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
+    _remove(final)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def _remove(path: Path) -> None:
+    if path.exists():
+        trash = path.with_name(f".trash_{path.name}_{os.getpid()}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_lora(transformer, adapter: str, folder: Path) -> None:

@@ -1,4 +1,9 @@
-"""Evaluation: deterministic ODE samples from fixed seeds on a fixed prompt list, scored by the reward."""
+"""Evaluation: deterministic ODE samples from fixed seeds on a fixed prompt list, scored by the reward.
+
+Batch k (prompts [k B, (k + 1) B)) starts from noise seeded by (seed, k), so the samples do not depend on how
+many processes share the work: on N ranks, rank r evaluates batches r, r + N, ...; the reward sums are gathered
+on every rank and the images (uint8) on rank 0; the other ranks return an empty tensor.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,19 +12,24 @@ from awm_fast.algo.timesteps import time_grid
 from awm_fast.models.policy import FlowPolicy
 from awm_fast.rewards import Reward, check_reward_output
 from awm_fast.sampling.rollout import sample_latents
+from awm_fast.train.distributed import Dist, current
+from awm_fast.train.update_parts import derived_seed
 
 
 @torch.no_grad()
 def evaluate(policy: FlowPolicy, reward: Reward, prompts: list[str], metadata: list[dict], *, num_steps: int,
-             shift: float, seed: int, batch_size: int, guidance_scale: float = 1.0, null_cond=None
-             ) -> tuple[dict[str, float], torch.Tensor]:
+             shift: float, seed: int, batch_size: int, guidance_scale: float = 1.0, null_cond=None,
+             dist: Dist | None = None) -> tuple[dict[str, float], torch.Tensor]:
     """Mean of every reward output over the prompts, and the decoded images (N, C, H, W) in [0, 1]."""
+    dist = dist or current()
     grid = time_grid(num_steps, shift)
-    generator = torch.Generator(device=policy.device).manual_seed(seed)
     sums: dict[str, float] = {}
-    images = []
-    for start in range(0, len(prompts), batch_size):
+    images: dict[int, torch.Tensor] = {}
+    starts = list(range(0, len(prompts), batch_size))
+    for k in range(dist.rank, len(starts), dist.world):
+        start = starts[k]
         p, m = prompts[start:start + batch_size], metadata[start:start + batch_size]
+        generator = torch.Generator(device=policy.device).manual_seed(derived_seed(seed, "eval", k))
         latents, _ = sample_latents(policy, policy.encode(p), grid, sampler="ode", noise_level=0.0,
                                     generator=generator, guidance_scale=guidance_scale, null_cond=null_cond)
         img = policy.decode(latents)
@@ -27,5 +37,12 @@ def evaluate(policy: FlowPolicy, reward: Reward, prompts: list[str], metadata: l
         check_reward_output(reward.name, out, len(p))
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value).double().sum())
-        images.append(img.cpu())
-    return {k: v / len(prompts) for k, v in sums.items()}, torch.cat(images)
+        images[k] = (img.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    if dist.enabled:
+        parts = dist.all_gather_object((sums, images), "gathering evaluation results")
+        sums = {key: sum(s.get(key, 0.0) for s, _ in parts) for key in parts[0][0]}
+        if not dist.is_main:
+            return {k: v / len(prompts) for k, v in sums.items()}, torch.empty(0)
+        for _, imgs in parts:
+            images.update(imgs)
+    return {k: v / len(prompts) for k, v in sums.items()}, torch.cat([images[k] for k in sorted(images)]).float() / 255

@@ -1,4 +1,4 @@
-"""Per-step metrics to `metrics.jsonl` and TensorBoard (rank-0 only once distributed runs exist)."""
+"""Per-step metrics to `metrics.jsonl` and TensorBoard (built on rank 0 only: the other ranks write nothing)."""
 from __future__ import annotations
 
 import json

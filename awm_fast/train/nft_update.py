@@ -5,6 +5,7 @@ Rows are (timestep, sample) pairs, timestep-major, at every rollout timestep sig
 adapter, with grad), the "old" policy (the "ema" adapter slot, which the trainer moves with
 d = min(nft_decay_rate step, nft_decay_cap) and which also sampled the rollout) and, when nft_kl_beta > 0,
 the reference (adapters disabled). Gradients of all micro-batches are averaged into one AdamW step.
+Random numbers and DDP as in awm_update: micro-batch i's noise comes from `MicroBatchRNG.micro(i)`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from awm_fast.algo.nft import nft_loss
 from awm_fast.config import SampleConfig, TrainConfig
 from awm_fast.models.lora import EMA
 from awm_fast.models.policy import Conditioning, FlowPolicy
-from awm_fast.train.update_parts import finish_step, noisy_rows
+from awm_fast.train.update_parts import MicroBatchRNG, accumulate, finish_step, micro_generator, noisy_rows
 
 OLD = EMA  # the "old" policy of DiffusionNFT lives in the "ema" adapter slot
 
@@ -33,21 +34,23 @@ def nft_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, ad
     num_micro = n // mb
     times = grid[:-1].to(latents.device, torch.float32)
     T = times.numel()
-    perm = torch.randperm(n, generator=generator, device=generator.device).to(latents.device)
+    perm = torch.arange(n, device=latents.device) if isinstance(generator, MicroBatchRNG) else \
+        torch.randperm(n, generator=generator, device=generator.device).to(latents.device)
     sums: dict[str, float] = defaultdict(float)
     optimizer.zero_grad(set_to_none=True)
     for i in tqdm(range(num_micro), desc="train", unit="mb", leave=False, disable=None):
         idx = perm[i * mb:(i + 1) * mb]
-        x_t, _, t = noisy_rows(latents[idx], times, generator)
+        x_t, _, t = noisy_rows(latents[idx], times, micro_generator(generator, i))
         x0 = latents[idx].repeat(T, *([1] * (latents.dim() - 1)))
         c = cond[idx].repeat(T)
         with torch.no_grad():
             v_old = policy.velocity(x_t, t, c, OLD).float()
             v_ref = policy.velocity(x_t, t, c, None).float() if tcfg.nft_kl_beta > 0 else None
-        v = policy.velocity(x_t, t, c).float()
-        out = nft_loss(v, v_old, x_t, x0, t, advantages[idx].repeat(T), nft_beta=tcfg.nft_beta,
-                       kl_beta=tcfg.nft_kl_beta, v_ref=v_ref, clip_max=tcfg.adv_clip_max)
-        (out.loss / num_micro).backward()
+        with accumulate(policy, last=i == num_micro - 1):
+            v = policy.velocity(x_t, t, c).float()
+            out = nft_loss(v, v_old, x_t, x0, t, advantages[idx].repeat(T), nft_beta=tcfg.nft_beta,
+                           kl_beta=tcfg.nft_kl_beta, v_ref=v_ref, clip_max=tcfg.adv_clip_max)
+            (out.loss / num_micro).backward()
         for key, value in (("loss", out.loss.item()), ("policy_loss", out.policy_loss.item()), ("kl", out.kl.item()),
                            ("positive_loss", out.positive_loss.item()), ("negative_loss", out.negative_loss.item())):
             sums[key] += value / num_micro

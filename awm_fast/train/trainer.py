@@ -1,6 +1,16 @@
-"""The RL loop: rollout -> rewards -> group advantages -> update (AWM, or a baseline: train/algorithms.py)."""
+"""The RL loop: rollout -> rewards -> group advantages -> update (AWM, or a baseline: train/algorithms.py).
+
+One process, or N under torchrun (train/distributed.py). Each step's prompt groups come from a sampler seeded
+by (seed, step) that every rank draws identically: prompts_per_step prompts x group_size copies, shuffled over
+the step's global batch; rank r rolls out its contiguous share. Rollout batch k (global index) starts from
+noise seeded by (seed, step, k) and training micro-batch i by (seed, step, i), so a sample's randomness never
+depends on the rank that produces it, and a 2-process run computes what a 1-process run computes with the
+same global batch. Rewards are gathered, so the advantage statistics (group mean, global std) are the
+1-process ones; DDP averages the gradients; evaluation is sharded and gathered; only rank 0 writes.
+"""
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import datetime
 from pathlib import Path
@@ -12,14 +22,18 @@ from awm_fast.algo.advantages import count_flat_groups, group_advantages
 from awm_fast.algo.timesteps import time_grid
 from awm_fast.config import Config
 from awm_fast.models.lora import POLICY, EvalEMA, adapter_params, update_ema_adapter
-from awm_fast.models.load import pick_device
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.train import checkpoint as ckpt
 from awm_fast.train import report
 from awm_fast.train.algorithms import Algorithm, get_algorithm, merge_extras
+from awm_fast.train.distributed import Dist, current, init_distributed, shutdown, wrap_for_training
 from awm_fast.train.evaluate import evaluate
+from awm_fast.train.faults import NonFiniteGuard, RetryingReward, out_of_memory, pause_point
 from awm_fast.train.logger import MetricsLogger
 from awm_fast.train.task import Task, build_task
+from awm_fast.train.update_parts import MicroBatchRNG, derived_seed
+
+NOT_AVERAGED = ("grad_norm", "skipped")  # already global after DDP's all-reduce
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -31,30 +45,56 @@ def peak_memory_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
-def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, gens: dict, algo: Algorithm,
-                      scorer: AsyncRewardScorer) -> dict:
-    """Sample prompts_per_step prompts x group_size images with `algo.sample`; each decoded batch is scored on
-    the reward thread pool while the next batch is sampled."""
+@contextlib.contextmanager
+def out_of_memory_stops(phase: str, device: torch.device):
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory(phase, exc, device) from None
+
+
+def plan_step(num_prompts: int, prompts_per_step: int, group_size: int, seed: int, step: int):
+    """The step's global batch, identical on every rank: (prompt index, group id) of each of the
+    prompts_per_step x group_size images, the groups shuffled over the batch."""
+    g = torch.Generator().manual_seed(derived_seed(seed, step, "prompts"))
+    pick = torch.randint(0, num_prompts, (prompts_per_step,), generator=g)
+    perm = torch.randperm(prompts_per_step * group_size, generator=g)
+    return pick.repeat_interleave(group_size)[perm], torch.arange(prompts_per_step).repeat_interleave(group_size)[perm]
+
+
+def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, seed, algo: Algorithm,
+                      scorer: AsyncRewardScorer, *, step: int = 0, dist: Dist | None = None) -> dict:
+    """This rank's share of the step's images, sampled with `algo.sample` in batches of sample.batch_size
+    (each decoded batch is scored on the reward threads while the next one samples); rewards, reward parts and
+    group ids are gathered over all ranks (global order), latents/cond/extras stay local. `seed` is the run's
+    seed, or a dict of generators (older callers: a seed is drawn from its "prompts" generator)."""
+    dist = dist or current()
+    if isinstance(seed, dict):
+        seed = int(torch.randint(0, 2**62, (1,), generator=seed["prompts"]))
     s = cfg.sample
-    pick = torch.randint(0, len(task.prompts), (s.prompts_per_step,), generator=gens["prompts"]).tolist()
-    order = [k for k in pick for _ in range(s.group_size)]
-    prompts = [task.prompts[k] for k in order]
-    meta = [task.metadata[k] for k in order]
-    groups = torch.arange(s.prompts_per_step).repeat_interleave(s.group_size)
+    prompt_of, groups = plan_step(len(task.prompts), s.prompts_per_step, s.group_size, seed, step)
+    n_local = len(prompt_of) // dist.world
+    lo = dist.rank * n_local
+    prompts = [task.prompts[k] for k in prompt_of[lo:lo + n_local].tolist()]
+    meta = [task.metadata[k] for k in prompt_of[lo:lo + n_local].tolist()]
     cond = task.policy.encode(prompts)
     t0 = time.perf_counter()
     latents, extras = [], []
-    for b in tqdm(range(0, len(prompts), s.batch_size), desc="sample", unit="batch", leave=False, disable=None):
-        x, extra = algo.sample(task.policy, cond[b:b + s.batch_size], grid, cfg, gens["rollout"], task.null_cond)
+    for b in tqdm(range(0, n_local, s.batch_size), desc="sample", unit="batch", leave=False, disable=None):
+        gen = torch.Generator(device=task.policy.device).manual_seed(
+            derived_seed(seed, step, "rollout", (lo + b) // s.batch_size))
+        x, extra = algo.sample(task.policy, cond[b:b + s.batch_size], grid, cfg, gen, task.null_cond)
         scorer.submit(task.policy.decode(x), prompts[b:b + s.batch_size], meta[b:b + s.batch_size])
         latents.append(x)
         extras.append(extra)
     t1 = time.perf_counter()
     outs = scorer.gather()
     timings = scorer.timings[-len(outs):]
-    rewards = torch.cat([o["reward"] for o in outs])
-    extra = {k: float(torch.cat([o[k] for o in outs]).mean()) for k in outs[0] if k != "reward"}
-    return dict(latents=torch.cat(latents), cond=cond, rewards=rewards, groups=groups, extra=extra,
+    keys = ["reward"] + sorted(k for k in outs[0] if k != "reward")
+    table = torch.stack([torch.cat([o[k] for o in outs]) for k in keys], dim=1)  # (n_local, keys) float64
+    table = dist.all_gather_cat(table, "gathering the rollout rewards")
+    return dict(latents=torch.cat(latents), cond=cond, rewards=table[:, 0], groups=groups,
+                local=slice(lo, lo + n_local), extra={k: float(table[:, i].mean()) for i, k in enumerate(keys) if i},
                 extras=merge_extras(extras), sample_s=t1 - t0, reward_s=sum(t.score_s for t in timings),
                 reward_wait_s=time.perf_counter() - t1)
 
@@ -68,34 +108,53 @@ def step_metrics(roll: dict, stats: dict, decay: float, step_s: float, train_s: 
             "time_step": step_s, "images_per_s": len(r) / step_s, **mem}
 
 
+def rng_state(device: torch.device) -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
 def train(cfg: Config, *, resume: str | None = None, log=print) -> Path:
-    """Run the loop; returns the path of the run's summary.json."""
+    """Run the loop (on every rank of a torchrun launch); returns the path of the run's summary.json."""
+    d = init_distributed(cfg.run.device, cfg.run.dist_backend, cfg.run.dist_timeout_s)
+    path = _train(cfg, d, resume, log if d.is_main else (lambda *_: None))
+    if d.enabled:
+        d.barrier("waiting for rank 0 to write the summary")
+        shutdown()
+    return path
+
+
+def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    device = pick_device(cfg.run.device)
+    t, s = cfg.train, cfg.sample
+    images_per_step = s.prompts_per_step * s.group_size
+    if images_per_step % (d.world * s.batch_size):
+        raise ValueError(f"sample.prompts_per_step x sample.group_size = {images_per_step} images per step do not split "
+                         f"into whole rollout batches of sample.batch_size={s.batch_size} over {d.world} processes "
+                         f"(needs a multiple of {d.world * s.batch_size})")
+    torch.manual_seed(t.seed)  # the LoRA initialisation: the same in every run and on every rank
+    device = d.device
     ckpt_path = ckpt.resolve_checkpoint(resume) if resume else None
     run_dir = ckpt_path.parent.parent if ckpt_path else \
-        Path(cfg.run.output_dir) / (cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
+        Path(cfg.run.output_dir) / d.broadcast_object(cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    task = build_task(cfg, device, log=log)
-    policy, t, s = task.policy, cfg.train, cfg.sample
+    with d.main_first():  # rank 0 builds the caches (digits model, prompt embeddings), the others read them
+        task = build_task(cfg, device, log=log)
+    task.reward = RetryingReward(task.reward, cfg.reward.retries, cfg.reward.retry_wait_s, log=log)
+    policy = task.policy
+    train_policy = wrap_for_training(policy, d)  # DDP on several processes (broadcasts rank 0's adapters)
     algo = get_algorithm(t.algorithm)
     params = list(adapter_params(policy.transformer, POLICY).values())
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
     eval_ema = EvalEMA(policy.transformer) if t.eval_ema else None
-    gens = {"prompts": torch.Generator().manual_seed(t.seed),
-            "rollout": torch.Generator(device=device).manual_seed(t.seed + 1),
-            "train": torch.Generator(device=device).manual_seed(t.seed + 2)}
     eval_kw = dict(num_steps=s.eval_num_steps, shift=s.shift, seed=t.seed + 1000, batch_size=max(s.batch_size, 64),
-                   guidance_scale=s.eval_guidance_scale, null_cond=task.null_cond)
+                   guidance_scale=s.eval_guidance_scale, null_cond=task.null_cond, dist=d)
 
     def run_eval(step: int, weights: str = "raw"):
-        if weights == "ema":
-            with eval_ema.swapped_in(policy.transformer):
-                metrics, images = evaluate(policy, task.reward, task.eval_prompts, task.eval_metadata, **eval_kw)
-        else:
+        with out_of_memory_stops("evaluation", device), \
+                (eval_ema.swapped_in(policy.transformer) if weights == "ema" else contextlib.nullcontext()):
             metrics, images = evaluate(policy, task.reward, task.eval_prompts, task.eval_metadata, **eval_kw)
         evals.append({"step": step, "weights": weights, **metrics})
         log(f"[eval] step {step} ({weights} weights): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -107,32 +166,44 @@ def train(cfg: Config, *, resume: str | None = None, log=print) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         if eval_ema is not None:
             eval_ema.load_state_dict(state["eval_ema"])
-        for name, g in gens.items():
-            g.set_state(state["generators"][name])
-        torch.set_rng_state(state["torch_rng"])
+        rngs = state.get("rng", [])
+        if len(rngs) == d.world:
+            torch.set_rng_state(rngs[d.rank]["torch"])
+            if device.type == "cuda" and rngs[d.rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(rngs[d.rank]["cuda"], device)
         start, evals, history = state["step"], state["evals"], state["history"]
         before_images, train_seconds = state["before_images"], state["train_seconds"]
-        log(f"[resume] {ckpt_path} at step {start}")
+        saved_world = state.get("sampler", {}).get("world_size", len(rngs))
+        log(f"[resume] {ckpt_path} at step {start}" + (f" (saved on {saved_world} processes, now {d.world}: "
+                                                        "per-rank RNG states not restored, none is used)"
+                                                        if saved_world != d.world else ""))
     else:
         _, before_images = run_eval(0)
-    logger = MetricsLogger(run_dir, cfg.run.tensorboard, history)
+    logger = MetricsLogger(run_dir, cfg.run.tensorboard, history) if d.is_main else None
     grid = time_grid(s.num_steps, s.shift)
+    nonfinite = NonFiniteGuard(t.max_nonfinite_steps)
+    micro_per_rank = images_per_step // d.world // t.micro_batch
     scorer = AsyncRewardScorer(task.reward, cfg.reward.num_workers)
     with scorer:
-        bar = tqdm(range(start, t.steps), desc=t.algorithm, unit="step", initial=start, total=t.steps, mininterval=1.0)
+        bar = tqdm(range(start, t.steps), desc=t.algorithm, unit="step", initial=start, total=t.steps, mininterval=1.0,
+                   disable=not d.is_main or None)
         for step in bar:
             t0 = time.perf_counter()
             reset_peak_memory(device)
-            roll = rollout_and_score(task, cfg, grid, gens, algo, scorer)
-            advantages = group_advantages(roll["rewards"], roll["groups"], t.adv_clip_max)
+            with out_of_memory_stops("the rollout", device):
+                roll = rollout_and_score(task, cfg, grid, t.seed, algo, scorer, step=step, dist=d)
+            advantages = group_advantages(roll["rewards"], roll["groups"], t.adv_clip_max)[roll["local"]]
             mem = {"peak_mem_rollout_gb": peak_memory_gb(device)}
             t1 = time.perf_counter()
             reset_peak_memory(device)
-            stats = algo.update(policy, roll, advantages.to(device), grid, cfg, gens["train"], optimizer, params,
-                                task.null_cond)
+            rng = MicroBatchRNG(t.seed, step, first_index=d.rank * micro_per_rank, device=device)
+            with out_of_memory_stops("the update", device), d.guard("the update (DDP gradient all-reduce)", any_error=False):
+                stats = algo.update(train_policy, roll, advantages.to(device), grid, cfg, rng, optimizer, params,
+                                    task.null_cond)
+            pause_point("update", step + 1)
+            stats = {**d.mean({k: v for k, v in stats.items() if k not in NOT_AVERAGED}),
+                     **{k: v for k, v in stats.items() if k in NOT_AVERAGED}}
             mem["peak_mem_train_gb"] = peak_memory_gb(device)
-            if stats["skipped"]:
-                log(f"[warn] step {step + 1}: non-finite loss or gradient, optimizer step skipped")
             rate, cap = algo.adapter_decay(t)
             decay = update_ema_adapter(policy.transformer, step + 1, rate=rate, cap=cap)
             if eval_ema is not None:
@@ -140,26 +211,33 @@ def train(cfg: Config, *, resume: str | None = None, log=print) -> Path:
             dt = time.perf_counter() - t0
             train_seconds += dt
             metrics = step_metrics(roll, stats, decay, dt, time.perf_counter() - t1, mem if device.type == "cuda" else {})
-            logger.log(step + 1, metrics)
+            if logger is not None:
+                logger.log(step + 1, metrics)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{stats['loss']:.4f}", refresh=False)
+            nonfinite.update(step + 1, stats["skipped"] > 0, log)
             if metrics["flat_groups"] == s.prompts_per_step:
                 log(f"[warn] step {step + 1}: every prompt group has identical rewards: zero advantages, no signal")
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < t.steps:
                 run_eval(step + 1)
             if (cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0) or step + 1 == t.steps:
-                state = {"optimizer": optimizer.state_dict(), "eval_ema": eval_ema.state_dict() if eval_ema else None,
-                         "generators": {k: g.get_state() for k, g in gens.items()}, "torch_rng": torch.get_rng_state(),
-                         "evals": evals, "history": logger.history, "before_images": before_images,
-                         "train_seconds": train_seconds, "config": cfg.to_dict()}
-                ckpt.save_checkpoint(run_dir, step + 1, policy.transformer, state, cfg.run.keep_checkpoints)
+                rngs = d.all_gather_object(rng_state(device), "gathering RNG states for the checkpoint")
+                if d.is_main:
+                    state = {"optimizer": optimizer.state_dict(), "eval_ema": eval_ema.state_dict() if eval_ema else None,
+                             "rng": rngs, "sampler": {"seed": t.seed, "step": step + 1, "world_size": d.world},
+                             "evals": evals, "history": logger.history, "before_images": before_images,
+                             "train_seconds": train_seconds, "config": cfg.to_dict()}
+                    ckpt.save_checkpoint(run_dir, step + 1, policy.transformer, state, cfg.run.keep_checkpoints)
         bar.close()
-    logger.close()
     after, after_images = run_eval(t.steps)
+    after_ema = run_eval(t.steps, "ema")[0] if eval_ema is not None else None
+    if not d.is_main:
+        return run_dir / "summary.json"
+    logger.close()
     summary = {"eval_before": {k: v for k, v in evals[0].items() if k not in ("step", "weights")},
-               "eval_after": after, "train_seconds": train_seconds, "steps": t.steps,
+               "eval_after": after, "train_seconds": train_seconds, "steps": t.steps, "world_size": d.world,
                "total_seconds_this_process": time.perf_counter() - t_start, **task.info}
-    if eval_ema is not None:
-        summary["eval_after_ema"] = run_eval(t.steps, "ema")[0]
+    if after_ema is not None:
+        summary["eval_after_ema"] = after_ema
     report.plot_curves(logger.history, evals, run_dir / "curves.png")
     report.plot_grid(before_images, after_images, task.eval_prompts, run_dir / "samples_before_after.png")
     (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,9 +1,53 @@
-"""Pieces every update loop (AWM, Flow-GRPO, DiffusionNFT) shares: noisy training rows and the optimizer step."""
+"""Pieces every update loop (AWM, Flow-GRPO, DiffusionNFT) shares: noisy training rows, per-micro-batch random
+numbers, gradient accumulation under DDP and the optimizer step."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
+import os
 
 import torch
+
+
+def derived_seed(*parts) -> int:
+    """A 63-bit seed from (seed, step, what, index, ...): the same on every rank and every world size."""
+    digest = hashlib.blake2b(repr(tuple(int(p) if isinstance(p, bool) else p for p in parts)).encode(),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class MicroBatchRNG(torch.Generator):
+    """Random numbers of one update, independent of which rank (and how many ranks) trains which rows.
+
+    Itself a generator (seeded by (seed, step, "shuffle", first_index)) for loops that permute their rows;
+    `micro(i)` is a fresh generator for the i-th local micro-batch, seeded by (seed, step, global index
+    first_index + i): a micro-batch's timesteps and noise are the same whichever rank draws them."""
+
+    def __new__(cls, seed: int, step: int, first_index: int = 0, device: torch.device | str = "cpu"):
+        return super().__new__(cls, device=device)
+
+    def __init__(self, seed: int, step: int, first_index: int = 0, device: torch.device | str = "cpu") -> None:
+        self.seed, self.step, self.first_index = seed, step, first_index
+        self.manual_seed(derived_seed(seed, step, "shuffle", first_index))
+
+    def micro(self, i: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(
+            derived_seed(self.seed, self.step, "train", self.first_index + i))
+
+
+def micro_generator(generator: torch.Generator, i: int) -> torch.Generator:
+    """The generator of micro-batch i: `MicroBatchRNG.micro(i)`, or a plain generator drawn in sequence."""
+    return generator.micro(i) if isinstance(generator, MicroBatchRNG) else generator
+
+
+def accumulate(policy, last: bool):
+    """Context for one micro-batch's forward and backward: DDP's `no_sync` except on the last one, so the
+    gradient is all-reduced once per optimizer step (a no-op without DDP)."""
+    module = policy.transformer
+    if not last and isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return module.no_sync()
+    return contextlib.nullcontext()
 
 
 def noisy_rows(x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
@@ -17,13 +61,32 @@ def noisy_rows(x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
     return (1 - tv) * x0r + tv * eps, eps - x0r, t_rows
 
 
+_DUMPS = {"count": 0}
+
+
+def _dump_grads(params: list[torch.nn.Parameter]) -> None:
+    """Test hook: with $AWM_FAST_GRAD_DUMP set, rank 0 saves each optimizer step's (all-reduced) gradients."""
+    folder = os.environ.get("AWM_FAST_GRAD_DUMP")
+    if not folder or int(os.environ.get("RANK", "0")) != 0:
+        return
+    _DUMPS["count"] += 1
+    os.makedirs(folder, exist_ok=True)
+    torch.save([p.grad.detach().cpu().clone() if p.grad is not None else None for p in params],
+               os.path.join(folder, f"grads_{_DUMPS['count']:04d}.pt"))
+
+
 def finish_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_grad_norm: float,
                 loss: float) -> dict[str, float]:
-    """Clip, then step unless the loss or the gradient is non-finite (NaN never reaches the weights);
-    always leaves the grads cleared."""
+    """Clip, then step unless the loss or the gradient is non-finite on any rank (NaN never reaches the weights;
+    every rank takes the same decision); always leaves the grads cleared."""
+    _dump_grads(params)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    skipped = not (math.isfinite(grad_norm) and math.isfinite(loss))
-    if not skipped:
+    bad = not (math.isfinite(grad_norm) and math.isfinite(loss))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from awm_fast.train.distributed import current
+
+        bad = current().any(bad)
+    if not bad:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"grad_norm": grad_norm, "skipped": float(skipped)}
+    return {"grad_norm": grad_norm, "skipped": float(bad)}

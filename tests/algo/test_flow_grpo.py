@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from awm_fast.algo.flow_grpo import flow_grpo_loss, transition_std
+from awm_fast.algo.flow_grpo import flow_grpo_loss, kl_std
 from awm_fast.ops import sde_step
 
 f64 = torch.float64
@@ -44,19 +44,23 @@ def test_bad_inputs():
     with pytest.raises(TypeError):
         flow_grpo_loss(x, [0.0, 0.0, 0.0], x)
     with pytest.raises(ValueError, match="stochastic"):
-        transition_std("ode", torch.ones(1), torch.ones(1), 0.7)
+        kl_std("ode", torch.ones(1), torch.ones(1), 0.7)
 
 
-def test_transition_std_by_hand():
+def test_kl_std_by_hand():
+    # the official std_dev_t: a sqrt(sigma / (1 - sigma~)) for Euler-Maruyama (sigma~ = sigma' at sigma = 1), without
+    # the sqrt(-dt) of the step's noise; sigma' sin(a pi / 2) for CPS
     s, sn = torch.tensor([0.5, 1.0]), torch.tensor([0.25, 0.8])
-    torch.testing.assert_close(transition_std("euler_maruyama", s, sn, 0.7), torch.tensor([0.35, 0.7], dtype=f64))
-    torch.testing.assert_close(transition_std("cps", s, sn, 0.8), sn.double() * math.sin(0.4 * math.pi))
+    torch.testing.assert_close(kl_std("euler_maruyama", s, sn, 0.7), torch.tensor([0.7, 0.7 * math.sqrt(5)], dtype=f64))
+    torch.testing.assert_close(kl_std("cps", s, sn, 0.8), sn.double() * math.sin(0.4 * math.pi))
 
 
 @pytest.mark.parametrize("kind", ["euler_maruyama", "cps"])
-def test_transition_std_is_the_noise_scale_of_sde_step(gen, kind):
+def test_kl_std_against_the_noise_scale_of_sde_step(gen, kind):
     x, v, noise = (torch.randn(3, 2, 4, 4, generator=gen, dtype=f64) for _ in range(3))
     sigma, sigma_next = torch.tensor([1.0, 0.7, 0.3], dtype=f64), torch.tensor([0.9, 0.5, 0.1], dtype=f64)
     step = sde_step(x, v, sigma, sigma_next, noise=noise, noise_level=0.8, kind=kind, backend="torch")
-    std = transition_std(kind, sigma, sigma_next, 0.8)
+    std = kl_std(kind, sigma, sigma_next, 0.8)
+    if kind == "euler_maruyama":
+        std = std * (sigma - sigma_next).sqrt()
     torch.testing.assert_close(step.x_next - step.mean, std.view(-1, 1, 1, 1) * noise)

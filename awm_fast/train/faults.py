@@ -1,0 +1,108 @@
+"""Failures the trainer turns into one clear line instead of a crash dump or a hang.
+
+- a reward that raises (a flaky server, a network file system) is retried `reward.retries` times, then the run
+  stops naming the reward and the last error (ValueError/TypeError are bugs or bad input: never retried);
+- `train.max_nonfinite_steps` steps in a row with a non-finite loss or gradient stop the run (each one alone
+  is skipped with a warning: update_parts.finish_step);
+- CUDA out-of-memory stops with the config keys that reduce memory;
+- `pause_point`: a test hook that parks the process at a named point so that a test can SIGKILL it there.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from awm_fast.train.distributed import TrainingError
+
+
+class RewardFailed(TrainingError):
+    pass
+
+
+class NonFiniteSteps(TrainingError):
+    pass
+
+
+class OutOfMemory(TrainingError):
+    pass
+
+
+class RetryingReward:
+    """Calls `reward`, retrying up to `retries` times (waiting `wait_s`, doubling) on errors other than
+    ValueError/TypeError/out-of-memory; then raises RewardFailed."""
+
+    def __init__(self, reward, retries: int = 2, wait_s: float = 5.0, log=print) -> None:
+        self.reward, self.retries, self.wait_s, self.log = reward, retries, wait_s, log
+        self.name = getattr(reward, "name", type(reward).__name__)
+
+    def __call__(self, images, prompts, metadata):
+        wait = self.wait_s
+        for attempt in range(self.retries + 1):
+            try:
+                return self.reward(images, prompts, metadata)
+            except (ValueError, TypeError, torch.OutOfMemoryError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - anything else may be transient (network, server, files)
+                last = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                if attempt == self.retries:
+                    raise RewardFailed(f"reward {self.name!r} failed {self.retries + 1} times in a row, last error "
+                                       f"{last[:300]}; check the reward model/server (reward.retries="
+                                       f"{self.retries} retries)") from exc
+                self.log(f"[warn] reward {self.name!r} failed ({last[:200]}); retry {attempt + 1}/{self.retries} "
+                         f"in {wait:g} s")
+                time.sleep(wait)
+                wait *= 2
+
+    def __getattr__(self, name):  # the wrapped reward's other attributes (only called for missing ones)
+        if name == "reward":
+            raise AttributeError(name)
+        return getattr(self.reward, name)
+
+
+MEMORY_KNOBS = ("train.micro_batch (fewer rows per backward)", "sample.batch_size (fewer images per rollout batch)",
+                "train.gradient_checkpointing=true", "train.shared_batch=true (no stored activations in the "
+                "3-way forward)", "model.dtype=bfloat16", "train.num_timesteps (rows = micro_batch x num_timesteps)",
+                "model.resolution")
+
+
+def out_of_memory(phase: str, exc: BaseException, device: torch.device) -> OutOfMemory:
+    peak = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+    return OutOfMemory(f"out of memory on {device} during {phase}{peak}; reduce memory with: "
+                       + "; ".join(MEMORY_KNOBS) + f" ({str(exc).strip().splitlines()[0][:200] if str(exc) else ''})")
+
+
+class NonFiniteGuard:
+    """Counts consecutive skipped (non-finite) steps; raises after `limit` in a row (0: never)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row = limit, 0
+
+    def update(self, step: int, skipped: bool, log=print) -> None:
+        if not skipped:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        log(f"[warn] step {step}: non-finite loss or gradient, optimizer step skipped "
+            f"({self.in_a_row} in a row{f', stopping at {self.limit}' if self.limit else ''})")
+        if self.limit and self.in_a_row >= self.limit:
+            raise NonFiniteSteps(f"{self.in_a_row} steps in a row (up to step {step}) had a non-finite loss or "
+                                 f"gradient (train.max_nonfinite_steps={self.limit}); lower train.lr, check the "
+                                 "reward and the model dtype, or resume from the last checkpoint")
+
+
+def pause_point(name: str, step: int) -> None:
+    """Test hook: with $AWM_FAST_PAUSE_AT = "<name>:<step>" (e.g. "update:3", "checkpoint:2") and this process's
+    rank in $AWM_FAST_PAUSE_RANKS (default all), write $AWM_FAST_PAUSE_MARKER (if set) and sleep there."""
+    spec = os.environ.get("AWM_FAST_PAUSE_AT")
+    if not spec or spec != f"{name}:{step}":
+        return
+    ranks = os.environ.get("AWM_FAST_PAUSE_RANKS")
+    if ranks and os.environ.get("RANK", "0") not in ranks.split(","):
+        return
+    marker = os.environ.get("AWM_FAST_PAUSE_MARKER")
+    if marker:
+        Path(marker).write_text(str(os.getpid()))
+    time.sleep(float(os.environ.get("AWM_FAST_PAUSE_SECONDS", "3600")))
