@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tolerances import tol
+
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
@@ -108,9 +110,12 @@ def test_two_processes_compute_what_one_process_computes(runs):
     grads = lambda run: [torch.load(p) for p in sorted((runs / f"grads_{run}").glob("*.pt"))]
     g1, g2 = grads("one"), grads("two")
     assert len(g1) == len(g2) == 4
-    for a, b in zip(g1, g2):
-        for x, y in zip(a, b):
-            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-8)
+    flat = lambda tensors: torch.cat([t.flatten() for t in tensors])
+    rel = [float((flat(b) - flat(a)).norm() / flat(a).norm()) for a, b in zip(g1, g2)]
+    # step 1: the same weights, so only the all-reduce's summation order differs (measured ~5e-8); after it the
+    # weights differ by that rounding, which Adam's first steps amplify (measured up to ~6e-6 by step 3)
+    assert rel[0] < 1e-6, rel
+    assert max(rel) < tol(torch.float32)["rtol"], rel
     s1, s2 = (json.loads((runs / n / "summary.json").read_text()) for n in ("one", "two"))
     assert s1["eval_before"] == pytest.approx(s2["eval_before"], abs=1e-9)  # sharded evaluation, gathered
     assert s1["eval_after"] == pytest.approx(s2["eval_after"], abs=1e-5)
