@@ -27,7 +27,8 @@ import warnings
 
 import torch
 
-from awm_fast.ops.torch_ops import awm_backward, awm_outputs_like, awm_setup_context
+from awm_fast.ops.torch_ops import (awm_backward, awm_outputs_like, awm_setup_context, call_sde_step,
+                                   sde_setup_context)
 
 Tensor = torch.Tensor
 OPS = ("awm_loss_native", "sde_step_native", "sde_log_prob_native", "sde_log_prob_backward_native")
@@ -119,13 +120,6 @@ def _sde_backward_fake(x, v, sigma, sigma_next, v_uncond, x_next, g_lp, g_mean, 
     return like(v, True), like(v_uncond, v_uncond is not None), like(x, need_x), like(x_next, need_xn)
 
 
-def _sde_setup_context(ctx, inputs, output) -> None:
-    x, v, sigma, sigma_next, v_uncond, x_next, noise_level, kind, guidance_scale = inputs
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, v, sigma, sigma_next, v_uncond, x_next)
-    ctx.options = (noise_level, kind, guidance_scale)
-
-
 def _sde_backward(ctx, g_lp, g_mean):
     x, v, sigma, sigma_next, v_uncond, x_next = ctx.saved_tensors
     need = ctx.needs_input_grad
@@ -144,7 +138,7 @@ def _register_python_rules() -> None:
     lib.register_fake("awm_fast::sde_log_prob_native")(_sde_log_prob_fake)
     lib.register_fake("awm_fast::sde_log_prob_backward_native")(_sde_backward_fake)
     lib.register_autograd("awm_fast::awm_loss_native", awm_backward, setup_context=awm_setup_context)
-    lib.register_autograd("awm_fast::sde_log_prob_native", _sde_backward, setup_context=_sde_setup_context)
+    lib.register_autograd("awm_fast::sde_log_prob_native", _sde_backward, setup_context=sde_setup_context)
 
 
 # ---- the backend functions called by awm_loss / sde_step ----
@@ -161,17 +155,8 @@ def awm_loss_native(v, target, t, advantages, v_ref, v_ema, old_log_prob, beta, 
 def sde_step_native(x, v, sigma, sigma_next, noise, generator, noise_level, kind, v_uncond, guidance_scale, x_next,
                     seed=None, offset=0, out=None) -> tuple[Tensor, Tensor, Tensor]:
     """Same arguments and returned tuple as `sde_step_torch`, plus seed / offset / out (see `sde_step`)."""
-    if x_next is not None:
-        log_prob, mean = torch.ops.awm_fast.sde_log_prob_native(x, v, sigma, sigma_next, v_uncond, x_next,
-                                                                noise_level, kind, guidance_scale)
-        return x_next, log_prob, mean
-    if noise is None and seed is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-    direct = out is not None and out.is_contiguous()
-    buf = out if direct else torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    log_prob, mean = torch.ops.awm_fast.sde_step_native(x, v, sigma, sigma_next, noise, v_uncond, buf, noise_level,
-                                                        kind, guidance_scale, 0 if seed is None else seed, offset)
-    if out is not None and not direct:
-        out.copy_(buf)
-        buf = out
-    return buf, log_prob, mean
+    ops = torch.ops.awm_fast
+    return call_sde_step(ops.sde_step_native, ops.sde_log_prob_native,
+                         lambda shape, device, dtype: torch.empty(shape, device=device, dtype=dtype), x, v, sigma,
+                         sigma_next, noise, generator, noise_level, kind, v_uncond, guidance_scale, x_next, seed, offset,
+                         out)

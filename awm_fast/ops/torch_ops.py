@@ -121,3 +121,33 @@ def awm_backward(ctx, grad_loss, *unused):
 
 
 awm_loss_ref.register_autograd(awm_backward, setup_context=awm_setup_context)
+
+
+# ---- shared by the Triton and native SDE-step ops ----
+
+def sde_setup_context(ctx, inputs, output) -> None:
+    """setup_context of the log-prob ops (x, v, sigma, sigma_next, v_uncond, x_next, noise_level, kind, w)."""
+    x, v, sigma, sigma_next, v_uncond, x_next, noise_level, kind, guidance_scale = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, v, sigma, sigma_next, v_uncond, x_next)
+    ctx.options = (noise_level, kind, guidance_scale)
+
+
+def call_sde_step(step_op, log_prob_op, empty, x, v, sigma, sigma_next, noise, generator, noise_level, kind,
+                  v_uncond, guidance_scale, x_next, seed=None, offset=0, out=None) -> tuple[Tensor, Tensor, Tensor]:
+    """`sde_step_torch`'s arguments and returned tuple on a backend's ops: log-prob mode when x_next is given;
+    otherwise noise from `generator` (as the torch path draws it) unless `noise` or an in-kernel `seed` is given,
+    written into `out` (in place when contiguous) or a new buffer from `empty(shape, device, dtype)`."""
+    if x_next is not None:
+        log_prob, mean = log_prob_op(x, v, sigma, sigma_next, v_uncond, x_next, noise_level, kind, guidance_scale)
+        return x_next, log_prob, mean
+    if noise is None and seed is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    direct = out is not None and out.is_contiguous()
+    buf = out if direct else empty(x.shape, x.device, x.dtype)
+    log_prob, mean = step_op(x, v, sigma, sigma_next, noise, v_uncond, buf, noise_level, kind, guidance_scale,
+                             0 if seed is None else seed, offset)
+    if out is not None and not direct:
+        out.copy_(buf)
+        buf = out
+    return buf, log_prob, mean

@@ -14,7 +14,7 @@ import torch
 from awm_fast.kernels import awm_loss as common
 from awm_fast.kernels.awm_loss import launch_awm_loss
 from awm_fast.kernels.sde_step import launch_sde_backward, launch_sde_forward
-from awm_fast.ops.torch_ops import awm_backward, awm_setup_context
+from awm_fast.ops.torch_ops import awm_backward, awm_setup_context, call_sde_step, sde_setup_context
 
 Tensor = torch.Tensor
 
@@ -57,13 +57,6 @@ def _sde_log_prob_op(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, v_
                               guidance_scale, 0, 0)
 
 
-def _sde_setup_context(ctx, inputs, output) -> None:
-    x, v, sigma, sigma_next, v_uncond, x_next, noise_level, kind, guidance_scale = inputs
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, v, sigma, sigma_next, v_uncond, x_next)
-    ctx.options = (noise_level, kind, guidance_scale)
-
-
 def _sde_backward(ctx, g_lp, g_mean):
     x, v, sigma, sigma_next, v_uncond, x_next = ctx.saved_tensors
     need = ctx.needs_input_grad
@@ -74,7 +67,7 @@ def _sde_backward(ctx, g_lp, g_mean):
     return gx, gv, None, None, gvu, gxn, None, None, None
 
 
-_sde_log_prob_op.register_autograd(_sde_backward, setup_context=_sde_setup_context)
+_sde_log_prob_op.register_autograd(_sde_backward, setup_context=sde_setup_context)
 
 
 def sde_step_triton(x, v, sigma, sigma_next, noise, generator, noise_level, kind, v_uncond, guidance_scale, x_next,
@@ -83,17 +76,6 @@ def sde_step_triton(x, v, sigma, sigma_next, noise, generator, noise_level, kind
 
     Sampling draws noise from `generator` exactly as the torch path does unless `noise` or `seed` is given.
     """
-    if x_next is not None:
-        log_prob, mean = torch.ops.awm_fast.sde_log_prob_triton(x, v, sigma, sigma_next, v_uncond, x_next,
-                                                                noise_level, kind, guidance_scale)
-        return x_next, log_prob, mean
-    if noise is None and seed is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-    direct = out is not None and out.is_contiguous()
-    buf = out if direct else common.empty(x.shape, x.device, x.dtype)
-    log_prob, mean = torch.ops.awm_fast.sde_step_triton(x, v, sigma, sigma_next, noise, v_uncond, buf, noise_level,
-                                                        kind, guidance_scale, 0 if seed is None else seed, offset)
-    if out is not None and not direct:
-        out.copy_(buf)
-        buf = out
-    return buf, log_prob, mean
+    ops = torch.ops.awm_fast
+    return call_sde_step(ops.sde_step_triton, ops.sde_log_prob_triton, common.empty, x, v, sigma, sigma_next, noise,
+                         generator, noise_level, kind, v_uncond, guidance_scale, x_next, seed, offset, out)
