@@ -68,6 +68,7 @@ class SampleConfig:
 @dataclass
 class TrainConfig:
     algorithm: str = "awm"  # awm | flow_grpo | nft (baselines: awm_fast/train/algorithms.py)
+    finetune: str = "lora"  # lora (DDP under torchrun) | full (every transformer weight; FSDP2 under torchrun)
     steps: int = 200
     micro_batch: int = 3  # images per training micro-batch (rows = micro_batch * num_timesteps)
     num_timesteps: int = 6
@@ -177,6 +178,7 @@ CHOICES = {
     "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "sample.sampler": ("euler_maruyama", "cps", "ode", "sa_solver"),
     "train.algorithm": ("awm", "flow_grpo", "nft"),
+    "train.finetune": ("lora", "full"),
     "train.timestep_sampling": ("discrete_wo_init", "discrete", "uniform", "logit_normal"),
     "train.weighting": ("ghuber", "uniform", "t", "t2", "huber"),
     "train.ratio_mode": ("exp_first", "sum_first"),
@@ -377,5 +379,9 @@ def validate(cfg: Config) -> None:
     if cfg.reward.weights and len(cfg.reward.weights) != len(parts):
         raise ConfigError(f"reward.weights has {len(cfg.reward.weights)} values for the {len(parts)} parts of "
                           f"reward.name={cfg.reward.name!r}")
+    if t.finetune == "full" and (t.shared_batch or t.eval_ema or s.cuda_graphs):
+        key = "train.shared_batch" if t.shared_batch else "train.eval_ema" if t.eval_ema else "sample.cuda_graphs"
+        raise ConfigError(f"{key}=true needs train.finetune=lora (LoRA routing / a LoRA shadow / graphs without FSDP "
+                          "collectives); set it to false for train.finetune=full")
     if not m.lora_targets:
         raise ConfigError("model.lora_targets is empty: name the modules that carry LoRA")

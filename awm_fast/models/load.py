@@ -1,5 +1,8 @@
-"""Build the policy (transformer + LoRA adapters + prompt encoder + decoder) for a config."""
+"""Build the policy (transformer + LoRA adapters + prompt encoder + decoder) for a config; for full fine-tuning
+(train.finetune=full) the trained transformer and its frozen reference and EMA copies instead of adapters."""
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -7,7 +10,7 @@ from awm_fast.config import Config
 from awm_fast.models.attention import resolve_attention_backend, use_attention_backend
 from awm_fast.models.compile import compile_blocks
 from awm_fast.models.cuda_graphs import VelocityGraphs
-from awm_fast.models.lora import add_adapters
+from awm_fast.models.lora import EMA, POLICY, add_adapters
 from awm_fast.models.policy import FlowPolicy
 from awm_fast.models.routing import enable_checkpointing
 
@@ -36,6 +39,8 @@ def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torc
     else:
         attention(transformer)
     m = cfg.model
+    if cfg.train.finetune == "full":
+        return transformer
     add_adapters(transformer, rank=m.lora_rank, alpha=m.lora_alpha, init=m.lora_init, targets=m.lora_targets)
     for name, p in transformer.named_parameters():  # LoRA weights train in float32
         if "lora_" in name:
@@ -49,11 +54,32 @@ def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torc
     return transformer
 
 
+def make_full_models(policy: FlowPolicy, cfg: Config, log=print) -> FlowPolicy:
+    """Full fine-tuning: the loaded transformer (model.dtype, frozen) becomes the reference; a copy of it in the
+    same dtype the EMA (KL anchor, moved after each step); a float32 copy the trained model (master weights;
+    under autocast when model.dtype is a half type). policy.transformer = the trained model."""
+    reference = policy.transformer
+    ema = copy.deepcopy(reference)
+    trained = copy.deepcopy(reference).float().requires_grad_(True)
+    if cfg.train.gradient_checkpointing:
+        enable_checkpointing(trained)
+    m = cfg.model
+    if m.compile:
+        for module in (trained, reference, ema):
+            blocks = compile_blocks(module, mode=m.compile_mode, backend=m.compile_backend)
+        log(f"[compile] {blocks} blocks of each of the trained, reference and EMA transformers compiled (mode "
+            f"{m.compile_mode}, backend {m.compile_backend}); the first step compiles them")
+    policy.transformer, policy.models = trained, {POLICY: trained, None: reference, EMA: ema}
+    return policy
+
+
 def load_policy(cfg: Config, device: torch.device, *, digits_artifacts=None, prompts: list[str] = (),
                 log=print) -> FlowPolicy:
     """digits: the cached tiny base model; sd3/flux: a diffusers folder/hub id, encoding `prompts` up front.
     With sample.cuda_graphs the no-grad transformer calls replay CUDA graphs (models.cuda_graphs)."""
     policy = _build_policy(cfg, device, digits_artifacts, list(prompts))
+    if cfg.train.finetune == "full":
+        policy = make_full_models(policy, cfg, log)
     if cfg.sample.cuda_graphs:
         if device.type == "cuda":
             policy.graphs = VelocityGraphs(policy.forward)

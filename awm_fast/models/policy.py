@@ -4,6 +4,7 @@ The transformer is called with timestep = 1000 t (the SD3 convention) and predic
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,7 +34,9 @@ class Conditioning:
 
 @dataclass
 class FlowPolicy:
-    """transformer: a diffusers SD3-style transformer with "default" and "ema" LoRA adapters.
+    """transformer: a diffusers SD3-style transformer with "default" and "ema" LoRA adapters; or, for full
+    fine-tuning (`models` set), the trained transformer itself, `models` = {"default": it, None: the frozen
+    reference, "ema": the frozen EMA copy}: the adapter argument then picks the module (no routing mask).
 
     encode(prompts) -> Conditioning; decode(latents) -> images in [0, 1], (B, C, H, W) float32.
     """
@@ -46,35 +49,43 @@ class FlowPolicy:
     dtype: torch.dtype = torch.float32
     call: Callable | None = None  # call(transformer, x, t, cond) -> v; None: the SD3 call below
     graphs: Callable | None = None  # models.cuda_graphs.VelocityGraphs(self.forward): no-grad calls replayed
+    models: dict | None = None  # full fine-tuning: {"default": trained, None: reference, "ema": EMA copy}
     _masks: dict = field(default_factory=dict, repr=False)  # routing masks by (adapter, rows, device)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, adapter: str | None = POLICY) -> torch.Tensor:
         """v(x, t, c) with the given adapter ("default", "ema", or None for the reference = base model)."""
+        if self.models is not None:
+            if adapter not in self.models:
+                raise ValueError(f"adapter={adapter!r} is not one of {tuple(self.models)} (full fine-tuning models)")
+            return self.routed_velocity(x, t, cond, None, module=self.models[adapter])
         key = (adapter, x.shape[0], x.device)
         if key not in self._masks:
             self._masks[key] = routing_mask([(adapter, x.shape[0])], x.device)
         return self.routed_velocity(x, t, cond, self._masks[key])
 
-    def routed_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, mask: torch.Tensor) -> torch.Tensor:
+    def routed_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, mask: torch.Tensor | None,
+                        module: torch.nn.Module | None = None) -> torch.Tensor:
         """v(x, t, c) with row b using the adapters mask[b] (models.routing); under autocast when the
-        transformer's dtype is a half type (the LoRA weights stay float32); no-grad calls replay CUDA graphs
-        when `graphs` is set."""
+        transformer's dtype is a half type (the LoRA / fully trained weights stay float32); no-grad calls replay
+        CUDA graphs when `graphs` is set. `module` (full fine-tuning, mask None): the module to call."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         x, cond = x.to(self.dtype), Conditioning(cond.embeds.to(self.dtype), cond.pooled.to(self.dtype))
-        if self.graphs is not None and not torch.is_grad_enabled():
+        if self.graphs is not None and module is None and not torch.is_grad_enabled():
             return self.graphs(x, t, cond.embeds, cond.pooled, mask)
-        return self.forward(x, t, cond.embeds, cond.pooled, mask)
+        return self.forward(x, t, cond.embeds, cond.pooled, mask, module)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor | None, module: torch.nn.Module | None = None) -> torch.Tensor:
         """The transformer call itself (inputs already in the transformer's dtype, t per row in [0, 1])."""
         half = self.dtype in (torch.bfloat16, torch.float16)
-        with routed(mask), torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
+        module = self.transformer if module is None else module
+        with routed(mask) if mask is not None else contextlib.nullcontext(), \
+                torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
             if self.call is not None:
-                return self.call(self.transformer, x, t.to(self.dtype), Conditioning(embeds, pooled))
-            return self.transformer(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
-                                    timestep=(t * 1000).to(self.dtype), return_dict=False)[0]
+                return self.call(module, x, t.to(self.dtype), Conditioning(embeds, pooled))
+            return module(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
+                          timestep=(t * 1000).to(self.dtype), return_dict=False)[0]
 
 
 class GuidedVelocity:

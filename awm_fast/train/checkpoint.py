@@ -4,6 +4,8 @@ Layout of `<run>/checkpoints/step_000050/`:
     default/pytorch_lora_weights.safetensors, ema/pytorch_lora_weights.safetensors
         pipeline LoRA format (keys "transformer.<module>.lora_A.weight", adapter config in the metadata):
         `StableDiffusion3Pipeline` / `FluxPipeline.load_lora_weights(".../default")` loads it as trained
+    (train.finetune=full: default/ and ema/ hold the whole transformer instead, diffusion_pytorch_model.safetensors
+    + config.json: `SD3Transformer2DModel.from_pretrained(".../default")` loads the trained weights)
     state.pt: optimizer, evaluation EMA, every rank's RNG states, sampler position (seed, step, world size),
         step, metrics history, evaluations
 A checkpoint is written to a temporary folder and renamed into place, so a run killed while writing leaves
@@ -12,13 +14,14 @@ are renamed to `.trash_*` before being deleted, so a half-deleted folder is neve
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from awm_fast.models.lora import EMA, POLICY, adapter_params
 from awm_fast.train.faults import pause_point
@@ -35,7 +38,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def save_checkpoint(run_dir: Path, step: int, transformer, state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, transformer, state: dict, keep: int, weights: dict | None = None) -> Path:
+    """weights (full fine-tuning): {"default": state dict, "ema": state dict} saved instead of the adapters."""
     folder = Path(run_dir) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:06d}"
@@ -43,7 +47,10 @@ def save_checkpoint(run_dir: Path, step: int, transformer, state: dict, keep: in
         shutil.rmtree(stale, ignore_errors=True)
     tmp = folder / f".tmp_step_{step:06d}_{os.getpid()}"
     for name in (POLICY, EMA):
-        save_lora(transformer, name, tmp / name)
+        if weights is None:
+            save_lora(transformer, name, tmp / name)
+        else:
+            save_model(transformer, weights[name], tmp / name)
     pause_point("checkpoint", step)  # test hook: a SIGKILL here must leave the earlier checkpoints usable
     torch.save({**state, "step": step}, tmp / "state.pt")
     _remove(final)
@@ -58,6 +65,18 @@ def _remove(path: Path) -> None:
         trash = path.with_name(f".trash_{path.name}_{os.getpid()}")
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def save_model(transformer, state_dict: dict, folder: Path) -> None:
+    """Whole weights in the diffusers model layout (the config of `transformer`, a diffusers model)."""
+    from awm_fast.train.full_finetune import WEIGHTS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / WEIGHTS))
+    if hasattr(transformer, "to_json_string"):
+        config = json.loads(transformer.to_json_string())
+        config["_class_name"] = config["_class_name"].removeprefix("FSDP")  # the class FSDP2 made of it
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def save_lora(transformer, adapter: str, folder: Path) -> None:
@@ -85,8 +104,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(ckpt: Path, transformer) -> dict:
     """Copy both adapters' weights into the transformer; return the saved training state."""
     for name in (POLICY, EMA):
-        weights = {k.removeprefix(PREFIX): v for k, v in
-                   load_file(str(ckpt / name / "pytorch_lora_weights.safetensors")).items()}
+        path = ckpt / name / "pytorch_lora_weights.safetensors"
+        if not path.is_file():
+            raise ValueError(f"checkpoint {ckpt} has no {name}/{path.name}: not a LoRA checkpoint "
+                             "(a train.finetune=full one holds diffusion_pytorch_model.safetensors)")
+        weights = {k.removeprefix(PREFIX): v for k, v in load_file(str(path)).items()}
         params = adapter_params(transformer, name)
         missing = sorted(set(params) - set(weights))
         if missing:

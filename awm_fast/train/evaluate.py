@@ -26,7 +26,16 @@ def evaluate(policy: FlowPolicy, reward: Reward, prompts: list[str], metadata: l
     sums: dict[str, float] = {}
     images: dict[int, torch.Tensor] = {}
     starts = list(range(0, len(prompts), batch_size))
-    for k in range(dist.rank, len(starts), dist.world):
+    # sharded full fine-tuning: every rank must make the same calls (each gathers weights from all ranks), so
+    # a rank short of a batch samples a discarded one-prompt batch
+    lockstep = policy.models is not None and dist.enabled
+    rounds = -(-len(starts) // dist.world) * dist.world if lockstep else len(starts)
+    for k in range(dist.rank, rounds, dist.world):
+        if k >= len(starts):
+            sample_latents(policy, policy.encode(prompts[:1]), grid, sampler="ode", noise_level=0.0,
+                           generator=torch.Generator(device=policy.device).manual_seed(0),
+                           guidance_scale=guidance_scale, null_cond=null_cond)
+            continue
         start = starts[k]
         p, m = prompts[start:start + batch_size], metadata[start:start + batch_size]
         generator = torch.Generator(device=policy.device).manual_seed(derived_seed(seed, "eval", k))

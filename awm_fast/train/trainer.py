@@ -6,7 +6,8 @@ the step's global batch; rank r rolls out its contiguous share. Rollout batch k 
 noise seeded by (seed, step, k) and training micro-batch i by (seed, step, i), so a sample's randomness never
 depends on the rank that produces it, and a 2-process run computes what a 1-process run computes with the
 same global batch. Rewards are gathered, so the advantage statistics (group mean, global std) are the
-1-process ones; DDP averages the gradients; evaluation is sharded and gathered; only rank 0 writes.
+1-process ones; DDP (LoRA) or FSDP2 (full fine-tuning, train/full_finetune.py) averages the gradients;
+evaluation is sharded and gathered; only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ from tqdm.auto import tqdm
 from awm_fast.algo.advantages import count_flat_groups, group_advantages
 from awm_fast.algo.timesteps import time_grid
 from awm_fast.config import Config
-from awm_fast.models.lora import POLICY, EvalEMA, adapter_params, update_ema_adapter
+from awm_fast.models.lora import EMA, POLICY, EvalEMA, adapter_params, update_ema_adapter
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.train import checkpoint as ckpt
 from awm_fast.train import report
 from awm_fast.train.algorithms import Algorithm, get_algorithm, merge_extras
 from awm_fast.train.distributed import Dist, current, init_distributed, shutdown, wrap_for_training
 from awm_fast.train.evaluate import evaluate
+from awm_fast.train.full_finetune import full_state, load_full_state, update_ema_model
 from awm_fast.train.faults import NonFiniteGuard, RetryingReward, out_of_memory, pause_point
 from awm_fast.train.logger import MetricsLogger
 from awm_fast.train.task import Task, build_task
@@ -143,9 +145,10 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
         task = build_task(cfg, device, log=log)
     task.reward = RetryingReward(task.reward, cfg.reward.retries, cfg.reward.retry_wait_s, log=log)
     policy = task.policy
-    train_policy = wrap_for_training(policy, d)  # DDP on several processes (broadcasts rank 0's adapters)
+    train_policy = wrap_for_training(policy, d)  # DDP (LoRA) or FSDP2 (full) on several processes
     algo = get_algorithm(t.algorithm)
-    params = list(adapter_params(policy.transformer, POLICY).values())
+    full = policy.models is not None  # train.finetune=full
+    params = list(policy.transformer.parameters()) if full else list(adapter_params(policy.transformer, POLICY).values())
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
     eval_ema = EvalEMA(policy.transformer) if t.eval_ema else None
@@ -162,8 +165,12 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
 
     start, evals, history, train_seconds = 0, [], [], 0.0
     if ckpt_path:
-        state = ckpt.load_checkpoint(ckpt_path, policy.transformer)
-        optimizer.load_state_dict(state["optimizer"])
+        if full:
+            state = torch.load(ckpt_path / "state.pt", weights_only=False)
+            load_full_state(ckpt_path, policy, optimizer, state["optimizer"])
+        else:
+            state = ckpt.load_checkpoint(ckpt_path, policy.transformer)
+            optimizer.load_state_dict(state["optimizer"])
         if eval_ema is not None:
             eval_ema.load_state_dict(state["eval_ema"])
         rngs = state.get("rng", [])
@@ -205,7 +212,8 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
                      **{k: v for k, v in stats.items() if k in NOT_AVERAGED}}
             mem["peak_mem_train_gb"] = peak_memory_gb(device)
             rate, cap = algo.adapter_decay(t)
-            decay = update_ema_adapter(policy.transformer, step + 1, rate=rate, cap=cap)
+            decay = update_ema_model(policy.models[EMA], policy.transformer, step + 1, rate=rate, cap=cap) if full \
+                else update_ema_adapter(policy.transformer, step + 1, rate=rate, cap=cap)
             if eval_ema is not None:
                 eval_ema.update(policy.transformer)
             dt = time.perf_counter() - t0
@@ -221,12 +229,14 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
                 run_eval(step + 1)
             if (cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0) or step + 1 == t.steps:
                 rngs = d.all_gather_object(rng_state(device), "gathering RNG states for the checkpoint")
+                with d.guard("gathering the full weights for the checkpoint"):
+                    weights, optim = full_state(policy, optimizer) if full else (None, optimizer.state_dict())
                 if d.is_main:
-                    state = {"optimizer": optimizer.state_dict(), "eval_ema": eval_ema.state_dict() if eval_ema else None,
+                    state = {"optimizer": optim, "eval_ema": eval_ema.state_dict() if eval_ema else None,
                              "rng": rngs, "sampler": {"seed": t.seed, "step": step + 1, "world_size": d.world},
                              "evals": evals, "history": logger.history, "before_images": before_images,
                              "train_seconds": train_seconds, "config": cfg.to_dict()}
-                    ckpt.save_checkpoint(run_dir, step + 1, policy.transformer, state, cfg.run.keep_checkpoints)
+                    ckpt.save_checkpoint(run_dir, step + 1, policy.transformer, state, cfg.run.keep_checkpoints, weights)
         bar.close()
     after, after_images = run_eval(t.steps)
     after_ema = run_eval(t.steps, "ema")[0] if eval_ema is not None else None

@@ -1,5 +1,5 @@
 """Pieces every update loop (AWM, Flow-GRPO, DiffusionNFT) shares: noisy training rows, per-micro-batch random
-numbers, gradient accumulation under DDP and the optimizer step."""
+numbers, gradient accumulation under DDP (or FSDP2) and the optimizer step."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +8,7 @@ import math
 import os
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def derived_seed(*parts) -> int:
@@ -43,7 +44,8 @@ def micro_generator(generator: torch.Generator, i: int) -> torch.Generator:
 
 def accumulate(policy, last: bool):
     """Context for one micro-batch's forward and backward: DDP's `no_sync` except on the last one, so the
-    gradient is all-reduced once per optimizer step (a no-op without DDP)."""
+    gradient is all-reduced once per optimizer step (a no-op without DDP; FSDP2 reduce-scatters after every
+    micro-batch's backward, which keeps only gradient shards between micro-batches)."""
     module = policy.transformer
     if not last and isinstance(module, torch.nn.parallel.DistributedDataParallel):
         return module.no_sync()
@@ -67,12 +69,16 @@ _DUMPS = {"count": 0}
 def _dump_grads(params: list[torch.nn.Parameter]) -> None:
     """Test hook: with $AWM_FAST_GRAD_DUMP set, rank 0 saves each optimizer step's (all-reduced) gradients."""
     folder = os.environ.get("AWM_FAST_GRAD_DUMP")
-    if not folder or int(os.environ.get("RANK", "0")) != 0:
+    if not folder:
+        return
+    from awm_fast.train.full_finetune import full_grads
+
+    grads = full_grads(params)  # every rank: FSDP2's sharded gradients are gathered
+    if int(os.environ.get("RANK", "0")) != 0:
         return
     _DUMPS["count"] += 1
     os.makedirs(folder, exist_ok=True)
-    torch.save([p.grad.detach().cpu().clone() if p.grad is not None else None for p in params],
-               os.path.join(folder, f"grads_{_DUMPS['count']:04d}.pt"))
+    torch.save(grads, os.path.join(folder, f"grads_{_DUMPS['count']:04d}.pt"))
 
 
 def finish_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_grad_norm: float,
@@ -80,7 +86,8 @@ def finish_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Paramete
     """Clip, then step unless the loss or the gradient is non-finite on any rank (NaN never reaches the weights;
     every rank takes the same decision); always leaves the grads cleared."""
     _dump_grads(params)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # of the whole gradient, also when sharded
+    grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     bad = not (math.isfinite(grad_norm) and math.isfinite(loss))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         from awm_fast.train.distributed import current
