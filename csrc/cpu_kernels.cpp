@@ -55,6 +55,16 @@ const T* load_tile(const RowsView& r, int64_t row, int64_t c0, int64_t n, T* buf
   return buf;
 }
 
+// Classifier-free guidance on one tile: v_uncond + w (v - v_uncond) into vt, or v itself without guidance.
+template <class T, class Args>
+const T* guided_tile(const Args& a, int64_t row, int64_t c0, int64_t n, const T* v, T w, T* bu, T* vt) {
+  if (!a.has_uncond) return v;
+  const T* u = load_tile(a.v_uncond, row, c0, n, bu);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) vt[i] = u[i] + w * (v[i] - u[i]);
+  return vt;
+}
+
 template <class T>
 void store_tile(void* p, DType dt, int64_t base, int64_t n, const T* src) {
   switch (dt) {
@@ -171,12 +181,7 @@ void sde_forward(const SdeArgs& a, double* q_part) {
       const int64_t n = std::min(TILE, c_end - c0);
       const T* x = load_tile(a.x, row, c0, n, bx);
       const T* v = load_tile(a.v, row, c0, n, bv);
-      if (a.has_uncond) {
-        const T* u = load_tile(a.v_uncond, row, c0, n, bu);
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) vt[i] = u[i] + w * (v[i] - u[i]);
-        v = vt;
-      }
+      v = guided_tile(a, row, c0, n, v, w, bu, vt);
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) mean[i] = ax * x[i] + av * v[i];
       store_tile(a.mean, a.mean_dtype, row * a.dims + c0, n, mean);
@@ -228,12 +233,7 @@ void sde_backward(const SdeArgs& a) {
       const T* x = load_tile(a.x, row, c0, n, bx);
       const T* v = load_tile(a.v, row, c0, n, bv);
       const T* xn = load_tile(a.x_next, row, c0, n, bn);
-      if (a.has_uncond) {
-        const T* u = load_tile(a.v_uncond, row, c0, n, bu);
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) vt[i] = u[i] + w * (v[i] - u[i]);
-        v = vt;
-      }
+      v = guided_tile(a, row, c0, n, v, w, bu, vt);
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         dlp[i] = glp * (xn[i] - (ax * x[i] + av * v[i]));
