@@ -124,6 +124,42 @@ def train(cfg: Config, *, resume: str | None = None, log=print) -> Path:
     return path
 
 
+def restore_state(ckpt_path: Path, policy, optimizer, eval_ema, d: Dist, log) -> dict:
+    """Load a checkpoint into the weights, optimizer and evaluation EMA (and this rank's RNG when the world size
+    is the one it was saved with); returns the saved training state (step, evals, history, ...)."""
+    if policy.models is not None:  # train.finetune=full
+        state = torch.load(ckpt_path / "state.pt", weights_only=False)
+        load_full_state(ckpt_path, policy, optimizer, state["optimizer"])
+    else:
+        state = ckpt.load_checkpoint(ckpt_path, policy.transformer)
+        optimizer.load_state_dict(state["optimizer"])
+    if eval_ema is not None:
+        eval_ema.load_state_dict(state["eval_ema"])
+    rngs = state.get("rng", [])
+    if len(rngs) == d.world:
+        torch.set_rng_state(rngs[d.rank]["torch"])
+        if d.device.type == "cuda" and rngs[d.rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(rngs[d.rank]["cuda"], d.device)
+    saved_world = state.get("sampler", {}).get("world_size", len(rngs))
+    log(f"[resume] {ckpt_path} at step {state['step']}" + (f" (saved on {saved_world} processes, now {d.world}: "
+                                                            "per-rank RNG states not restored, none is used)"
+                                                            if saved_world != d.world else ""))
+    return state
+
+
+def save_state(run_dir: Path, step: int, cfg: Config, policy, optimizer, eval_ema, d: Dist, progress: dict) -> None:
+    """Every rank joins gathering RNG states (and full weights / optimizer under FSDP2); rank 0 writes the
+    checkpoint atomically (train/checkpoint.py)."""
+    rngs = d.all_gather_object(rng_state(d.device), "gathering RNG states for the checkpoint")
+    with d.guard("gathering the full weights for the checkpoint"):
+        weights, optim = full_state(policy, optimizer) if policy.models is not None else (None, optimizer.state_dict())
+    if d.is_main:
+        state = {"optimizer": optim, "eval_ema": eval_ema.state_dict() if eval_ema else None, "rng": rngs,
+                 "sampler": {"seed": cfg.train.seed, "step": step, "world_size": d.world}, **progress,
+                 "config": cfg.to_dict()}
+        ckpt.save_checkpoint(run_dir, step, policy.transformer, state, cfg.run.keep_checkpoints, weights)
+
+
 def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -165,25 +201,9 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
 
     start, evals, history, train_seconds = 0, [], [], 0.0
     if ckpt_path:
-        if full:
-            state = torch.load(ckpt_path / "state.pt", weights_only=False)
-            load_full_state(ckpt_path, policy, optimizer, state["optimizer"])
-        else:
-            state = ckpt.load_checkpoint(ckpt_path, policy.transformer)
-            optimizer.load_state_dict(state["optimizer"])
-        if eval_ema is not None:
-            eval_ema.load_state_dict(state["eval_ema"])
-        rngs = state.get("rng", [])
-        if len(rngs) == d.world:
-            torch.set_rng_state(rngs[d.rank]["torch"])
-            if device.type == "cuda" and rngs[d.rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(rngs[d.rank]["cuda"], device)
+        state = restore_state(ckpt_path, policy, optimizer, eval_ema, d, log)
         start, evals, history = state["step"], state["evals"], state["history"]
         before_images, train_seconds = state["before_images"], state["train_seconds"]
-        saved_world = state.get("sampler", {}).get("world_size", len(rngs))
-        log(f"[resume] {ckpt_path} at step {start}" + (f" (saved on {saved_world} processes, now {d.world}: "
-                                                        "per-rank RNG states not restored, none is used)"
-                                                        if saved_world != d.world else ""))
     else:
         _, before_images = run_eval(0)
     logger = MetricsLogger(run_dir, cfg.run.tensorboard, history) if d.is_main else None
@@ -228,15 +248,9 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < t.steps:
                 run_eval(step + 1)
             if (cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0) or step + 1 == t.steps:
-                rngs = d.all_gather_object(rng_state(device), "gathering RNG states for the checkpoint")
-                with d.guard("gathering the full weights for the checkpoint"):
-                    weights, optim = full_state(policy, optimizer) if full else (None, optimizer.state_dict())
-                if d.is_main:
-                    state = {"optimizer": optim, "eval_ema": eval_ema.state_dict() if eval_ema else None,
-                             "rng": rngs, "sampler": {"seed": t.seed, "step": step + 1, "world_size": d.world},
-                             "evals": evals, "history": logger.history, "before_images": before_images,
-                             "train_seconds": train_seconds, "config": cfg.to_dict()}
-                    ckpt.save_checkpoint(run_dir, step + 1, policy.transformer, state, cfg.run.keep_checkpoints, weights)
+                save_state(run_dir, step + 1, cfg, policy, optimizer, eval_ema, d, {
+                    "evals": evals, "history": logger.history if logger else None, "before_images": before_images,
+                    "train_seconds": train_seconds})
         bar.close()
     after, after_images = run_eval(t.steps)
     after_ema = run_eval(t.steps, "ema")[0] if eval_ema is not None else None
