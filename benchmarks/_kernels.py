@@ -34,7 +34,7 @@ from awm_fast.ops.dispatch import backend_present
 from awm_fast.ops.awm_loss_torch import awm_loss_torch
 from awm_fast.ops.sde_step_torch import sde_step_torch
 
-from benchmarks._timing import bench_kernel, peak_memory_bytes
+from benchmarks._timing import Budget, bench_kernel, peak_memory_bytes
 
 LOSS_OPTIONS = dict(beta=1e-3, ema_beta=1.0, weighting="ghuber", ghuber_power=0.25, clip_range=1.0,
                     kl_weighting="uniform", ratio_mode="exp_first")
@@ -206,14 +206,18 @@ def _mode_fn(case: KernelCase, variant: str, inp: _Inputs):
     return lambda: fwd().backward()
 
 
+def case_row(case: KernelCase, variant: str, dtype_x: torch.dtype, dtype_v: torch.dtype) -> dict:
+    """The fields that name a measurement (and its byte count), before any timing."""
+    return {"op": case.op, "mode": case.mode, "rows": case.rows, "latent": "x".join(map(str, case.latent)),
+            "tag": case.tag, "variant": variant, "dtype_x": str(dtype_x).removeprefix("torch."),
+            "dtype_v": str(dtype_v).removeprefix("torch."),
+            "bytes": kernel_bytes(case.op, case.mode, case.rows, case.dims, dtype_x.itemsize, dtype_v.itemsize)}
+
+
 def run_case(case: KernelCase, variant: str, device: torch.device, dtype_x: torch.dtype, dtype_v: torch.dtype,
              quick: bool, copy_gbps: float | None) -> dict:
     """One measurement row; a variant that cannot run (OOM, compile failure) gets status and no timing."""
-    row = {"op": case.op, "mode": case.mode, "rows": case.rows, "latent": "x".join(map(str, case.latent)),
-           "tag": case.tag, "variant": variant, "dtype_x": str(dtype_x).removeprefix("torch."),
-           "dtype_v": str(dtype_v).removeprefix("torch."),
-           "bytes": kernel_bytes(case.op, case.mode, case.rows, case.dims, torch.tensor([], dtype=dtype_x).element_size(),
-                                 torch.tensor([], dtype=dtype_v).element_size())}
+    row = case_row(case, variant, dtype_x, dtype_v)
     numel = case.rows * case.dims
     if variant == "triton" and device.type != "cuda" and numel > INTERPRET_MAX_ELEMENTS:
         return {**row, "status": f"skipped: Triton interpreter only up to {INTERPRET_MAX_ELEMENTS} elements"}
@@ -234,18 +238,29 @@ def run_case(case: KernelCase, variant: str, device: torch.device, dtype_x: torc
             "pct_copy_bw": 100 * gbps / copy_gbps if copy_gbps else None, "peak_mem_bytes": peak}
 
 
-def run_kernels(device: torch.device, size: str, quick: bool, with_compile: bool, copy_gbps: float | None) -> list[dict]:
-    """All cases x variants; adds `speedup_vs_torch` (median of the float64 eager path / this median)."""
+def run_kernels(device: torch.device, size: str, quick: bool, with_compile: bool, copy_gbps: float | None,
+                budget: Budget | None = None) -> list[dict]:
+    """All cases x variants (official shapes first, then the sweep); adds `speedup_vs_torch` (median of the float64
+    eager path / this median). A case due after `budget` is spent gets rows with the budget's status."""
     dtype_v = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype_x = torch.float32
     cases = kernel_cases(device, size, dtype_v)
     variants = available_variants(device, with_compile)
     rows = []
     for case in tqdm(cases, desc="kernels", unit="case", disable=None):
+        if budget is not None and budget.spent():
+            status = budget.skip()
+            rows += [{**case_row(case, v, dtype_x, dtype_v), "status": status} for v in variants]
+            continue
         for variant in variants:
             rows.append(run_case(case, variant, device, dtype_x, dtype_v, quick, copy_gbps))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return with_speedups(rows)
+
+
+def with_speedups(rows: list[dict]) -> list[dict]:
+    """`speedup_vs_torch` of every row: the float64 eager median of the same op, mode and shape over its median."""
     base = {(r["op"], r["mode"], r["rows"], r["latent"]): r.get("median_ms") for r in rows if r["variant"] == "torch"}
     for r in rows:
         ref = base.get((r["op"], r["mode"], r["rows"], r["latent"]))

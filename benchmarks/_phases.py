@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import Callable
 from dataclasses import asdict, replace
 
 import torch
@@ -51,7 +52,7 @@ from awm_fast.train.update_parts import noisy_rows
 
 from benchmarks._models import ModelSpec, build_transformer, build_vae, count_flops, forward_flops
 from benchmarks._telemetry import Telemetry
-from benchmarks._timing import peak_memory_bytes, time_runs
+from benchmarks._timing import Budget, peak_memory_bytes, time_runs
 from benchmarks._variants import (BASELINE, FAST, TOGGLES, Variant, diffusers_default_attention,  # noqa: F401
                                   inactive_reason, ops_backend, precision, release_memory, variants)
 
@@ -283,38 +284,59 @@ def run_variant(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: 
 
 
 def run_phases(bench: Bench, phases: tuple[str, ...], quick: bool, allow_compile: bool, matmul_flops: float | None,
-               log=print) -> tuple[list[dict], dict]:
-    """All variants; a compile failure falls back to eager for that variant (noted in `status`)."""
-    flops = bench.model_flops()
-    rows = []
+               log=print, *, only: str | None = None, budget: Budget | None = None,
+               on_rows: Callable[[list[dict]], None] | None = None, flops: dict | None = None
+               ) -> tuple[list[dict], dict]:
+    """Every variant (or those `only` names, see `variants`), fast and baseline first; a compile failure falls back
+    to eager for that variant (noted in `status`). A variant due after `budget` is spent is reported as not run.
+    `on_rows(rows so far)` is called after each variant (the harness writes its files then). `flops`: the
+    bench's `model_flops()` when the caller has them already."""
+    flops = bench.model_flops() if flops is None else flops
+    rows: list[dict] = []
     if "rollout_cfg" in phases and not bench.spec.uses_cfg:
         phases = tuple(p for p in phases if p != "rollout_cfg")
         rows.append({"variant": "*", "phase": "rollout_cfg", "model": bench.spec.name,
                      "status": "skipped: no CFG in this model's presets (guidance-distilled FLUX.1-dev samples with "
                                f"guidance embedding {bench.spec.guidance}, guidance_scale 1)"})
-    for variant in tqdm(variants(), desc="phases", unit="variant", disable=None):
+    for variant in tqdm(variants(only), desc="phases", unit="variant", disable=None):
         reason = inactive_reason(variant, bench.device, allow_compile)
+        if reason is None and budget is not None and budget.spent():
+            reason = budget.skip()
         if reason:
             rows.append({"variant": variant.name, "phase": "*", "model": bench.spec.name,
-                         "status": f"skipped: {reason}"})
+                         "status": reason if reason.startswith("not run") else f"skipped: {reason}"})
             continue
         if not allow_compile:
             variant = replace(variant, compile_blocks=False)
-        try:
-            rows.extend(run_variant(bench, variant, phases, quick, flops, matmul_flops, log=log))
-            continue
-        except Exception as exc:
-            if not variant.compile_blocks:
-                raise
-            note = f"compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); eager blocks"
-        # outside the except block: the failed variant's frames (and its weights) are released first
-        log(f"[phases] {variant.name}: {note}")
-        torch._dynamo.reset()
-        release_memory(bench.device)
-        got = run_variant(bench, replace(variant, compile_blocks=False), phases, quick, flops, matmul_flops, log)
-        rows.extend({**r, "note": note} for r in got)
-    base = {r["phase"]: r.get("images_per_s") for r in rows if r["variant"] == "baseline"}
+        rows.extend(run_variant_or_eager(bench, variant, phases, quick, flops, matmul_flops, log))
+        with_speedups(rows)
+        if on_rows is not None:
+            on_rows(rows)
+    return with_speedups(rows), flops
+
+
+def run_variant_or_eager(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: bool, flops: dict,
+                         matmul_flops: float | None, log=print) -> list[dict]:
+    """`run_variant`; when compiling the blocks fails, the same variant with eager blocks (the rows say so)."""
+    try:
+        return run_variant(bench, variant, phases, quick, flops, matmul_flops, log=log)
+    except Exception as exc:
+        if not variant.compile_blocks:
+            raise
+        note = f"compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); eager blocks"
+    # outside the except block: the failed variant's frames (and its weights) are released first
+    log(f"[phases] {variant.name}: {note}")
+    torch._dynamo.reset()
+    release_memory(bench.device)
+    got = run_variant(bench, replace(variant, compile_blocks=False), phases, quick, flops, matmul_flops, log)
+    return [{**r, "note": note} for r in got]
+
+
+def with_speedups(rows: list[dict]) -> list[dict]:
+    """`speedup_vs_baseline` of every measured row: its images/s over the baseline's, same model and phase (None
+    where either is missing)."""
+    base = {(r.get("model"), r["phase"]): r.get("images_per_s") for r in rows if r["variant"] == "baseline"}
     for r in rows:
-        ref = base.get(r["phase"])
+        ref = base.get((r.get("model"), r["phase"]))
         r["speedup_vs_baseline"] = r["images_per_s"] / ref if ref and r.get("images_per_s") else None
-    return rows, flops
+    return rows

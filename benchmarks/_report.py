@@ -80,6 +80,22 @@ def phase_models(result: dict) -> list[str]:
     return list(dict.fromkeys(r.get("model") for r in result.get("phases", [])))
 
 
+def optimisation_gains(rows: list[dict]) -> str:
+    """A Markdown table: for each `fast -X` variant (rows) and phase (columns), fast images/s / its images/s;
+    empty when the run has no measured fast row or no measured `fast -X` row."""
+    ok = {(r["variant"], r["phase"]): r["images_per_s"] for r in rows if r.get("status") == "ok"}
+    phases = [p for p in ("rollout", "rollout_cfg", "train", "end_to_end") if ("fast", p) in ok]
+    toggles = list(dict.fromkeys(r["variant"] for r in rows if r["variant"].startswith("fast -")
+                                 and any((r["variant"], p) in ok for p in phases)))
+    if not phases or not toggles:
+        return ""
+    head = "| without | " + " | ".join(phases) + " |"
+    rule = "|---|" + "|".join("---" for _ in phases) + "|"
+    body = ["| " + v.removeprefix("fast -") + " | " + " | ".join(
+        f"{ok[('fast', p)] / ok[(v, p)]:.3g}x" if (v, p) in ok else "-" for p in phases) + " |" for v in toggles]
+    return "\n".join([head, rule, *body])
+
+
 def render(result: dict) -> str:
     """The text printed last (and the body of the .md file)."""
     info, cal = result["system"], result["calibration"]
@@ -98,8 +114,12 @@ def render(result: dict) -> str:
             fl = flops.get(model)
             about = (f"; forward {fl['forward_per_image'] / 1e12:.4g} TFLOP/image by formula, "
                      f"{fl['forward_counted'] / 1e12:.4g} counted" if fl else "")
-            lines += [f"## Phases ({model}{about})", "",
-                      table([r for r in result["phases"] if r.get("model") == model], PHASE_COLUMNS), ""]
+            model_rows = [r for r in result["phases"] if r.get("model") == model]
+            lines += [f"## Phases ({model}{about})", "", table(model_rows, PHASE_COLUMNS), ""]
+            gains = optimisation_gains(model_rows)
+            if gains:
+                lines += [f"### Where the time goes ({model}): images/s of `fast` over `fast -X`, per phase "
+                          "(how much slower the fast path is without X)", "", gains, ""]
     lines += ["## Targets", "", table(result["targets"], TARGET_COLUMNS), ""]
     lines += [f"- {n}" for n in result.get("notes", [])]
     return "\n".join(lines)
@@ -178,17 +198,18 @@ def plot_phases(path: Path, result: dict) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, out_dir: Path, stem: str) -> dict[str, str]:
-    """stem.json, stem.csv, stem.md, stem_kernels.png, stem_phases.png under out_dir; returns their paths."""
+def write_outputs(result: dict, out_dir: Path, stem: str, plots: bool = True) -> dict[str, str]:
+    """stem.json, stem.csv, stem.md and (with `plots`) stem_kernels.png, stem_phases.png under out_dir; returns
+    their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "csv": out_dir / f"{stem}.csv", "md": out_dir / f"{stem}.md"}
     paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
     write_csv(paths["csv"], result)
     paths["md"].write_text(render(result) + "\n")
-    if result.get("kernels") and any(r.get("status") == "ok" for r in result["kernels"]):
+    if plots and result.get("kernels") and any(r.get("status") == "ok" for r in result["kernels"]):
         paths["kernels_png"] = out_dir / f"{stem}_kernels.png"
         plot_kernels(paths["kernels_png"], result)
-    if result.get("phases") and any(r.get("status") == "ok" for r in result["phases"]):
+    if plots and result.get("phases") and any(r.get("status") == "ok" for r in result["phases"]):
         paths["phases_png"] = out_dir / f"{stem}_phases.png"
         plot_phases(paths["phases_png"], result)
     return {k: str(v) for k, v in paths.items()}

@@ -139,3 +139,27 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, *, quick: bool
     t = bench_kernel(lambda: a @ b, device, quick=quick)
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "timing": t.as_dict(),
             "tflops": 2 * n**3 / (t.median_ms * 1e-3) / 1e12}
+
+
+class Budget:
+    """A wall-clock budget for a run (`--budget-s`): a unit of work (a kernel case, a phase variant, a phase model)
+    starts only while time is left; one already running finishes, so a caller leaves a margin for the longest unit.
+    `seconds=None` never runs out."""
+
+    def __init__(self, seconds: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"a time budget must be > 0 seconds, got {seconds}")
+        self.seconds, self._clock = seconds, clock
+        self._start = clock()
+        self.skipped = 0
+
+    def elapsed(self) -> float:
+        return self._clock() - self._start
+
+    def spent(self) -> bool:
+        return self.seconds is not None and self.elapsed() >= self.seconds
+
+    def skip(self) -> str:
+        """Count one unit left out, and the status its rows carry."""
+        self.skipped += 1
+        return f"not run: time budget spent (--budget-s {self.seconds:g})"

@@ -31,9 +31,29 @@ BASELINE = Variant("baseline", bf16=False, shared_batch=False, compile_blocks=Fa
 TOGGLES = ("shared_batch", "compile_blocks", "best_attention", "fused_ops", "bf16", "cuda_graphs")
 
 
-def variants() -> list[Variant]:
-    """fast, fast minus each optimisation, baseline."""
-    return [FAST] + [replace(FAST, name=f"fast -{t}", **{t: False}) for t in TOGGLES] + [BASELINE]
+def variants(names: str | None = None) -> list[Variant]:
+    """fast, baseline, then fast minus each optimisation (the pair every ratio needs comes first, so a run cut short
+    by its time budget still has it). `names` (`--variants`): a comma list of `fast`, `baseline`, `-X` or `fast -X`
+    with X in TOGGLES, or `toggles` for every `fast -X`; None: all of them."""
+    every = [FAST, BASELINE] + [replace(FAST, name=f"fast -{t}", **{t: False}) for t in TOGGLES]
+    if names is None:
+        return every
+    by_name = {v.name: v for v in every}
+    wanted: list[str] = []
+    for item in (n.strip() for n in names.split(",")):
+        if not item:
+            continue
+        if item == "toggles":
+            wanted += [f"fast -{t}" for t in TOGGLES]
+            continue
+        name = f"fast {item}" if item.startswith("-") else item
+        if name not in by_name:
+            raise ValueError(f"--variants: {item!r} is not one of fast, baseline, toggles, "
+                             + ", ".join(f"-{t}" for t in TOGGLES))
+        wanted.append(name)
+    if not wanted:
+        raise ValueError(f"--variants {names!r} names no variant")
+    return [v for v in every if v.name in wanted]
 
 
 def inactive_reason(variant: Variant, device: torch.device, allow_compile: bool) -> str | None:

@@ -6,6 +6,8 @@
     python benchmarks/step_time.py --quick --tiny  # the smallest CPU run (the CI test)
     python benchmarks/step_time.py --only kernels  # kernels | phases | kernels,phases (default)
     python benchmarks/step_time.py --model flux    # phase model: sd35m | flux | both (default; CPU: tiny shapes)
+    python benchmarks/step_time.py --budget-s 420 --variants fast,baseline   # fit a lease: see benchmarks/README.md
+    python benchmarks/step_time.py --merge a.json b.json   # one report of several runs on the same GPU
 
 Every figure is measured in this one run on this one machine: the kernel timings (median, 20/80 % from CUDA
 events via triton.testing.do_bench; wall clock on a CPU), the device-to-device copy bandwidth and the dense
@@ -29,8 +31,9 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `awm_fas
 
 import torch  # noqa: E402
 
-from benchmarks import _kernels, _models, _phases, _report, _telemetry, _timing  # noqa: E402
+from benchmarks import _kernels, _merge, _models, _phases, _report, _telemetry, _timing, _variants  # noqa: E402
 from benchmarks._models import model_spec  # noqa: E402
+from benchmarks._variants import TOGGLES  # noqa: E402
 from awm_fast.models import load  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -49,13 +52,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="phase model: SD3.5-M-shaped, FLUX.1-dev-shaped (skipped if GPU memory is short), or both; "
                          "on a CPU the tiny shapes of each")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (kernels and transformer blocks)")
+    ap.add_argument("--variants", default=None,
+                    help="phase variants, a comma list of fast, baseline, toggles (every 'fast -X'), -X for X in "
+                         f"{', '.join(TOGGLES)} (default: all; fast and baseline always run first)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock budget: no kernel case, phase variant or phase model starts after this many "
+                         "seconds (one already running finishes); what was left out is reported as not run")
+    ap.add_argument("--tag", default="", help="appended to the output file names (step_time_<gpu>[_quick]_<tag>)")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                    help="measure nothing: merge the JSON files of earlier runs on one device into one report")
     args = ap.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
     bad = [s for s in sections if s not in SECTIONS]
     if bad or not sections:
         ap.error(f"--only {args.only!r}: sections must be among {', '.join(SECTIONS)}")
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
+        ap.error(f"--tag {args.tag!r}: use letters, digits, '.', '_' and '-' only")
     args.sections = sections
+    try:
+        _variants.variants(args.variants)
+        _timing.Budget(args.budget_s)
+    except ValueError as exc:
+        ap.error(str(exc))
     return args
 
 
@@ -75,9 +94,10 @@ def run_size(device: torch.device, quick: bool, tiny: bool) -> str:
     return "tiny" if tiny else "cpu"
 
 
-def output_stem(device: torch.device, info: dict, size: str, model: str = "both") -> str:
-    """step_time_<gpu>[_quick] / step_time_cpu_{quick,tiny}, with _<model> when one phase model was asked for."""
-    suffix = "" if model == "both" else f"_{model}"
+def output_stem(device: torch.device, info: dict, size: str, model: str = "both", tag: str = "") -> str:
+    """step_time_<gpu>[_quick] / step_time_cpu_{quick,tiny}, with _<model> when one phase model was asked for and
+    _<tag> when --tag names one."""
+    suffix = ("" if model == "both" else f"_{model}") + (f"_{tag}" if tag else "")
     if device.type != "cuda":
         return f"step_time_cpu_{'tiny' if size == 'tiny' else 'quick'}{suffix}"
     gpu = re.sub(r"[^a-z0-9]+", "_", (info.get("gpu_name") or "gpu").lower()).strip("_")
@@ -100,15 +120,30 @@ def memory_skip_reason(spec: _models.ModelSpec, device: torch.device) -> str | N
 
 
 def run_phase_models(args, device: torch.device, size: str, quick: bool, with_compile: bool, cal: dict,
-                     result: dict, notes: list[str]) -> None:
+                     result: dict, notes: list[str], budget: _timing.Budget, save) -> None:
     """The phases of each asked-for model, one after the other (each Bench freed before the next is built). The
     first model's name, workload and FLOPs keep the single-model fields; `phase_models`, `phase_workloads` and
-    `flops_by_model` list them all, and every phase row carries its `model`."""
+    `flops_by_model` list them all, and every phase row carries its `model`. `save()` writes the files after each
+    variant, so a run stopped from outside still leaves what it measured."""
     names = list(_models.MODELS) if args.model == "both" else [args.model]
-    rows, workloads, flops, skipped = [], {}, {}, {}
+    done: list[dict] = []
+    workloads: dict = {}
+    flops: dict = {}
+    skipped: dict = {}
+    result["phase_models_skipped"] = skipped
+
+    def publish(rows: list[dict]) -> None:
+        if not workloads:
+            return
+        first = next(iter(workloads))
+        result.update(phase_model=first, phase_workload=workloads[first], flops=flops[first], phases=done + rows,
+                      phase_models=list(workloads), phase_workloads=workloads, flops_by_model=flops)
+        save()
+
     for name in names:
         spec = model_spec(size, name)
-        reason = memory_skip_reason(spec, device)
+        reason = memory_skip_reason(spec, device) or (
+            f"{spec.name} phase {budget.skip()}" if budget.spent() else None)
         if reason:
             print(f"[step_time] {reason}")
             skipped[spec.name] = reason
@@ -116,32 +151,33 @@ def run_phase_models(args, device: torch.device, size: str, quick: bool, with_co
             continue
         try:
             bench = _phases.Bench(spec, device)
-            got, flops[spec.name] = _phases.run_phases(bench, _phases.PHASES, quick, with_compile,
-                                                       cal["matmul"]["tflops"] * 1e12,
-                                                       log=lambda msg: print(msg, file=sys.stderr))
+            workloads[spec.name] = workload_fields(spec)
+            flops[spec.name] = bench.model_flops()
+            got, _ = _phases.run_phases(bench, _phases.PHASES, quick, with_compile, cal["matmul"]["tflops"] * 1e12,
+                                        log=lambda msg: print(msg, file=sys.stderr), only=args.variants,
+                                        budget=budget, on_rows=publish, flops=flops[spec.name])
         except Exception as exc:  # the FLUX phase is an extra: its failure keeps the SD3.5-M results
             if spec.kind != "flux":
                 raise
             traceback.print_exc()
             skipped[spec.name] = f"{spec.name} phase failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             notes.append(skipped[spec.name])
+            workloads.pop(spec.name, None)
+            flops.pop(spec.name, None)
             bench = None
             _phases.release_memory(device)
             continue
-        rows += got
-        workloads[spec.name] = {k: getattr(spec, k) for k in ("latent", "text_len", "rollout_batch", "micro_batch",
-                                                               "num_timesteps", "num_steps", "guidance_scale",
-                                                               "lora_rank", "kind", "guidance",
-                                                               "gradient_checkpointing")}
+        done += got
+        publish([])
         del bench
         _phases.release_memory(device)
         _phases.diffusers_default_attention()  # set_flux_attention changes a process-wide default
-    result["phase_models_skipped"] = skipped
-    if not workloads:
-        return
-    first = next(iter(workloads))
-    result.update(phase_model=first, phase_workload=workloads[first], flops=flops[first], phases=rows,
-                  phase_models=list(workloads), phase_workloads=workloads, flops_by_model=flops)
+
+
+def workload_fields(spec: _models.ModelSpec) -> dict:
+    return {k: getattr(spec, k) for k in ("latent", "text_len", "rollout_batch", "micro_batch", "num_timesteps",
+                                          "num_steps", "guidance_scale", "lora_rank", "kind", "guidance",
+                                          "gradient_checkpointing")}
 
 
 def compile_available(device: torch.device, requested: bool) -> tuple[bool, str | None]:
@@ -164,6 +200,8 @@ def calibrate(device: torch.device, size: str, quick: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        return merge_main(args)
     device = pick_device(args.device)
     size = run_size(device, args.quick, args.tiny)
     threads = torch.get_num_threads()
@@ -177,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(args: argparse.Namespace, device: torch.device, size: str) -> dict:
     quick = args.quick or device.type != "cuda"
+    budget = _timing.Budget(args.budget_s)
     info = _telemetry.system_info(device)
     print(f"[step_time] {info['nvml']}")
     is_gpu = device.type == "cuda"
@@ -186,6 +225,7 @@ def run(args: argparse.Namespace, device: torch.device, size: str) -> dict:
                                f"(benchmarks/README.md)."]
     notes += [compile_note] if compile_note else []
     notes += ["--tiny: one torch intra-op thread (tiny shapes)."] if size == "tiny" else []
+    notes += [f"--variants {args.variants}: only these phase variants ran."] if args.variants else []
     notes += ["CUDA graphs (GPU only): the no-grad transformer calls of the fast path replay CUDA graphs (the LoRA "
               "routing is a tensor input); `fast -cuda_graphs` measures without them.",
               f"phase models (--model {args.model}): SD3.5-M-shaped and/or FLUX.1-dev-shaped (FLUX: 512 T5 tokens, "
@@ -197,21 +237,44 @@ def run(args: argparse.Namespace, device: torch.device, size: str) -> dict:
               "micro-batch of the rollout batch."]
     if not is_gpu and "TRITON_INTERPRET" not in __import__("os").environ:
         notes.append("Triton kernels not run: on a CPU they need TRITON_INTERPRET=1 (then only at tiny sizes).")
-    started = time.time()
     cal = calibrate(device, size, quick)
     result: dict = {"label": label, "size": size, "quick": quick, "system": info, "calibration": cal,
-                    "argv": args.argv, "notes": notes}
+                    "argv": args.argv, "notes": notes, "budget_s": args.budget_s}
+    stem = output_stem(device, info, size, args.model, args.tag)
+
+    def save(plots: bool = False) -> None:
+        """Targets and wall time as of now, and the files (the plots only at the end)."""
+        target_model = model_spec(size, "sd35m").name
+        target_rows = [r for r in result.get("phases", []) if r.get("model") == target_model]
+        result["targets"] = _report.evaluate_targets(result.get("kernels", []), target_rows, is_gpu)
+        result["wall_s"] = budget.elapsed()
+        result["files"] = _report.write_outputs(result, args.out, stem, plots=plots)
+
     if "kernels" in args.sections:
         with _telemetry.Telemetry(device) as tel:
-            result["kernels"] = _kernels.run_kernels(device, size, quick, with_compile, cal["copy"]["gbps"])
+            result["kernels"] = _kernels.run_kernels(device, size, quick, with_compile, cal["copy"]["gbps"], budget)
         result["kernels_telemetry"] = tel.summary()
+        save()
     if "phases" in args.sections:
-        run_phase_models(args, device, size, quick, with_compile, cal, result, notes)
-    target_model = model_spec(size, "sd35m").name
-    target_rows = [r for r in result.get("phases", []) if r.get("model") == target_model]
-    result["targets"] = _report.evaluate_targets(result.get("kernels", []), target_rows, is_gpu)
-    result["wall_s"] = time.time() - started
-    result["files"] = _report.write_outputs(result, args.out, output_stem(device, info, size, args.model))
+        run_phase_models(args, device, size, quick, with_compile, cal, result, notes, budget, save)
+    if budget.skipped:
+        notes.append(f"--budget-s {args.budget_s:g}: {budget.skipped} unit(s) of work started too late and are "
+                     "reported as not run; run them with --only/--model/--variants and combine with --merge.")
+    save(plots=True)
+    print(_report.render(result))
+    print("\nwrote: " + ", ".join(result["files"].values()))
+    return result
+
+
+def merge_main(args: argparse.Namespace) -> dict:
+    """--merge: one report (JSON, CSV, Markdown, plots) of several runs' JSON files, written under --out."""
+    try:
+        result = _merge.merge_runs([_merge.load_run(p) for p in args.merge])
+    except ValueError as exc:
+        raise SystemExit(f"--merge: {exc}") from None
+    device = torch.device("cuda" if result["system"].get("gpu_name") else "cpu")
+    stem = output_stem(device, result["system"], result["size"], args.model, args.tag)
+    result["files"] = _report.write_outputs(result, args.out, stem)
     print(_report.render(result))
     print("\nwrote: " + ", ".join(result["files"].values()))
     return result

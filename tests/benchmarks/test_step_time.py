@@ -6,19 +6,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from benchmarks import _kernels, _models, _phases, _report, _timing
+from benchmarks import _kernels, _models, _phases, _report, _timing, _variants
 from benchmarks import step_time
 
 SD3_TINY, FLUX_TINY = _models.model_spec("tiny").name, _models.model_spec("tiny", "flux").name
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One `--quick --tiny` run (kernels and phases of both tiny models) on the CPU; returns (result, JSON read back,
-    out dir)."""
-    out = tmp_path_factory.mktemp("step_time")
-    result = step_time.main(["--quick", "--tiny", "--device", "cpu", "--out", str(out)])
-    return result, json.loads((out / "step_time_cpu_tiny.json").read_text()), out
 
 
 def test_tiny_run_writes_every_output(tiny_run):
