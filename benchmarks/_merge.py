@@ -15,6 +15,7 @@ from benchmarks import _kernels, _models, _phases, _report
 
 KERNEL_KEY = ("op", "mode", "rows", "latent", "variant")
 PHASE_KEY = ("model", "variant", "phase")
+GPU_SIZES = {"full", "quick"}  # the same real model shapes; quick only has fewer kernel shapes and repetitions
 
 
 def load_run(path: Path) -> dict:
@@ -56,8 +57,9 @@ def merge_runs(runs: list[dict]) -> dict:
     if len(devices) > 1:
         raise ValueError(f"runs from different devices cannot be merged: {sorted(map(str, devices))}")
     sizes = {r["size"] for r in runs}
-    if len(sizes) > 1:
+    if len(sizes) > 1 and not sizes <= GPU_SIZES:
         raise ValueError(f"runs of different shape sets cannot be merged: {sorted(sizes)}")
+    size = "full" if "full" in sizes else first["size"]
     kernels = _kernels.with_speedups(merge_rows([r.get("kernels", []) for r in runs], KERNEL_KEY))
     phases = _phases.with_speedups(merge_rows([r.get("phases", []) for r in runs], PHASE_KEY))
     flops, workloads, skipped = {}, {}, {}
@@ -72,7 +74,7 @@ def merge_runs(runs: list[dict]) -> dict:
     notes.append(f"merged from {len(runs)} runs ({', '.join(r['_path'] for r in runs)}): a ratio may relate rows of "
                  "two runs on this device; each run's own copy bandwidth and matmul rate are under `calibrations`, "
                  "the first run's is the roofline of the report.")
-    result = {"label": f"{first['label']} (merged from {len(runs)} runs)", "size": first["size"],
+    result = {"label": f"{first['label']} (merged from {len(runs)} runs)", "size": size,
               "quick": first.get("quick"), "system": first["system"], "calibration": first["calibration"],
               "calibrations": [r["calibration"] for r in runs], "argv": [r.get("argv") for r in runs],
               "merged_from": [r["_path"] for r in runs], "notes": notes, "kernels": kernels,
@@ -83,7 +85,7 @@ def merge_runs(runs: list[dict]) -> dict:
                       flops=flops.get(model0), phase_models=list(workloads), phase_workloads=workloads,
                       flops_by_model=flops)
     is_gpu = bool(first["system"].get("gpu_name"))
-    target_model = _models.model_spec(first["size"], "sd35m").name
+    target_model = _models.model_spec(size, "sd35m").name
     result["targets"] = _report.evaluate_targets(kernels, [r for r in phases if r.get("model") == target_model],
                                                  is_gpu)
     return result

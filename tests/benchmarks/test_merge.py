@@ -49,6 +49,9 @@ def test_merge_refuses_runs_it_cannot_combine(tiny_run, tmp_path):
         _merge.merge_runs([_merge.load_run(mine), _merge.load_run(other)])
     with pytest.raises(ValueError, match="different shape sets"):
         _merge.merge_runs([_merge.load_run(mine), {**_merge.load_run(mine), "size": "cpu"}])
+    gpu = {**_merge.load_run(mine), "system": {**saved["system"], "gpu_name": "NVIDIA H200"}}
+    both = _merge.merge_runs([{**gpu, "size": "quick"}, {**gpu, "size": "full"}])  # the same model shapes
+    assert both["size"] == "full" and both["label"].endswith("(merged from 2 runs)")
     junk = tmp_path / "junk.json"
     junk.write_text("{not json")
     with pytest.raises(SystemExit, match="junk.json"):
