@@ -132,7 +132,10 @@ def run_phase_models(args, device: torch.device, size: str, quick: bool, with_co
     skipped: dict = {}
     result["phase_models_skipped"] = skipped
 
+    current: list[dict] = []  # the rows of the model being measured, as of its last finished variant
+
     def publish(rows: list[dict]) -> None:
+        current[:] = rows
         if not workloads:
             return
         first = next(iter(workloads))
@@ -149,6 +152,7 @@ def run_phase_models(args, device: torch.device, size: str, quick: bool, with_co
             skipped[spec.name] = reason
             notes.append(reason)
             continue
+        current.clear()
         try:
             bench = _phases.Bench(spec, device)
             workloads[spec.name] = workload_fields(spec)
@@ -160,10 +164,15 @@ def run_phase_models(args, device: torch.device, size: str, quick: bool, with_co
             if spec.kind != "flux":
                 raise
             traceback.print_exc()
-            skipped[spec.name] = f"{spec.name} phase failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            notes.append(skipped[spec.name])
-            workloads.pop(spec.name, None)
-            flops.pop(spec.name, None)
+            failed = f"{spec.name} phase failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            notes.append(failed + (" (the variants measured before it are kept)" if current else ""))
+            if current:  # keep what was measured; the failure is in the notes
+                done += current
+            else:
+                skipped[spec.name] = failed
+                workloads.pop(spec.name, None)
+                flops.pop(spec.name, None)
+            publish([])
             bench = None
             _phases.release_memory(device)
             continue

@@ -116,3 +116,26 @@ def test_the_tiny_run_prints_where_the_time_goes(tiny_run):
     _, _, out = tiny_run
     md = (out / "step_time_cpu_tiny.md").read_text()
     assert "### Where the time goes (tiny-mmdit-cpu)" in md and "| shared_batch |" in md
+
+
+def test_a_flux_failure_keeps_the_variants_measured_before_it(tmp_path, monkeypatch):
+    real = _phases.run_variant
+    flux_calls = []
+
+    def fail_second_flux_variant(bench, variant, *args, **kwargs):
+        if bench.spec.kind == "flux":
+            flux_calls.append(variant.name)
+            if len(flux_calls) > 1:
+                raise RuntimeError("simulated failure")
+        return real(bench, variant, *args, **kwargs)
+
+    monkeypatch.setattr(_phases, "run_variant", fail_second_flux_variant)
+    result = step_time.main(["--quick", "--tiny", "--device", "cpu", "--out", str(tmp_path), "--only", "phases",
+                             "--variants", "fast,baseline"])
+    flux = [r for r in result["phases"] if r["model"] == "tiny-flux-cpu" and r["status"] == "ok"]
+    assert flux_calls == ["fast", "baseline"] and {r["variant"] for r in flux} == {"fast"}
+    assert result["phase_models"] == ["tiny-mmdit-cpu", "tiny-flux-cpu"] and result["phase_models_skipped"] == {}
+    assert any("tiny-flux-cpu phase failed: RuntimeError: simulated failure" in n and "kept" in n
+               for n in result["notes"])
+    saved = json.loads((tmp_path / "step_time_cpu_tiny.json").read_text())
+    assert len(saved["phases"]) == len(result["phases"])
