@@ -223,11 +223,13 @@ def run_case(case: KernelCase, variant: str, device: torch.device, dtype_x: torc
         return {**row, "status": f"skipped: Triton interpreter only up to {INTERPRET_MAX_ELEMENTS} elements"}
     gen = torch.Generator(device=device).manual_seed(0)
     try:
-        inp = _Inputs(case, device, dtype_x, dtype_v, gen)
-        fn = _mode_fn(case, variant, inp)
-        fn()  # compile / autotune outside the timing
-        peak = peak_memory_bytes(fn, device)
-        timing = bench_kernel(fn, device, quick=quick, grad_to_none=[inp.v])
+        # backward mode re-runs y.backward(retain_graph=True), which a compiled backward with donated buffers refuses
+        with torch._functorch.config.patch(donated_buffer=False):
+            inp = _Inputs(case, device, dtype_x, dtype_v, gen)
+            fn = _mode_fn(case, variant, inp)
+            fn()  # compile / autotune outside the timing
+            peak = peak_memory_bytes(fn, device)
+            timing = bench_kernel(fn, device, quick=quick, grad_to_none=[inp.v])
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {**row, "status": "oom"}

@@ -15,7 +15,7 @@
 # Then, here: python benchmarks/step_time.py --merge <the JSON files>   (one report, one set of targets)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHEELS=(diffusers==0.42.1 importlib_metadata==8.7.0)
+WHEELS=(diffusers==0.42.1 importlib_metadata==8.7.0 peft==0.21.2)  # as tested here; the GPU image lacks diffusers
 
 case "${1:-}" in
 wheels)

@@ -69,7 +69,9 @@ def sde_step_torch(
     mean = torch.where(last, ode_mean, mean)
     scale = torch.where(last, torch.zeros_like(scale), scale)
     if x_next is None:
-        if noise is None:
+        if noise is None and generator is None:  # randn(generator=None) fails to trace with dynamic shapes
+            noise = torch.randn_like(x, dtype=torch.float32)
+        elif noise is None:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         nxt = mean + scale * noise.to(f64)
     else:

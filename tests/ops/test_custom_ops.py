@@ -99,6 +99,27 @@ def test_reference_op_compiles_fullgraph_without_recompiles(gen):
     _compile_and_check(step, [(base[0].requires_grad_(), base[2] * s, base[3] * (1 - s)) for s in (0.3, 0.6, 0.9)])
 
 
+def test_torch_sampling_step_compiles_once_for_every_batch_size(gen):
+    """The torch path's sampling step (noise from the default generator) under torch.compile with dynamic shapes:
+    one graph serves every row count, and it draws the noise eager draws (randn with generator=None used to fail
+    to trace once the batch size was symbolic)."""
+    torch._dynamo.reset()
+
+    def sample(x, v, s, sn):
+        return sde_step(x, v, s, sn, noise_level=0.7, backend="torch").x_next
+
+    compiled = torch.compile(sample, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in (3, 7, 12):
+            x, v = torch.randn(rows, 2, 5, generator=gen), torch.randn(rows, 2, 5, generator=gen)
+            s = torch.rand(rows, generator=gen) * 0.5 + 0.4
+            results = []
+            for f in (sample, compiled):
+                torch.manual_seed(rows)
+                results.append(f(x, v, s, s - 0.1))
+            torch.testing.assert_close(results[1], results[0], **tol(torch.float32))
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="Triton ops under torch.compile / opcheck need CUDA")
 def test_triton_ops_opcheck_and_sde_compile(gen):
     args = list(_args(gen, device="cuda", dtype=torch.float32, old=True))
