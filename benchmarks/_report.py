@@ -198,18 +198,22 @@ def plot_phases(path: Path, result: dict) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, out_dir: Path, stem: str, plots: bool = True) -> dict[str, str]:
-    """stem.json, stem.csv, stem.md and (with `plots`) stem_kernels.png, stem_phases.png under out_dir; returns
-    their paths."""
+def write_outputs(result: dict, out_dir: Path, stem: str, final: bool = True) -> dict[str, str]:
+    """stem.json and stem.md under out_dir, and when `final` also stem.csv, stem_kernels.png and stem_phases.png
+    (a run's checkpoints after each variant write the first two only); returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / f"{stem}.json", "csv": out_dir / f"{stem}.csv", "md": out_dir / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
-    write_csv(paths["csv"], result)
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    saved = {k: v for k, v in result.items() if k != "files"}  # where this machine put the files: not a result
+    paths["json"].write_text(json.dumps(saved, indent=1, default=str) + "\n")
     paths["md"].write_text(render(result) + "\n")
-    if plots and result.get("kernels") and any(r.get("status") == "ok" for r in result["kernels"]):
+    if not final:
+        return {k: str(v) for k, v in paths.items()}
+    paths["csv"] = out_dir / f"{stem}.csv"
+    write_csv(paths["csv"], result)
+    if result.get("kernels") and any(r.get("status") == "ok" for r in result["kernels"]):
         paths["kernels_png"] = out_dir / f"{stem}_kernels.png"
         plot_kernels(paths["kernels_png"], result)
-    if plots and result.get("phases") and any(r.get("status") == "ok" for r in result["phases"]):
+    if result.get("phases") and any(r.get("status") == "ok" for r in result["phases"]):
         paths["phases_png"] = out_dir / f"{stem}_phases.png"
         plot_phases(paths["phases_png"], result)
     return {k: str(v) for k, v in paths.items()}

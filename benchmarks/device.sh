@@ -60,8 +60,12 @@ build_ext() {
 }
 
 KERNEL_RESERVE_S=150  # of BUDGET_S, kept for the kernel section of `core`
+# The harness writes JSON + Markdown after every variant into $RUN, and CSV + plots at its end; the files are packed
+# into one archive when the plan ends (the device tool returns at most 8 files: a killed call still returns the
+# checkpoints, at most 2 per harness run, and the logs).
+RUN="$OUT/run"
 left() { echo $(( BUDGET_S - SECONDS > 30 ? BUDGET_S - SECONDS : 30 )); }  # SECONDS: time since this script began
-harness() { python3 benchmarks/step_time.py --out "$OUT" "$@"; }
+harness() { python3 benchmarks/step_time.py --out "$RUN" "$@"; }
 case "$PLAN" in
 core) build_ext & builder=$!
       harness --quick --only phases --model sd35m --variants fast,baseline --tag core \
@@ -74,3 +78,5 @@ rest) harness --only phases --model sd35m --variants toggles --tag rest --budget
 all)  build_ext; harness --tag all --budget-s "$(left)" ;;
 *) echo "device.sh: unknown plan $PLAN (core | rest | all)"; exit 2 ;;
 esac
+tar -czf "$OUT/step_time_$PLAN.tgz" -C "$RUN" . && rm -rf "$RUN" \
+    && echo "device.sh: results packed into step_time_$PLAN.tgz (tar -xzf it, then step_time.py --merge the JSON files)"

@@ -222,6 +222,19 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(threads)
 
 
+def phase_notes(model: str) -> list[str]:
+    """What the phase rows mean (the notes of a run with a phase section)."""
+    return ["CUDA graphs (GPU only): the no-grad transformer calls of the fast path replay CUDA graphs (the LoRA "
+            "routing is a tensor input); `fast -cuda_graphs` measures without them.",
+            f"phase models (--model {model}): SD3.5-M-shaped and/or FLUX.1-dev-shaped (FLUX: 512 T5 tokens, "
+            "guidance embedding 3.5, no CFG, activation checkpointing in every variant, as the FLUX presets); "
+            "the targets are judged on the SD3.5-M-shaped rows.",
+            "training phase = one micro-batch (micro_batch images x T timesteps, 3 velocities + backward); the "
+            "AdamW step (once per epoch of 1728 images in the official presets) is excluded.",
+            "end_to_end = rollout (no CFG) + VAE decode + JPEG reward + advantages + training of every "
+            "micro-batch of the rollout batch."]
+
+
 def run(args: argparse.Namespace, device: torch.device, size: str) -> dict:
     quick = args.quick or device.type != "cuda"
     budget = _timing.Budget(args.budget_s)
@@ -235,15 +248,7 @@ def run(args: argparse.Namespace, device: torch.device, size: str) -> dict:
     notes += [compile_note] if compile_note else []
     notes += ["--tiny: one torch intra-op thread (tiny shapes)."] if size == "tiny" else []
     notes += [f"--variants {args.variants}: only these phase variants ran."] if args.variants else []
-    notes += ["CUDA graphs (GPU only): the no-grad transformer calls of the fast path replay CUDA graphs (the LoRA "
-              "routing is a tensor input); `fast -cuda_graphs` measures without them.",
-              f"phase models (--model {args.model}): SD3.5-M-shaped and/or FLUX.1-dev-shaped (FLUX: 512 T5 tokens, "
-              "guidance embedding 3.5, no CFG, activation checkpointing in every variant, as the FLUX presets); "
-              "the targets are judged on the SD3.5-M-shaped rows.",
-              "training phase = one micro-batch (micro_batch images x T timesteps, 3 velocities + backward); the "
-              "AdamW step (once per epoch of 1728 images in the official presets) is excluded.",
-              "end_to_end = rollout (no CFG) + VAE decode + JPEG reward + advantages + training of every "
-              "micro-batch of the rollout batch."]
+    notes += phase_notes(args.model) if "phases" in args.sections else []
     if not is_gpu and "TRITON_INTERPRET" not in __import__("os").environ:
         notes.append("Triton kernels not run: on a CPU they need TRITON_INTERPRET=1 (then only at tiny sizes).")
     cal = calibrate(device, size, quick)
@@ -251,13 +256,13 @@ def run(args: argparse.Namespace, device: torch.device, size: str) -> dict:
                     "argv": args.argv, "notes": notes, "budget_s": args.budget_s}
     stem = output_stem(device, info, size, args.model, args.tag)
 
-    def save(plots: bool = False) -> None:
-        """Targets and wall time as of now, and the files (the plots only at the end)."""
+    def save(final: bool = False) -> None:
+        """Targets and wall time as of now, and the files (JSON and Markdown; CSV and plots only at the end)."""
         target_model = model_spec(size, "sd35m").name
         target_rows = [r for r in result.get("phases", []) if r.get("model") == target_model]
         result["targets"] = _report.evaluate_targets(result.get("kernels", []), target_rows, is_gpu)
         result["wall_s"] = budget.elapsed()
-        result["files"] = _report.write_outputs(result, args.out, stem, plots=plots)
+        result["files"] = _report.write_outputs(result, args.out, stem, final=final)
 
     if "kernels" in args.sections:
         with _telemetry.Telemetry(device) as tel:
@@ -269,7 +274,7 @@ def run(args: argparse.Namespace, device: torch.device, size: str) -> dict:
     if budget.skipped:
         notes.append(f"--budget-s {args.budget_s:g}: {budget.skipped} unit(s) of work started too late and are "
                      "reported as not run; run them with --only/--model/--variants and combine with --merge.")
-    save(plots=True)
+    save(final=True)
     print(_report.render(result))
     print("\nwrote: " + ", ".join(result["files"].values()))
     return result
