@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import _kernels, _models, _phases, _report
+from benchmarks import _kernels, _phases, _report
 
 KERNEL_KEY = ("op", "mode", "rows", "latent", "variant")
 PHASE_KEY = ("model", "variant", "phase")
@@ -84,8 +84,5 @@ def merge_runs(runs: list[dict]) -> dict:
         result.update(phases=phases, phase_model=model0, phase_workload=workloads.get(model0),
                       flops=flops.get(model0), phase_models=list(workloads), phase_workloads=workloads,
                       flops_by_model=flops)
-    is_gpu = bool(first["system"].get("gpu_name"))
-    target_model = _models.model_spec(size, "sd35m").name
-    result["targets"] = _report.evaluate_targets(kernels, [r for r in phases if r.get("model") == target_model],
-                                                 is_gpu)
+    result["targets"] = _report.run_targets(result)
     return result

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Callable
 from dataclasses import asdict, replace
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -284,15 +284,13 @@ def run_variant(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: 
 
 
 def run_phases(bench: Bench, phases: tuple[str, ...], quick: bool, allow_compile: bool, matmul_flops: float | None,
-               log=print, *, only: str | None = None, budget: Budget | None = None,
-               on_rows: Callable[[list[dict]], None] | None = None, flops: dict | None = None
-               ) -> tuple[list[dict], dict]:
-    """Every variant (or those `only` names, see `variants`), fast and baseline first; a compile failure falls back
-    to eager for that variant (noted in `status`). A variant due after `budget` is spent is reported as not run.
-    `on_rows(rows so far)` is called after each variant (the harness writes its files then). `flops`: the
-    bench's `model_flops()` when the caller has them already."""
-    flops = bench.model_flops() if flops is None else flops
-    rows: list[dict] = []
+               flops: dict, log=print, *, only: str | None = None, budget: Budget | None = None,
+               rows: list[dict] | None = None, on_variant: Callable[[], None] | None = None) -> list[dict]:
+    """Every variant (or those `only` names, see `variants`), fast and baseline first, with `flops` the bench's
+    `model_flops()`; a compile failure falls back to eager for that variant (noted in `status`). A variant due
+    after `budget` is spent is reported as not run. The rows are appended to `rows` (a new list by default), so a
+    caller holds what was measured even if a later variant raises; `on_variant()` runs after each variant."""
+    rows = [] if rows is None else rows
     if "rollout_cfg" in phases and not bench.spec.uses_cfg:
         phases = tuple(p for p in phases if p != "rollout_cfg")
         rows.append({"variant": "*", "phase": "rollout_cfg", "model": bench.spec.name,
@@ -300,19 +298,17 @@ def run_phases(bench: Bench, phases: tuple[str, ...], quick: bool, allow_compile
                                f"guidance embedding {bench.spec.guidance}, guidance_scale 1)"})
     for variant in tqdm(variants(only), desc="phases", unit="variant", disable=None):
         reason = inactive_reason(variant, bench.device, allow_compile)
-        if reason is None and budget is not None and budget.spent():
-            reason = budget.skip()
-        if reason:
-            rows.append({"variant": variant.name, "phase": "*", "model": bench.spec.name,
-                         "status": reason if reason.startswith("not run") else f"skipped: {reason}"})
+        status = f"skipped: {reason}" if reason else (budget.skip() if budget is not None and budget.spent() else None)
+        if status:
+            rows.append({"variant": variant.name, "phase": "*", "model": bench.spec.name, "status": status})
             continue
         if not allow_compile:
             variant = replace(variant, compile_blocks=False)
         rows.extend(run_variant_or_eager(bench, variant, phases, quick, flops, matmul_flops, log))
         with_speedups(rows)
-        if on_rows is not None:
-            on_rows(rows)
-    return with_speedups(rows), flops
+        if on_variant is not None:
+            on_variant()
+    return with_speedups(rows)
 
 
 def run_variant_or_eager(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: bool, flops: dict,

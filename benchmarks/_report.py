@@ -7,6 +7,8 @@ import csv
 import json
 from pathlib import Path
 
+from benchmarks._models import model_spec
+
 # (header, key) of the printed tables; every key is a field of the JSON rows (tests check this).
 KERNEL_COLUMNS = [("op", "op"), ("mode", "mode"), ("rows", "rows"), ("latent", "latent"), ("variant", "variant"),
                   ("median ms", "median_ms"), ("p20 ms", "p20_ms"), ("p80 ms", "p80_ms"), ("MB moved", "bytes"),
@@ -51,6 +53,14 @@ def evaluate_targets(kernels: list[dict], phases: list[dict], is_gpu: bool) -> l
             status = "met" if value >= threshold else "not met"
         out.append({"name": name, "threshold": threshold, "value": value, "status": status})
     return out
+
+
+def run_targets(result: dict) -> list[dict]:
+    """`evaluate_targets` of a run or merged result: its kernel rows and its SD3.5-M-shaped phase rows (the tiny
+    MMDiT's on a CPU), judged as a GPU measurement only when the run names a GPU."""
+    target_model = model_spec(result["size"], "sd35m").name
+    phases = [r for r in result.get("phases", []) if r.get("model") == target_model]
+    return evaluate_targets(result.get("kernels", []), phases, bool(result["system"].get("gpu_name")))
 
 
 def _fmt(key: str, value) -> str:

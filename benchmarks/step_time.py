@@ -22,7 +22,6 @@ import argparse
 import re
 import shutil
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -126,20 +125,19 @@ def run_phase_models(args, device: torch.device, size: str, quick: bool, with_co
     `flops_by_model` list them all, and every phase row carries its `model`. `save()` writes the files after each
     variant, so a run stopped from outside still leaves what it measured."""
     names = list(_models.MODELS) if args.model == "both" else [args.model]
-    done: list[dict] = []
+    rows: list[dict] = []  # every model's rows, appended as each variant finishes
     workloads: dict = {}
     flops: dict = {}
     skipped: dict = {}
+    finished: set[str] = set()  # models with at least one finished variant
     result["phase_models_skipped"] = skipped
 
-    current: list[dict] = []  # the rows of the model being measured, as of its last finished variant
-
-    def publish(rows: list[dict]) -> None:
-        current[:] = rows
+    def publish(model: str | None = None) -> None:
+        finished.update([model] if model else [])
         if not workloads:
             return
         first = next(iter(workloads))
-        result.update(phase_model=first, phase_workload=workloads[first], flops=flops[first], phases=done + rows,
+        result.update(phase_model=first, phase_workload=workloads[first], flops=flops[first], phases=rows,
                       phase_models=list(workloads), phase_workloads=workloads, flops_by_model=flops)
         save()
 
@@ -152,32 +150,31 @@ def run_phase_models(args, device: torch.device, size: str, quick: bool, with_co
             skipped[spec.name] = reason
             notes.append(reason)
             continue
-        current.clear()
+        first_row = len(rows)
         try:
             bench = _phases.Bench(spec, device)
             workloads[spec.name] = workload_fields(spec)
             flops[spec.name] = bench.model_flops()
-            got, _ = _phases.run_phases(bench, _phases.PHASES, quick, with_compile, cal["matmul"]["tflops"] * 1e12,
-                                        log=lambda msg: print(msg, file=sys.stderr), only=args.variants,
-                                        budget=budget, on_rows=publish, flops=flops[spec.name])
+            _phases.run_phases(bench, _phases.PHASES, quick, with_compile, cal["matmul"]["tflops"] * 1e12,
+                               flops[spec.name], log=lambda msg: print(msg, file=sys.stderr), only=args.variants,
+                               budget=budget, rows=rows, on_variant=lambda: publish(spec.name))
         except Exception as exc:  # the FLUX phase is an extra: its failure keeps the SD3.5-M results
             if spec.kind != "flux":
                 raise
             traceback.print_exc()
             failed = f"{spec.name} phase failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            notes.append(failed + (" (the variants measured before it are kept)" if current else ""))
-            if current:  # keep what was measured; the failure is in the notes
-                done += current
-            else:
+            kept = spec.name in finished  # keep what was measured; the failure is in the notes
+            notes.append(failed + (" (the variants measured before it are kept)" if kept else ""))
+            if not kept:
+                del rows[first_row:]
                 skipped[spec.name] = failed
                 workloads.pop(spec.name, None)
                 flops.pop(spec.name, None)
-            publish([])
+            publish()
             bench = None
             _phases.release_memory(device)
             continue
-        done += got
-        publish([])
+        publish()
         del bench
         _phases.release_memory(device)
         _phases.diffusers_default_attention()  # set_flux_attention changes a process-wide default
@@ -258,9 +255,7 @@ def run(args: argparse.Namespace, device: torch.device, size: str) -> dict:
 
     def save(final: bool = False) -> None:
         """Targets and wall time as of now, and the files (JSON and Markdown; CSV and plots only at the end)."""
-        target_model = model_spec(size, "sd35m").name
-        target_rows = [r for r in result.get("phases", []) if r.get("model") == target_model]
-        result["targets"] = _report.evaluate_targets(result.get("kernels", []), target_rows, is_gpu)
+        result["targets"] = _report.run_targets(result)
         result["wall_s"] = budget.elapsed()
         result["files"] = _report.write_outputs(result, args.out, stem, final=final)
 

@@ -1,12 +1,11 @@
 """The profiling harness (benchmarks/step_time.py): a tiny CPU run end to end, the byte model, the FLOP formula."""
 import csv
-import json
 from dataclasses import replace
 
 import pytest
 import torch
 
-from benchmarks import _kernels, _models, _phases, _report, _timing, _variants
+from benchmarks import _kernels, _models, _phases, _report, _timing
 from benchmarks import step_time
 
 SD3_TINY, FLUX_TINY = _models.model_spec("tiny").name, _models.model_spec("tiny", "flux").name
