@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from awm_fast.algo.timesteps import TIMESTEP_MODES
+
 PRESET_DIR = Path(__file__).parent / "configs"
 SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -80,6 +82,7 @@ class TrainConfig:
     clip_range: float = 1.0
     beta: float = 0.001
     ema_beta: float = 1.0
+    ema_kl_without_beta: bool = False  # official: no KL term at all when beta = 0; true keeps the EMA KL alone
     kl_weighting: str = "uniform"  # uniform | elbo
     adv_clip_max: float = 5.0
     lr: float = 3e-4
@@ -101,6 +104,8 @@ class TrainConfig:
     nft_kl_beta: float = 1e-4  # nft: weight of mean (v - v_ref)^2
     nft_decay_rate: float = 0.001  # nft: "old" (the "ema" adapter) decay d = min(nft_decay_cap, rate * step)
     nft_decay_cap: float = 0.5
+    nft_timestep_fraction: float = 0.99  # nft: each sample trains int(num_steps * this) rollout timesteps (official: 9 of 10)
+    nft_sampler: str = "dpm2"  # nft: rollout of the "old" policy: dpm2 (official, sampling/dpm_solver.py) | ode (Euler)
     max_nonfinite_steps: int = 3  # stop after this many steps in a row with a non-finite loss/grad (0: never)
     seed: int = 42
 
@@ -178,8 +183,9 @@ CHOICES = {
     "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "sample.sampler": ("euler_maruyama", "cps", "ode", "sa_solver"),
     "train.algorithm": ("awm", "flow_grpo", "nft"),
+    "train.nft_sampler": ("dpm2", "ode"),
     "train.finetune": ("lora", "full"),
-    "train.timestep_sampling": ("discrete_wo_init", "discrete", "uniform", "logit_normal"),
+    "train.timestep_sampling": TIMESTEP_MODES,
     "train.weighting": ("ghuber", "uniform", "t", "t2", "huber"),
     "train.ratio_mode": ("exp_first", "sum_first"),
     "train.kl_weighting": ("uniform", "elbo"),
@@ -191,7 +197,8 @@ CHOICES = {
 POSITIVE = ["model.text_tokens", "model.lora_rank", "model.lora_alpha", "model.resolution", "sample.num_steps", "sample.shift",
             "sample.prompts_per_step", "sample.batch_size", "sample.eval_num_steps", "sample.eval_prompts", "train.steps",
             "train.micro_batch", "train.num_timesteps", "train.ghuber_power", "train.clip_range",
-            "train.adv_clip_max", "train.grpo_clip_range", "train.grpo_optimizer_steps", "train.nft_beta", "train.lr", "train.adam_eps", "train.max_grad_norm",
+            "train.adv_clip_max", "train.grpo_clip_range", "train.grpo_optimizer_steps", "train.nft_beta",
+            "train.nft_timestep_fraction", "train.lr", "train.adam_eps", "train.max_grad_norm",
             "digits.pretrain_batch", "digits.pretrain_lr", "digits.eval_per_digit", "run.keep_checkpoints",
             "run.dist_timeout_s"]
 NON_NEGATIVE = ["reward.num_workers", "sample.noise_level", "train.beta", "train.ema_beta", "train.weight_decay", "train.ema_decay_rate",
@@ -351,15 +358,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay_cap={t.ema_decay_cap} must be < 1")
     if t.nft_decay_cap >= 1:
         raise ConfigError(f"train.nft_decay_cap={t.nft_decay_cap} must be < 1")
+    if t.nft_timestep_fraction > 1 or int(s.num_steps * t.nft_timestep_fraction) < 1:
+        raise ConfigError(f"train.nft_timestep_fraction={t.nft_timestep_fraction} must be <= 1 and leave "
+                          f"int(sample.num_steps {s.num_steps} * it) >= 1 training timesteps")
     if not 0 <= s.sa_noise_t_min <= s.sa_noise_t_max <= 1:
         raise ConfigError(f"sample.sa_noise_t_min/sa_noise_t_max=({s.sa_noise_t_min}, {s.sa_noise_t_max}) must satisfy "
                           "0 <= min <= max <= 1")
     if t.algorithm == "flow_grpo" and s.sampler not in ("euler_maruyama", "cps"):
         raise ConfigError(f"train.algorithm=flow_grpo needs a stochastic sampler with log-probs "
                           f"(sample.sampler=euler_maruyama or cps), got {s.sampler!r}")
-    if t.algorithm == "flow_grpo" and not (s.noise_level > 0 and t.grpo_sde_window <= s.num_steps - 1):
+    if t.algorithm == "flow_grpo" and not (s.noise_level > 0 and t.grpo_sde_window <= s.num_steps // 2):
         raise ConfigError(f"train.algorithm=flow_grpo needs sample.noise_level > 0 and train.grpo_sde_window="
-                          f"{t.grpo_sde_window} <= sample.num_steps - 1 = {s.num_steps - 1} (the last step is deterministic)")
+                          f"{t.grpo_sde_window} <= sample.num_steps // 2 = {s.num_steps // 2} (official: the window "
+                          "starts in {0, ..., num_steps // 2 - window})")
     if t.algorithm == "flow_grpo" and (images // t.micro_batch) % t.grpo_optimizer_steps:
         raise ConfigError(f"train.grpo_optimizer_steps={t.grpo_optimizer_steps} must divide the {images // t.micro_batch} "
                           f"training micro-batches per step ({images} images / train.micro_batch {t.micro_batch})")

@@ -1,19 +1,35 @@
 """Time grids for sampling and stratified training timesteps.
 
-Sampling grid with N steps and shift s: sigma_i = s u_i / (1 + (s - 1) u_i), u_i = linspace(1, 0, N + 1).
+Sampling grid = the model's own scheduler grid, diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps(N)`
+(what the official code samples with), N + 1 decreasing sigmas ending in 0:
+- static shift s (SD3 / SD3.5, s = 3; the digits task with sample.shift), shift(u) = s u / (1 + (s - 1) u):
+  sigma_min = shift(1 / 1000) (the training sigmas are shifted once at construction),
+  sigma_i = shift(linspace(1, sigma_min, N)_i) (shifted again), then 0.
+  SD3.5, N = 14: 1, .97306, ..., .35737, .20620, .00893, 0.
+- dynamic shifting (FLUX): sigma_i = e^mu / (e^mu + (1 / u_i - 1)), u = linspace(1, 1 / N, N), then 0, with
+  mu = m L + b from the image sequence length L (the pipeline's calculate_shift over the scheduler config's
+  base/max sequence lengths and shifts).
+`scheduler_grid` reads the grid off a loaded pipeline's scheduler (the source of truth); `sd3_grid` and
+`dynamic_grid` are the float64 transcriptions.
 
-Training timesteps (T per sample, one draw shared by a micro-batch):
-- discrete_wo_init: boundaries b = int(linspace(1, floor(N * f), T + 1)); index k_j ~ U{b_j, ..., b_{j+1} - 1};
-  t_j = sigma_{k_j} of the rollout grid (f = timestep_fraction, 0.9 officially).
-- discrete: the same with boundaries starting at 0 (t = 1 allowed).
-- uniform: stratified u_j ~ U[j / T, (j + 1) / T), shifted like the grid, clamped to [0.01, 0.99].
-- logit_normal: u = sigmoid(n), n ~ N(0, 1), shifted, clamped >= 0.01.
+Training timesteps (T per sample) as the official script draws them:
+- discrete_wo_init: boundaries b = int(linspace(1, floor(N f), T + 1)); index k_j ~ U{b_j, ..., b_{j+1} - 1};
+  t_j = sigma_{k_j} of the rollout grid (f = timestep_fraction, 0.9 officially). One draw per micro-batch.
+- discrete: the same with boundaries starting at 0 (t = 1 allowed): the official PickScore preset.
+- uniform: per sample, T strata of [0.2, 1]: u_jb = 0.2 + 0.8 (j + U_jb) / T, the T values of each sample
+  shuffled, then shifted (shift = sample.shift, the official time_shift 3).
+- logit_normal: T stratified standard-normal quantiles n_j = Phi^-1((j + U_j) / T), shuffled, t = shift(sigmoid(n)),
+  clamped >= 0.01; one draw per micro-batch.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
+
+TIMESTEP_MODES = ("discrete_wo_init", "discrete", "uniform", "logit_normal")
+NUM_TRAIN_TIMESTEPS = 1000  # diffusers' FlowMatchEulerDiscreteScheduler default, the SD3 / FLUX schedulers'
 
 
 def shift_time(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -21,11 +37,58 @@ def shift_time(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
-def time_grid(num_steps: int, shift: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The N + 1 decreasing sigmas from 1 to 0 of the rollout."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    return shift_time(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64), shift).to(dtype)
+def _check_steps(num_steps: int) -> None:
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+
+
+def sd3_grid(num_steps: int, shift: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The N + 1 sigmas of a static-shift scheduler: shift(linspace(1, shift(1/1000), N)), then 0."""
+    _check_steps(num_steps)
+    sigma_min = shift_time(torch.tensor(1 / NUM_TRAIN_TIMESTEPS, dtype=torch.float64), shift)
+    sigmas = shift_time(torch.linspace(1, float(sigma_min), num_steps, dtype=torch.float64), shift)
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+
+
+time_grid = sd3_grid  # the grid of the digits task and of any SD3-style scheduler
+
+
+def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """mu = m L + b, the line through (base_seq_len, base_shift) and (max_seq_len, max_shift)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def dynamic_grid(num_steps: int, mu: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The N + 1 sigmas of a dynamically shifted scheduler: e^mu / (e^mu + 1/u - 1), u = linspace(1, 1/N, N)."""
+    _check_steps(num_steps)
+    u = torch.linspace(1, 1 / num_steps, num_steps, dtype=torch.float64)
+    sigmas = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+
+
+def scheduler_grid(scheduler, num_steps: int, image_seq_len: int | None = None) -> torch.Tensor:
+    """The N + 1 sigmas (float64) that `scheduler.set_timesteps(N)` builds, as the diffusers pipeline calls it:
+    with dynamic shifting (FLUX), sigmas = linspace(1, 1/N, N) and mu from `image_seq_len` and the config.
+    The scheduler itself is not modified (a copy is set)."""
+    _check_steps(num_steps)
+    sched = copy.deepcopy(scheduler)
+    config = sched.config
+    if config.get("use_dynamic_shifting", False):
+        if image_seq_len is None:
+            raise ValueError("a dynamically shifted scheduler (FLUX) needs the image sequence length for mu")
+        mu = flux_mu(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                     config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        u = torch.linspace(1, 1 / num_steps, num_steps, dtype=torch.float64).tolist()
+        sched.set_timesteps(num_steps, sigmas=u, mu=mu)
+    else:
+        sched.set_timesteps(num_steps)
+    sigmas = sched.sigmas.to(torch.float64).cpu()
+    if sigmas.numel() != num_steps + 1 or sigmas[0] != 1 or sigmas[-1] != 0:
+        raise ValueError(f"scheduler {type(scheduler).__name__} gave sigmas {sigmas.tolist()} for {num_steps} steps: "
+                         "expected N + 1 values from 1 down to 0")
+    return sigmas
 
 
 def discrete_boundaries(num_steps: int, num_timesteps: int, fraction: float, with_init: bool) -> list[int]:
@@ -38,21 +101,34 @@ def discrete_boundaries(num_steps: int, num_timesteps: int, fraction: float, wit
     return bounds
 
 
-def sample_train_timesteps(
-    mode: str, num_timesteps: int, grid: torch.Tensor, *, shift: float, fraction: float, generator: torch.Generator
-) -> torch.Tensor:
-    """T training times (float64, in (0, 1]) for one micro-batch."""
-    num_steps = grid.numel() - 1
+def _rand(shape, generator: torch.Generator) -> torch.Tensor:
+    """Uniforms drawn on the generator's device (a CUDA generator on GPU runs), returned float64 on the CPU."""
+    return torch.rand(shape, generator=generator, dtype=torch.float64, device=generator.device).cpu()
+
+
+def _shuffled(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """values (T, ...) with the T entries of each column in a random order (argsort of uniforms)."""
+    return torch.gather(values, 0, _rand(values.shape, generator).argsort(dim=0))
+
+
+def sample_train_timesteps(mode: str, num_timesteps: int, grid: torch.Tensor, *, shift: float, fraction: float,
+                           generator: torch.Generator, batch: int | None = None) -> torch.Tensor:
+    """Training times (float64, in (0, 1]) for one micro-batch: (T,) shared by its samples, or with `batch`
+    given (T, batch), column b = sample b's times (only `uniform` draws them per sample)."""
+    if mode not in TIMESTEP_MODES:
+        raise ValueError(f"timestep_sampling={mode!r} is not one of {TIMESTEP_MODES}")
+    T = num_timesteps
     if mode in ("discrete_wo_init", "discrete"):
-        bounds = discrete_boundaries(num_steps, num_timesteps, fraction, mode == "discrete")
-        dev = generator.device  # draws happen on the generator's device (a CUDA generator on GPU runs)
-        idx = [int(torch.randint(lo, hi, (1,), generator=generator, device=dev)) for lo, hi in zip(bounds[:-1], bounds[1:])]
-        return grid.to(torch.float64)[idx]
-    if mode == "uniform":
-        draw = torch.rand(num_timesteps, generator=generator, dtype=torch.float64, device=generator.device).cpu()
-        u = (torch.arange(num_timesteps, dtype=torch.float64) + draw) / num_timesteps
-        return shift_time(u, shift).clamp(0.01, 0.99)
-    if mode == "logit_normal":
-        u = torch.sigmoid(torch.randn(num_timesteps, generator=generator, dtype=torch.float64, device=generator.device).cpu())
-        return shift_time(u, shift).clamp(min=0.01)
-    raise ValueError(f"timestep_sampling={mode!r} is not one of discrete_wo_init, discrete, uniform, logit_normal")
+        bounds = torch.tensor(discrete_boundaries(grid.numel() - 1, T, fraction, mode == "discrete"))
+        lower, width = bounds[:-1], bounds[1:] - bounds[:-1]
+        idx = lower + (_rand(T, generator) * width).to(torch.int64)
+        t = grid.to(torch.float64).cpu()[idx]
+    elif mode == "uniform":
+        u = (torch.arange(T, dtype=torch.float64)[:, None] + _rand((T, batch or 1), generator)) / T
+        t = shift_time(_shuffled(0.2 + 0.8 * u, generator), shift)
+        return t if batch else t[:, 0]
+    else:
+        q = (torch.arange(T, dtype=torch.float64) + _rand(T, generator)) / T
+        n = torch.distributions.Normal(0.0, 1.0).icdf(q.clamp(1e-7, 1 - 1e-7))
+        t = shift_time(torch.sigmoid(_shuffled(n, generator)), shift).clamp(min=0.01)
+    return t if batch is None else t[:, None].expand(T, batch).clone()

@@ -2,7 +2,8 @@
 
 The trainer sees latents as (B, 16, H, W) like SD3; the transformer call packs them into 2x2 patches,
     (B, C, H, W) -> (B, H/2 * W/2, 4C),  img_ids[i, j] = (0, i, j),  txt_ids = 0,
-passes timestep = t (FLUX scales by 1000 inside) and, for guidance-distilled models (dev), the guidance
+passes timestep = t in float32 (FLUX scales by 1000 inside, after casting it to the latents' dtype, as
+FluxPipeline does) and, for guidance-distilled models (dev), the guidance
 value, then unpacks the predicted velocity. Attention goes through diffusers' dispatch
 (`set_attention_backend`), mapped from our backend names.
 """
@@ -65,10 +66,11 @@ def load_flux_pipeline(path: str, dtype: torch.dtype):
 
 
 def load_flux_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:
-    """All `prompts` (and "") are encoded up front; the text encoders are then released."""
+    """All `prompts` (and "") are encoded up front; the text encoders are then released. The time grid is the
+    pipeline scheduler's, dynamically shifted for the packed image sequence length (side / 2)^2."""
     from awm_fast.models.attention import resolve_attention_backend
     from awm_fast.models.load import freeze_and_adapt
-    from awm_fast.models.sd3 import encode_all, make_decoder, make_encoder, prompt_cache_dir
+    from awm_fast.models.sd3 import encode_all, make_decoder, make_encoder, pipeline_sigmas, prompt_cache_dir
 
     pipe = load_flux_pipeline(cfg.model.path, dtype)
     side = cfg.model.resolution // pipe.vae_scale_factor
@@ -89,4 +91,5 @@ def load_flux_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prom
         torch.cuda.empty_cache()
     call = functools.partial(flux_call, guidance=cfg.model.guidance)
     return FlowPolicy(transformer, make_encoder(cache, device), make_decoder(pipe.vae.to(device)),
-                      (transformer.config.in_channels // 4, side, side), device, dtype, call=call)
+                      (transformer.config.in_channels // 4, side, side), device, dtype, call=call,
+                      sigmas=pipeline_sigmas(pipe.scheduler, cfg, image_seq_len=(side // 2) ** 2, log=log))

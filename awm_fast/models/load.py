@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 
+from awm_fast.algo.timesteps import sd3_grid
 from awm_fast.config import Config
 from awm_fast.models.attention import resolve_attention_backend, use_attention_backend
 from awm_fast.models.compile import compile_blocks
@@ -106,7 +108,8 @@ def _build_policy(cfg: Config, device: torch.device, digits_artifacts, prompts: 
             return type(c)(c.embeds.to(device), c.pooled.to(device))
 
         transformer = freeze_and_adapt(transformer, cfg, device, dtype)
-        return FlowPolicy(transformer, encode, decode_digits, (1, 8, 8), device, dtype)
+        return FlowPolicy(transformer, encode, decode_digits, (1, 8, 8), device, dtype,
+                          sigmas=functools.partial(sd3_grid, shift=cfg.sample.shift))
     if cfg.model.kind == "flux":
         from awm_fast.models.flux import load_flux_policy
 

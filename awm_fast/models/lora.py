@@ -1,7 +1,8 @@
 """LoRA adapters on a diffusers transformer: "default" (trained) and "ema" (the KL anchor).
 
     ema adapter:    ema <- d ema + (1 - d) theta,  d = min(cap, rate * step)       (after each optimizer step)
-    evaluation EMA: e   <- k e   + (1 - k) theta,  k = min((1 + n) / (10 + n), 0.99)  (n = updates so far)
+    evaluation EMA: e   <- k e   + (1 - k) theta,  k = min((1 + n) / (10 + n), 0.99)  (n = 1, 2, ...: the
+                    optimizer step just taken, as the official EMAModuleWrapper.step(global_step): first k = 2/11)
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def update_ema_adapter(transformer, step: int, *, rate: float, cap: float) -> fl
 
 
 class EvalEMA:
-    """Float32 shadow of the "default" adapter: decay min((1 + n) / (10 + n), 0.99)."""
+    """Float32 shadow of the "default" adapter: decay min((1 + n) / (10 + n), 0.99) at its n-th update (n >= 1)."""
 
     def __init__(self, transformer) -> None:
         self.shadow = {k: p.detach().float().clone() for k, p in adapter_params(transformer, POLICY).items()}
@@ -63,10 +64,10 @@ class EvalEMA:
 
     @torch.no_grad()
     def update(self, transformer) -> float:
+        self.updates += 1
         decay = min((1 + self.updates) / (10 + self.updates), 0.99)
         for key, p in adapter_params(transformer, POLICY).items():
             self.shadow[key].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
-        self.updates += 1
         return decay
 
     @contextlib.contextmanager

@@ -39,6 +39,8 @@ class FlowPolicy:
     reference, "ema": the frozen EMA copy}: the adapter argument then picks the module (no routing mask).
 
     encode(prompts) -> Conditioning; decode(latents) -> images in [0, 1], (B, C, H, W) float32.
+    sigmas(N) -> the N + 1 sigmas (float64, 1 down to 0) of the model's own scheduler (algo.timesteps): the
+    rollout, evaluation and training-strata grid.
     """
 
     transformer: torch.nn.Module
@@ -50,7 +52,14 @@ class FlowPolicy:
     call: Callable | None = None  # call(transformer, x, t, cond) -> v; None: the SD3 call below
     graphs: Callable | None = None  # models.cuda_graphs.VelocityGraphs(self.forward): no-grad calls replayed
     models: dict | None = None  # full fine-tuning: {"default": trained, None: reference, "ema": EMA copy}
+    sigmas: Callable[[int], torch.Tensor] | None = None  # the scheduler's grid for N steps (see above)
     _masks: dict = field(default_factory=dict, repr=False)  # routing masks by (adapter, rows, device)
+
+    def time_grid(self, num_steps: int) -> torch.Tensor:
+        """The N + 1 sigmas of the model's scheduler for an N-step rollout (float64)."""
+        if self.sigmas is None:
+            raise ValueError("this policy has no scheduler grid (FlowPolicy.sigmas is None)")
+        return self.sigmas(num_steps)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, adapter: str | None = POLICY) -> torch.Tensor:
         """v(x, t, c) with the given adapter ("default", "ema", or None for the reference = base model)."""
@@ -77,15 +86,16 @@ class FlowPolicy:
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
                 mask: torch.Tensor | None, module: torch.nn.Module | None = None) -> torch.Tensor:
-        """The transformer call itself (inputs already in the transformer's dtype, t per row in [0, 1])."""
+        """The transformer call itself (inputs already in the transformer's dtype, t per row in [0, 1]). The
+        timestep goes in float32, as the official code passes it (1000 t in bf16 would turn 973.06 into 972)."""
         half = self.dtype in (torch.bfloat16, torch.float16)
         module = self.transformer if module is None else module
         with routed(mask) if mask is not None else contextlib.nullcontext(), \
                 torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
             if self.call is not None:
-                return self.call(module, x, t.to(self.dtype), Conditioning(embeds, pooled))
+                return self.call(module, x, t.float(), Conditioning(embeds, pooled))
             return module(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
-                          timestep=(t * 1000).to(self.dtype), return_dict=False)[0]
+                          timestep=t.float() * 1000, return_dict=False)[0]
 
 
 class GuidedVelocity:

@@ -5,6 +5,7 @@ tokens, 128 as the official RL code); latents are 16 x (res / f) x (res / f), f 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from awm_fast.algo.timesteps import scheduler_grid
 from awm_fast.config import Config, cache_root
 from awm_fast.models.policy import Conditioning, FlowPolicy
 
@@ -95,8 +97,19 @@ def make_decoder(vae, batch: int = 16):
     return decode
 
 
+def pipeline_sigmas(scheduler, cfg: Config, image_seq_len: int | None = None, log=print):
+    """sigmas(N) of the pipeline's own scheduler (algo.timesteps.scheduler_grid); says when sample.shift, which
+    then only shifts the continuous training timesteps, differs from the scheduler's shift."""
+    shift = scheduler.config.get("shift", 1.0)
+    if not scheduler.config.get("use_dynamic_shifting", False) and shift != cfg.sample.shift:
+        log(f"[grid] the rollout grid is the scheduler's (shift {shift}); sample.shift={cfg.sample.shift} only "
+            "shifts the uniform / logit_normal training timesteps")
+    return functools.partial(scheduler_grid, scheduler, image_seq_len=image_seq_len)
+
+
 def load_sd3_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:
-    """All `prompts` (and "") are encoded up front; the text encoders are then released."""
+    """All `prompts` (and "") are encoded up front; the text encoders are then released. The time grid is the
+    pipeline scheduler's."""
     from awm_fast.models.load import freeze_and_adapt
 
     pipe = load_pipeline(cfg.model.path, dtype)
@@ -116,4 +129,5 @@ def load_sd3_policy(cfg: Config, device: torch.device, dtype: torch.dtype, promp
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return FlowPolicy(transformer, make_encoder(cache, device), make_decoder(pipe.vae.to(device)),
-                      (transformer.config.in_channels, side, side), device, dtype)
+                      (transformer.config.in_channels, side, side), device, dtype,
+                      sigmas=pipeline_sigmas(pipe.scheduler, cfg, log=log))

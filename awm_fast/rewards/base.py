@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
+import contextlib
+
 import torch
 from PIL import Image
 
@@ -21,6 +23,32 @@ class Reward(Protocol):
     def __call__(self, images, prompts: list[str], metadata: list[dict]) -> dict[str, torch.Tensor]:
         """Must return at least "reward": a float tensor of shape (N,)."""
         ...
+
+
+@contextlib.contextmanager
+def evaluation_mode(reward):
+    """Marks `reward` and every reward it wraps (`.reward`, `.rewards`) as scoring an evaluation for the block:
+    `evaluating = True`. A reward that scores differently there reads it (GenEval: only_strict off, as the
+    official evaluation)."""
+    found, todo = [], [reward]
+    while todo:
+        r = todo.pop()
+        found.append(r)
+        todo.extend([x for x in [getattr(r, "reward", None)] if x is not None] + list(getattr(r, "rewards", ())))
+    previous = [getattr(r, "evaluating", False) for r in found]
+    for r in found:
+        try:
+            r.evaluating = True
+        except AttributeError:  # a plain function or a frozen object: it has nothing to switch
+            pass
+    try:
+        yield
+    finally:
+        for r, was in zip(found, previous):
+            try:
+                r.evaluating = was
+            except AttributeError:
+                pass
 
 
 def check_reward_output(name: str, out: dict[str, torch.Tensor], batch: int) -> torch.Tensor:

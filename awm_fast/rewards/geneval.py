@@ -33,7 +33,7 @@ DEFAULT_URL = "http://127.0.0.1:18085"
 SUB_SCORES = {"rewards": "geneval_accuracy", "strict_rewards": "geneval_strict"}
 
 
-def encode_jpeg(images, quality: int = 95) -> list[bytes]:
+def encode_jpeg(images, quality: int = 75) -> list[bytes]:
     out = []
     for a in to_uint8_arrays(images):
         buf = io.BytesIO()
@@ -46,7 +46,7 @@ class GenEvalReward:
     name = "geneval"
 
     def __init__(self, url: str | None = None, batch_size: int = 64, timeout: float = 120.0, retries: int = 5,
-                 backoff: float = 1.0, only_strict: bool = False, jpeg_quality: int = 95) -> None:
+                 backoff: float = 1.0, only_strict: bool = True, jpeg_quality: int = 75) -> None:
         if batch_size < 1 or retries < 0 or timeout <= 0 or backoff < 0:
             raise ValueError(f"reward 'geneval': need batch_size >= 1, retries >= 0, timeout > 0, backoff >= 0 "
                              f"(got {batch_size}, {retries}, {timeout}, {backoff})")
@@ -54,7 +54,11 @@ class GenEvalReward:
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"reward 'geneval': url={self.url!r} must start with http:// or https://")
         self.batch_size, self.timeout, self.retries, self.backoff = batch_size, float(timeout), retries, float(backoff)
-        self.only_strict, self.jpeg_quality = bool(only_strict), jpeg_quality
+        if not 1 <= jpeg_quality <= 100:
+            raise ValueError(f"reward 'geneval': jpeg_quality={jpeg_quality} must be in [1, 100]")
+        # official: only_strict=True while training, False in evaluation (rewards.base.evaluation_mode);
+        # JPEG at PIL's default quality 75
+        self.only_strict, self.jpeg_quality, self.evaluating = bool(only_strict), jpeg_quality, False
 
     def _post(self, body: bytes) -> dict:
         last = ""
@@ -90,7 +94,7 @@ class GenEvalReward:
         columns: dict[str, list] = {"scores": [], **{k: [] for k in SUB_SCORES}}
         for b in range(0, n, self.batch_size):
             body = pickle.dumps({"images": jpegs[b:b + self.batch_size], "meta_datas": metas[b:b + self.batch_size],
-                                 "only_strict": self.only_strict})
+                                 "only_strict": self.only_strict and not self.evaluating})
             data = self._post(body)
             size = len(jpegs[b:b + self.batch_size])
             if not isinstance(data, dict) or len(data.get("scores", ())) != size:

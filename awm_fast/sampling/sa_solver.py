@@ -1,23 +1,26 @@
-"""SA-Solver (stochastic Adams, Xue et al. 2023) for rectified flow, data prediction, predictor-corrector PEC.
+"""SA-Solver (stochastic Adams, Xue et al. 2023) for rectified flow, as the official AWM rollout runs it:
+data prediction, predictor order 2, corrector order 2, PEC mode, the "few steps" coefficients.
 
 Rectified flow as a diffusion: alpha_t = 1 - t, sigma_t = t, lambda_t = log(alpha_t / sigma_t); the model's
-data prediction is x0(x, t) = x - t v(x, t) (v after CFG). With noise tau (c = 1 + tau^2), one step s -> t,
-h = lambda_t - lambda_s, E = e^{-h} = alpha_s sigma_t / (sigma_s alpha_t):
+data prediction is x0(x, t) = x - t v(x, t) (v after CFG). One step s -> t with noise tau (c = 1 + tau^2),
+h = lambda_t - lambda_s, Ec = e^{-c h}:
 
-    x_t = (sigma_t / sigma_s) E^{tau^2} x_s + alpha_t sum_j b_j x0_j + sigma_t sqrt(1 - E^{2 tau^2}) xi
-    b_j = int_{lambda_s}^{lambda_t} c e^{-c (lambda_t - lambda)} l_j(lambda) d lambda
-
-with l_j the Lagrange basis over the nodes (lambda_j, x0_j). With u = lambda - lambda_t, Ec = E^c:
-    M0 = int c e^{c u} du = 1 - Ec,   M1 = int c e^{c u} u du = -(1 - Ec) / c + h Ec   (u from -h to 0)
-    one node: b = M0;  two nodes a, b: b_a = (M1 + (lambda_t - lambda_b) M0) / (lambda_a - lambda_b).
-Predictor: nodes at the last `predictor_order` evaluated times (here lambda_s and the one before);
-Evaluate x0 at the predicted x_t; Corrector: nodes lambda_t (the new evaluation) and lambda_s, the SAME xi;
-PEC: the corrected state is not re-evaluated, so one model call per step, as Euler. tau = noise_level only
-where noise_window[0] <= s <= noise_window[1] (official AWM presets: 0.4 in [0.3, 0.9]); tau = 0 is a
-2nd-order deterministic multistep solver (DPM-Solver++(2M)-like predictor + trapezoid-like corrector).
-The start t = 1 has lambda = -inf and the end t = 0 lambda = +inf: a node at lambda = -inf is never used
-for interpolation (lower order), and the last step returns the order-1 prediction x0 (E = 0, sigma_t = 0).
-The state is kept in float64; the result is float32.
+    x_t = (sigma_t / sigma_s) e^{-tau^2 h} x_s + alpha_t sum_j b_j x0_j + sigma_t sqrt(1 - e^{-2 tau^2 h}) xi
+    b_j = int_{-h}^{0} c e^{c u} l_j(lambda_t + u) du          (l_j: Lagrange basis over the nodes lambda_j)
+    one node: b = M0 = 1 - Ec;  two nodes a, b: b_a = (M1 + (lambda_t - lambda_b) M0) / (lambda_a - lambda_b),
+    M1 = int c e^{c u} u du = h Ec - (1 - Ec) / c.
+"Few steps" (order 2 only; an O(h^3) term that the official code adds, "similar to UniPC"):
+    predictor, nodes (lambda_s, lambda_r):  b_s += D, b_r -= D,  D = c (h^2 / 2 - (c h - 1 + Ec) / c^2) / (lambda_s - lambda_r)
+    corrector, nodes (lambda_t, lambda_s):  b_t += E, b_s -= E,  E = c (h / 2 - (c h - 1 + Ec) / (c^2 h))
+Schedule (official): the time points are the scheduler grid t_0 = 1 > ... > t_{N-1} > t_N = 0 with t_0 replaced
+by 1 - 1e-3 and t_{N-1} by t_{N-2} / 2. x0 is evaluated at t_0; step k = 1 .. N-1: predictor (order 1 on the
+first step, then 2), one evaluation x0(x_pred, t_k), corrector (none on the first step, then order 2, with the
+SAME xi); PEC: the corrected state is not re-evaluated, so one model call per step (N in all, as Euler). The
+last step returns the last data prediction x0(., t_{N-1}). tau = noise_level where noise_window[0] <= t_k <=
+noise_window[1] (the step's DESTINATION time; official: 0.4 in [0.3, 0.9]), else 0; tau = 0 is a deterministic
+2nd-order multistep solver. Random numbers in the official order: the initial state, one unused draw, then one
+xi per step (drawn also where tau = 0). The state is kept in float64 (the official code runs in the model's
+dtype); the result is float32.
 """
 from __future__ import annotations
 
@@ -28,11 +31,20 @@ import torch
 from awm_fast.models.lora import POLICY
 from awm_fast.models.policy import Conditioning, FlowPolicy, GuidedVelocity
 
+FIRST_TIME = 1 - 1e-3  # the official start: lambda(1) = -inf has no data prediction to interpolate
+
 
 def _lam(t: float) -> float:
-    if t >= 1:
-        return -math.inf
-    return math.inf if t <= 0 else math.log((1 - t) / t)
+    return math.log((1 - t) / t)
+
+
+def official_time_points(grid: torch.Tensor) -> list[float]:
+    """The scheduler grid with t_0 = 1 - 1e-3 and t_{N-1} = t_{N-2} / 2 (as the official pipeline sets them)."""
+    times = [float(x) for x in grid.tolist()]
+    if len(times) < 3 or times[0] != 1.0 or times[-1] != 0.0 or any(b >= a for a, b in zip(times[:-1], times[1:])):
+        raise ValueError(f"SA-Solver needs a grid of >= 2 steps decreasing strictly from 1 to 0, got {times}")
+    times[0], times[-2] = FIRST_TIME, times[-3] / 2
+    return times
 
 
 def adams_coefficients(nodes: list[float], lam_s: float, lam_t: float, exp_neg_h: float, c: float) -> list[float]:
@@ -49,20 +61,28 @@ def adams_coefficients(nodes: list[float], lam_s: float, lam_t: float, exp_neg_h
     return [(m1 + (lam_t - b) * m0) / (a - b), (m1 + (lam_t - a) * m0) / (b - a)]
 
 
+def few_steps_coefficients(nodes: list[float], lam_s: float, lam_t: float, c: float, corrector: bool) -> list[float]:
+    """The order-2 coefficients with the "few steps" term (module docstring): predictor nodes (lam_s, lam_r),
+    corrector nodes (lam_t, lam_s)."""
+    h = lam_t - lam_s
+    b = adams_coefficients(nodes, lam_s, lam_t, math.exp(-h), c)
+    ec = math.exp(-c * h)
+    if corrector:
+        extra = c * (h / 2 - (c * h - 1 + ec) / (c**2 * h))
+    else:
+        extra = c * (h**2 / 2 - (c * h - 1 + ec) / c**2) / (nodes[0] - nodes[1])
+    return [b[0] + extra, b[1] - extra]
+
+
 @torch.no_grad()
 def sa_solver_sample(policy: FlowPolicy, cond: Conditioning, grid: torch.Tensor, *, tau: float,
                      noise_window: tuple[float, float], generator: torch.Generator, guidance_scale: float = 1.0,
-                     null_cond: Conditioning | None = None, adapter: str | None = POLICY, predictor_order: int = 2,
-                     corrector_order: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                     null_cond: Conditioning | None = None, adapter: str | None = POLICY
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (x0 (B, ...) float32, zeros (B,)): SA-Solver has no per-step log-prob here."""
-    if predictor_order not in (1, 2) or corrector_order not in (0, 1, 2):
-        raise ValueError(f"predictor_order must be 1 or 2 and corrector_order 0, 1 or 2, got "
-                         f"{predictor_order}, {corrector_order}")
     if tau < 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
-    times = [float(x) for x in grid.tolist()]
-    if times[0] != 1.0 or times[-1] != 0.0 or any(b >= a for a, b in zip(times[:-1], times[1:])):
-        raise ValueError("grid must decrease strictly from 1 to 0")
+    times = official_time_points(grid)
     batch = cond.embeds.shape[0]
     velocity = GuidedVelocity(policy, cond, guidance_scale, null_cond)
 
@@ -72,35 +92,33 @@ def sa_solver_sample(policy: FlowPolicy, cond: Conditioning, grid: torch.Tensor,
             v = v_uncond + guidance_scale * (v - v_uncond)
         return x - t * v
 
-    x = torch.randn((batch, *policy.latent_shape), generator=generator, device=policy.device,
-                    dtype=torch.float32).double()
-    lams, x0s = [_lam(times[0])], [data_prediction(x, times[0])]
-    for s, t in zip(times[:-1], times[1:]):
-        if t == 0:
-            x = x0s[-1]  # alpha = 1, E = 0, sigma = 0: the order-1 prediction
-            break
-        tau_s = tau if noise_window[0] <= s <= noise_window[1] else 0.0
-        c = 1 + tau_s**2
-        lam_s, lam_t = _lam(s), _lam(t)
-        exp_neg_h = (1 - s) * t / (s * (1 - t))
-        keep = (t / s) * exp_neg_h ** (tau_s**2)
-        noise = 0.0
-        if tau_s > 0:
-            xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).double()
-            noise = t * math.sqrt(1 - exp_neg_h ** (2 * tau_s**2)) * xi
-        finite = [k for k in range(len(lams)) if math.isfinite(lams[k])][-predictor_order:] or [len(lams) - 1]
-        b = adams_coefficients([lams[k] for k in finite], lam_s, lam_t, exp_neg_h, c)
-        x_pred = keep * x + (1 - t) * sum(bj * x0s[k] for bj, k in zip(b, finite)) + noise
-        x0_t = data_prediction(x_pred, t)
-        if corrector_order == 0:
-            x = x_pred
+    def draw(like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32).double()
+
+    shape = (batch, *policy.latent_shape)
+    x = torch.randn(shape, generator=generator, device=policy.device, dtype=torch.float32).double()
+    draw(x)  # the official sampler draws (and never uses) one noise before the first step
+    x0s = [data_prediction(x, times[0])]
+    for k in range(1, len(times) - 1):
+        s, t = times[k - 1], times[k]
+        xi = draw(x)
+        tau_t = tau if noise_window[0] <= t <= noise_window[1] else 0.0
+        c, lam_s, lam_t = 1 + tau_t**2, _lam(s), _lam(t)
+        h = lam_t - lam_s
+        keep = (t / s) * math.exp(-tau_t**2 * h)
+        noise = t * math.sqrt(-math.expm1(-2 * tau_t**2 * h)) * xi if tau_t > 0 else 0.0
+        if k == 1:
+            (b,) = adams_coefficients([lam_s], lam_s, lam_t, math.exp(-h), c)
+            x_pred = keep * x + (1 - t) * b * x0s[-1] + noise
         else:
-            nodes, values = [lam_t], [x0_t]
-            if corrector_order == 2 and math.isfinite(lam_s):
-                nodes, values = [lam_t, lam_s], [x0_t, x0s[-1]]
-            b = adams_coefficients(nodes, lam_s, lam_t, exp_neg_h, c)
-            x = keep * x + (1 - t) * sum(bj * v for bj, v in zip(b, values)) + noise
-        lams.append(lam_t)
-        x0s.append(x0_t)
-        del lams[:-3], x0s[:-3]
-    return x.float(), torch.zeros(batch, device=policy.device)
+            b = few_steps_coefficients([lam_s, _lam(times[k - 2])], lam_s, lam_t, c, corrector=False)
+            x_pred = keep * x + (1 - t) * (b[0] * x0s[-1] + b[1] * x0s[-2]) + noise
+        x0_t = data_prediction(x_pred, t)
+        if k == 1:
+            x = x_pred  # no corrector on the first step
+        else:
+            b = few_steps_coefficients([lam_t, lam_s], lam_s, lam_t, c, corrector=True)
+            x = keep * x + (1 - t) * (b[0] * x0_t + b[1] * x0s[-1]) + noise
+        x0s = [x0s[-1], x0_t]
+    draw(x)  # the last step's noise (unused: the step returns the data prediction)
+    return x0s[-1].float(), torch.zeros(batch, device=policy.device)

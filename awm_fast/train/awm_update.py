@@ -1,9 +1,11 @@
 """One AWM optimizer step over a rollout batch: micro-batches, T timesteps each, accumulated gradients.
 
-For a micro-batch of B clean latents x0 with advantages A: draw T training times (shared by the micro-batch),
+For a micro-batch of B clean latents x0 with advantages A: draw T training times (shared by the micro-batch,
+or per sample for timestep_sampling=uniform, as official),
 then for every (timestep k, sample b) row (timestep-major, row = k B + b) fresh eps, x_t = (1 - t) x0 + t eps
 and u = eps - x0. The same rows go to the policy ("default" adapter, with grad), the reference (adapters
-disabled) and the "ema" adapter (three calls, or one shared batch with `train.shared_batch`);
+disabled) and the "ema" adapter (three calls, or one shared batch with `train.shared_batch`); as in the
+official code, both KL terms run only when beta > 0 (`effective_ema_beta`);
 `awm_fast.ops.awm_loss` turns the three velocities into the loss.
 Gradients of all micro-batches are averaged into one AdamW step with grad-norm clipping.
 
@@ -29,6 +31,12 @@ from awm_fast.ops import awm_loss
 from awm_fast.train.update_parts import MicroBatchRNG, accumulate, finish_step, micro_generator, noisy_rows
 
 
+def effective_ema_beta(tcfg: TrainConfig) -> float:
+    """The weight of the EMA KL term: the official code computes both KL terms only when beta > 0, so with
+    beta = 0 the EMA term is off too, unless train.ema_kl_without_beta is set."""
+    return tcfg.ema_beta if tcfg.beta > 0 or tcfg.ema_kl_without_beta else 0.0
+
+
 def awm_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, advantages: torch.Tensor,
                grid: torch.Tensor, tcfg: TrainConfig, scfg: SampleConfig, generator: torch.Generator,
                optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, float]:
@@ -39,24 +47,25 @@ def awm_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, ad
         torch.randperm(n, generator=generator, device=generator.device).to(latents.device)
     sums: dict[str, float] = defaultdict(float)
     velocities = shared_velocities if tcfg.shared_batch else separate_velocities
+    ema_beta = effective_ema_beta(tcfg)
     optimizer.zero_grad(set_to_none=True)
     for i in tqdm(range(num_micro), desc="train", unit="mb", leave=False, disable=None):
         idx = perm[i * mb:(i + 1) * mb]
         g = micro_generator(generator, i)
         t = sample_train_timesteps(tcfg.timestep_sampling, T, grid, shift=scfg.shift,
-                                   fraction=tcfg.timestep_fraction, generator=g)
+                                   fraction=tcfg.timestep_fraction, generator=g, batch=idx.numel())
         xt, target, t_rows = noisy_rows(latents[idx], t, g)
         c = cond[idx].repeat(T)
         adv = advantages[idx].to(torch.float32).repeat(T)
         with accumulate(policy, last=i == num_micro - 1):
-            v, v_ref, v_ema = velocities(policy, xt, t_rows, c, need_ref=tcfg.beta > 0, need_ema=tcfg.ema_beta > 0)
-            out = awm_loss(v, target, t_rows, adv, v_ref=v_ref, v_ema=v_ema, beta=tcfg.beta, ema_beta=tcfg.ema_beta,
+            v, v_ref, v_ema = velocities(policy, xt, t_rows, c, need_ref=tcfg.beta > 0, need_ema=ema_beta > 0)
+            out = awm_loss(v, target, t_rows, adv, v_ref=v_ref, v_ema=v_ema, beta=tcfg.beta, ema_beta=ema_beta,
                            weighting=tcfg.weighting, ghuber_power=tcfg.ghuber_power, clip_range=tcfg.clip_range,
                            kl_weighting=tcfg.kl_weighting, ratio_mode=tcfg.ratio_mode, num_timesteps=T)
             (out.loss / num_micro).backward()
         kl, kl_ema = out.kl.mean().item(), out.kl_ema.mean().item()
         loss = out.loss.item()
-        for key, value in (("loss", loss), ("policy_loss", loss - tcfg.beta * kl - tcfg.ema_beta * kl_ema),
+        for key, value in (("loss", loss), ("policy_loss", loss - tcfg.beta * kl - ema_beta * kl_ema),
                            ("kl", kl), ("kl_ema", kl_ema), ("clipfrac", out.clipfrac.item()),
                            ("mse", out.mse.mean().item()), ("log_prob", out.log_prob.mean().item())):
             sums[key] += value / num_micro

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from awm_fast.algo.timesteps import time_grid
 from awm_fast.models.policy import FlowPolicy
 from awm_fast.rewards import Reward, check_reward_output
+from awm_fast.rewards.base import evaluation_mode
 from awm_fast.sampling.rollout import sample_latents
 from awm_fast.train.distributed import Dist, current
 from awm_fast.train.update_parts import derived_seed
@@ -18,11 +18,11 @@ from awm_fast.train.update_parts import derived_seed
 
 @torch.no_grad()
 def evaluate(policy: FlowPolicy, reward: Reward, prompts: list[str], metadata: list[dict], *, num_steps: int,
-             shift: float, seed: int, batch_size: int, guidance_scale: float = 1.0, null_cond=None,
+             seed: int, batch_size: int, guidance_scale: float = 1.0, null_cond=None,
              dist: Dist | None = None) -> tuple[dict[str, float], torch.Tensor]:
     """Mean of every reward output over the prompts, and the decoded images (N, C, H, W) in [0, 1]."""
     dist = dist or current()
-    grid = time_grid(num_steps, shift)
+    grid = policy.time_grid(num_steps)  # the model scheduler's grid
     sums: dict[str, float] = {}
     images: dict[int, torch.Tensor] = {}
     starts = list(range(0, len(prompts), batch_size))
@@ -42,7 +42,8 @@ def evaluate(policy: FlowPolicy, reward: Reward, prompts: list[str], metadata: l
         latents, _ = sample_latents(policy, policy.encode(p), grid, sampler="ode", noise_level=0.0,
                                     generator=generator, guidance_scale=guidance_scale, null_cond=null_cond)
         img = policy.decode(latents)
-        out = reward(img, p, m)
+        with evaluation_mode(reward):
+            out = reward(img, p, m)
         check_reward_output(reward.name, out, len(p))
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value).double().sum())

@@ -20,7 +20,6 @@ import torch
 from tqdm.auto import tqdm
 
 from awm_fast.algo.advantages import count_flat_groups, group_advantages
-from awm_fast.algo.timesteps import time_grid
 from awm_fast.config import Config
 from awm_fast.models.lora import EMA, POLICY, EvalEMA, adapter_params, update_ema_adapter
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
@@ -57,9 +56,12 @@ def out_of_memory_stops(phase: str, device: torch.device):
 
 def plan_step(num_prompts: int, prompts_per_step: int, group_size: int, seed: int, step: int):
     """The step's global batch, identical on every rank: (prompt index, group id) of each of the
-    prompts_per_step x group_size images, the groups shuffled over the batch."""
+    prompts_per_step x group_size images, the groups shuffled over the batch. Prompts are drawn without
+    replacement (as the official sampler: a random permutation's first prompts_per_step); with more groups than
+    prompts, further permutations follow, so no prompt repeats before every prompt has been drawn."""
     g = torch.Generator().manual_seed(derived_seed(seed, step, "prompts"))
-    pick = torch.randint(0, num_prompts, (prompts_per_step,), generator=g)
+    rounds = -(-prompts_per_step // num_prompts)
+    pick = torch.cat([torch.randperm(num_prompts, generator=g) for _ in range(rounds)])[:prompts_per_step]
     perm = torch.randperm(prompts_per_step * group_size, generator=g)
     return pick.repeat_interleave(group_size)[perm], torch.arange(prompts_per_step).repeat_interleave(group_size)[perm]
 
@@ -188,7 +190,7 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
     eval_ema = EvalEMA(policy.transformer) if t.eval_ema else None
-    eval_kw = dict(num_steps=s.eval_num_steps, shift=s.shift, seed=t.seed + 1000, batch_size=max(s.batch_size, 64),
+    eval_kw = dict(num_steps=s.eval_num_steps, seed=t.seed + 1000, batch_size=max(s.batch_size, 64),
                    guidance_scale=s.eval_guidance_scale, null_cond=task.null_cond, dist=d)
 
     def run_eval(step: int, weights: str = "raw"):
@@ -207,7 +209,7 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
     else:
         _, before_images = run_eval(0)
     logger = MetricsLogger(run_dir, cfg.run.tensorboard, history) if d.is_main else None
-    grid = time_grid(s.num_steps, s.shift)
+    grid = policy.time_grid(s.num_steps)
     nonfinite = NonFiniteGuard(t.max_nonfinite_steps)
     micro_per_rank = images_per_step // d.world // t.micro_batch
     scorer = AsyncRewardScorer(task.reward, cfg.reward.num_workers)

@@ -76,7 +76,7 @@ def test_batches_of_64_in_order(server):
     out = GenEvalReward(url=server.url, timeout=10)(images, prompts, meta)
     assert [len(r["images"]) for r in server.requests] == [64, 6]
     first = server.requests[0]
-    assert first["only_strict"] is False and first["meta_datas"][0]["prompt"] == "a photo of a cat 0"
+    assert first["only_strict"] is True and first["meta_datas"][0]["prompt"] == "a photo of a cat 0"
     assert first["images"][0][:2] == b"\xff\xd8"  # JPEG bytes
     torch.testing.assert_close(out["reward"], levels, atol=2 / 255, rtol=0)
     assert torch.equal(out["geneval_accuracy"], (out["reward"] > 0.5).float())
