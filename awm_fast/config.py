@@ -16,7 +16,10 @@ import yaml
 from awm_fast.algo.timesteps import TIMESTEP_MODES
 
 PRESET_DIR = Path(__file__).parent / "configs"
-SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# The official lora_type "attn": the joint-attention projections. The "attn." prefix matters: bare names also hit
+# attn2.* of SD3.5-M's 13 dual-attention blocks (243 LoRA modules instead of the official 191).
+SD3_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                    "attn.add_v_proj", "attn.to_add_out"]
 
 
 def cache_root() -> Path:

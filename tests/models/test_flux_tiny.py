@@ -1,6 +1,8 @@
 """The real FLUX loading path on a tiny random-weight pipeline built and saved locally."""
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -59,3 +61,20 @@ def test_flash3_for_flux_training_is_one_clear_line():
     with pytest.raises(ValueError, match="flash3 has no backward pass") as info:
         set_flux_attention(None, "flash3")
     assert "\n" not in str(info.value)
+
+
+def test_policy_grid_is_the_dynamically_shifted_scheduler_grid(tmp_path, tiny_flux, monkeypatch):
+    """FLUX: the scheduler's sigmas with mu from the packed image sequence length, as FluxPipeline sets them."""
+    from awm_fast.algo.timesteps import dynamic_grid, flux_mu
+    from awm_fast.models.load import load_policy
+
+    monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg(tmp_path, tiny_flux)
+    policy = load_policy(cfg, torch.device("cpu"), prompts=["a red cube"])
+    side = policy.latent_shape[-1]
+    pipe = load_flux_pipeline(str(tiny_flux), torch.float32)
+    for n in (4, 14, 28):
+        mu = flux_mu((side // 2) ** 2)
+        pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu)  # as FluxPipeline calls it
+        torch.testing.assert_close(policy.time_grid(n), pipe.scheduler.sigmas.double(), atol=0, rtol=0)
+        torch.testing.assert_close(policy.time_grid(n), dynamic_grid(n, mu), atol=1e-6, rtol=0)

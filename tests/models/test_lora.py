@@ -56,8 +56,9 @@ def test_eval_ema_decay_and_swap(model):
     start = p.detach().clone()
     with torch.no_grad():
         p.add_(1.0)
-    assert ema.update(model) == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
-    torch.testing.assert_close(ema.shadow[key], 0.1 * start + 0.9 * (start + 1))
+    assert ema.update(model) == pytest.approx(2 / 11)  # official: (1 + n) / (10 + n) at global step n = 1
+    torch.testing.assert_close(ema.shadow[key], 2 / 11 * start + 9 / 11 * (start + 1))
+    assert ema.update(model) == pytest.approx(3 / 12) and ema.updates == 2
     with ema.swapped_in(model):
         torch.testing.assert_close(p, ema.shadow[key])
     torch.testing.assert_close(p, start + 1)
@@ -92,3 +93,28 @@ def test_sd3_missing_weights_one_line(monkeypatch, tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(FileNotFoundError, match="via the folder"):
         load_pipeline(str(tmp_path), torch.float32)
+
+
+SD35M_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
+                         dual_attention_layers=tuple(range(13)))  # stabilityai/stable-diffusion-3.5-medium
+
+
+def test_default_targets_give_the_official_191_lora_modules_on_sd35m():
+    """The official lora_type "attn" on SD3.5-M (built on the meta device: no weights): 24 joint-attention blocks x
+    8 projections, less the last block's to_add_out (context_pre_only) = 191; bare names would also take attn2.* of
+    the 13 dual-attention blocks (243)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from awm_fast.config import SD3_LORA_TARGETS
+
+    def lora_modules(targets):
+        with torch.device("meta"):
+            m = SD3Transformer2DModel(**SD35M_TRANSFORMER).requires_grad_(False)
+            add_adapters(m, rank=32, alpha=64, init="gaussian", targets=targets)
+        return [name for name, mod in m.named_modules() if isinstance(mod, LoraLinear)]
+
+    official = lora_modules(SD3_LORA_TARGETS)
+    assert len(official) == 191 and not any(".attn2." in n for n in official)
+    assert len(lora_modules(TARGETS)) == 243

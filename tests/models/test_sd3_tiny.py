@@ -62,3 +62,16 @@ def test_unknown_prompt_after_release_is_a_clear_error(tmp_path, tiny_sd3, monke
     policy = load_policy(_cfg(tmp_path, tiny_sd3), torch.device("cpu"), prompts=["a red cube"])
     with pytest.raises(ValueError, match="was not encoded up front"):
         policy.encode(["something new"])
+
+
+def test_policy_grid_is_the_pipeline_schedulers(tmp_path, tiny_sd3, monkeypatch):
+    """Rollout, evaluation and the training strata use the loaded scheduler's sigmas (static shift 3)."""
+    from awm_fast.algo.timesteps import scheduler_grid, sd3_grid
+    from awm_fast.models.load import load_policy
+
+    monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
+    policy = load_policy(_cfg(tmp_path, tiny_sd3), torch.device("cpu"), prompts=["a red cube"])
+    scheduler = load_pipeline(str(tiny_sd3), torch.float32).scheduler
+    for n in (10, 14, 40):
+        assert torch.equal(policy.time_grid(n), scheduler_grid(scheduler, n))
+        torch.testing.assert_close(policy.time_grid(n), sd3_grid(n, 3.0), atol=1e-7, rtol=0)
