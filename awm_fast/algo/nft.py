@@ -13,6 +13,10 @@ A is the group advantage already clipped to +-clip_max and divided by clip_max (
 
 Official: b = 1, kl_beta = 1e-4, clip_max = 5. After each optimizer step old <- d old + (1 - d) theta,
 d = min(0.001 step, 0.5) (`awm_fast.models.lora.update_ema_adapter` on the adapter holding "old").
+
+Training timesteps (`nft_timestep_indices`): each sample trains on K = int(N * fraction) of the N rollout
+timesteps sigma_0 .. sigma_{N-1}, the first K of its own random permutation (official fraction 0.99: 9 of 10;
+NVlabs/DiffusionNFT scripts/train_nft_sd3.py, `num_train_timesteps` and `perms_time`).
 """
 from __future__ import annotations
 
@@ -37,6 +41,20 @@ class NFTLossOutput:
 def optimality_probability(advantages: torch.Tensor) -> torch.Tensor:
     """r = clip(A / 2 + 1 / 2, 0, 1) for A already in [-1, 1] (clipped to +-clip_max and divided by it)."""
     return torch.clamp(advantages.to(torch.float64) / 2 + 0.5, 0, 1)
+
+
+def nft_timestep_indices(batch: int, num_times: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """(batch, K) long, K = int(num_times * fraction): row b holds the first K entries of a random permutation of
+    range(num_times), drawn independently per row (distinct timesteps within a sample, different across samples)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if batch < 1 or num_times < 1:
+        raise ValueError(f"batch and num_times must be >= 1, got {batch}, {num_times}")
+    k = int(num_times * fraction)
+    if k < 1:
+        raise ValueError(f"int(num_times {num_times} * fraction {fraction}) = 0 training timesteps")
+    keys = torch.rand((batch, num_times), generator=generator, device=generator.device)
+    return keys.argsort(dim=1)[:, :k]
 
 
 def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,

@@ -2,7 +2,10 @@
 
 Steps k = 0 .. N-1 go from sigma_k to sigma_{k+1} with `awm_fast.ops.sde_step` (same CFG rule as
 `sample_latents`). With sde_window = W > 0 (Flow-GRPO-Fast) only W consecutive steps starting at
-k0 ~ U{0, ..., min(N // 2, N - 1 - W)} are stochastic (kind = sampler); the others are Euler ODE steps.
+k0 ~ U{0, ..., N // 2 - W} are stochastic (kind = sampler); the others are Euler ODE steps. (Official
+yifan123/flow_grpo: sde_window_range = (0, num_steps // 2) in config/grpo.py, start =
+random.randint(range[0], range[1] - W), both ends inclusive, in sd3_pipeline_with_logprob_fast.py; N = 10,
+W = 3: k0 in {0, 1, 2}.)
 The last step (sigma_N = 0) is always deterministic. `sde_mask` marks the stochastic steps: the ones trained.
 """
 from __future__ import annotations
@@ -29,14 +32,15 @@ class Trajectory:
 
 
 def sde_window_mask(num_steps: int, window: int, generator: torch.Generator) -> torch.Tensor:
-    """(N,) bool: all steps but the last when window == 0, else W consecutive steps at a random start."""
-    if not 0 <= window <= num_steps - 1:
-        raise ValueError(f"sde window {window} must be in [0, {num_steps - 1}] for {num_steps} steps")
+    """(N,) bool: all steps but the last when window == 0, else W consecutive steps starting at
+    k0 ~ U{0, ..., N // 2 - W}."""
+    if not 0 <= window <= num_steps // 2:
+        raise ValueError(f"sde window {window} must be in [0, {num_steps // 2}] (= num_steps // 2) for {num_steps} steps")
     mask = torch.zeros(num_steps, dtype=torch.bool)
     if window == 0:
         mask[:-1] = True
         return mask
-    high = min(num_steps // 2, num_steps - 1 - window)
+    high = num_steps // 2 - window
     start = int(torch.randint(0, high + 1, (1,), generator=generator, device=generator.device))
     mask[start:start + window] = True
     return mask

@@ -3,9 +3,18 @@
     awm        rollout with the policy (sample.sampler); AWM update on the clean latents (awm_update.py)
     flow_grpo  SDE rollout with the policy storing every state and log-prob (sampling/trajectory.py);
                update on the stored transitions, train.grpo_optimizer_steps (official 2) optimizer steps per
-               rollout (flow_grpo_update.py)
-    nft        deterministic (ODE) rollout with the "old" policy = the "ema" adapter slot; update on the clean
-               latents with fresh noise at the rollout timesteps (nft_update.py)
+               rollout (flow_grpo_update.py); with CFG the unconditional prediction is detached in training.
+               Official Flow-GRPO (yifan123/flow_grpo config/grpo.py geneval_sd3): euler_maruyama, noise 0.7,
+               10 steps, CFG 4.5, clip 1e-4, beta 0.04. Flow-GRPO-Fast (geneval_sd3_fast_nocfg, preset
+               geneval_sd35m_flow_grpo_fast): sample.sampler=cps, noise_level 0.8, guidance 1 (CFG off in
+               rollout and training), train.grpo_sde_window=3 (window start in {0, ..., N // 2 - 3}, only
+               those steps trained), grpo_clip_range 1e-5, grpo_beta 0.
+    nft        deterministic rollout with the "old" policy = the "ema" adapter slot, solver train.nft_sampler
+               (official dpm2: 2nd-order multistep DPM-Solver++, sampling/dpm_solver.py; or Euler "ode");
+               update on the clean latents with fresh noise at int(N train.nft_timestep_fraction) (official
+               0.99: 9 of 10) of the rollout timesteps per sample, a random permutation each (nft_update.py).
+               Official (NVlabs/DiffusionNFT config/nft.py): 10 steps, CFG 1, nft_beta 1, kl 1e-4, old-policy
+               decay min(0.001 step, 0.5).
 
 After each optimizer step the trainer moves the "ema" adapter: ema <- d ema + (1 - d) theta with
 d = min(cap, rate * step); (rate, cap) = (ema_decay_rate, ema_decay_cap) for awm and flow_grpo (unused by
@@ -21,6 +30,7 @@ import torch
 from awm_fast.config import Config, TrainConfig
 from awm_fast.models.lora import EMA
 from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.sampling.dpm_solver import dpm2_sample
 from awm_fast.sampling.rollout import sample_latents
 from awm_fast.sampling.trajectory import sample_trajectory
 from awm_fast.train.awm_update import awm_update
@@ -55,7 +65,10 @@ def _sample_trajectory(policy: FlowPolicy, cond: Conditioning, grid, cfg: Config
     return traj.xs[:, -1], traj.as_dict()
 
 
-def _sample_old_ode(policy: FlowPolicy, cond: Conditioning, grid, cfg: Config, generator, null_cond):
+def _sample_old(policy: FlowPolicy, cond: Conditioning, grid, cfg: Config, generator, null_cond):
+    if cfg.train.nft_sampler == "dpm2":
+        return dpm2_sample(policy, cond, grid, generator=generator, guidance_scale=cfg.sample.guidance_scale,
+                           null_cond=null_cond, adapter=EMA), {}
     x, _ = sample_latents(policy, cond, grid, sampler="ode", noise_level=0.0, generator=generator,
                           guidance_scale=cfg.sample.guidance_scale, null_cond=null_cond, adapter=EMA)
     return x, {}
@@ -80,7 +93,7 @@ ALGORITHMS = {
     "awm": Algorithm("awm", _sample_policy, _update_awm, lambda t: (t.ema_decay_rate, t.ema_decay_cap)),
     "flow_grpo": Algorithm("flow_grpo", _sample_trajectory, _update_flow_grpo,
                            lambda t: (t.ema_decay_rate, t.ema_decay_cap)),
-    "nft": Algorithm("nft", _sample_old_ode, _update_nft, lambda t: (t.nft_decay_rate, t.nft_decay_cap)),
+    "nft": Algorithm("nft", _sample_old, _update_nft, lambda t: (t.nft_decay_rate, t.nft_decay_cap)),
 }
 
 

@@ -3,9 +3,12 @@
 Rows are (sample, step) pairs of a micro-batch over the stochastic steps of each trajectory (all but the
 last; with `train.grpo_sde_window` only the window). For each row the policy's log-prob of the stored
 transition x_k -> x_{k+1} is recomputed with `awm_fast.ops.sde_step(..., x_next=x_{k+1})` (same sampler,
-noise level and CFG as the rollout), the reference (adapters disabled) gives the KL mean, and
-`awm_fast.algo.flow_grpo.flow_grpo_loss` the loss with A = clip(A_raw, -5, 5) (the trainer's advantages,
-which are divided by adv_clip_max, times adv_clip_max).
+noise level and CFG as the rollout). With CFG the policy's UNCONDITIONAL prediction is detached before the
+combine v = v_uncond + w (v_cond - v_uncond): the gradient flows through the conditional branch only (official
+yifan123/flow_grpo scripts/train_sd3.py `compute_log_prob`, detach added in commit 2d76907 of 2025-07-15; a later
+revision, 74db691, combines without it; the Fast recipe trains without CFG, so it is unaffected). The reference
+(adapters disabled) gives the KL mean, and `awm_fast.algo.flow_grpo.flow_grpo_loss` the loss with
+A = clip(A_raw, -5, 5) (the trainer's advantages, which are divided by adv_clip_max, times adv_clip_max).
 
 As in the official code, the shuffled samples are split into `train.grpo_optimizer_steps` equal parts (official
 2: gradient accumulation over half the rollout's batches); each part's micro-batch gradients are averaged
@@ -67,6 +70,7 @@ def flow_grpo_update(policy: FlowPolicy, trajectory: dict[str, torch.Tensor], co
             std = kl_std(scfg.sampler, sigma, sigma_next, scfg.noise_level)
         with accumulate(policy, last=(i + 1) % per_step == 0):
             v, v_uncond = velocity(x, sigma)
+            v_uncond = None if v_uncond is None else v_uncond.detach()  # official: no gradient through uncond
             step = sde_step(x, v, sigma, sigma_next, noise_level=scfg.noise_level, kind=scfg.sampler, v_uncond=v_uncond,
                             guidance_scale=scfg.guidance_scale, x_next=x_next, return_log_prob=True)
             out = flow_grpo_loss(step.log_prob, old_lp[rows, k], adv_all[rows], clip_range=tcfg.grpo_clip_range,

@@ -1,10 +1,11 @@
 """One DiffusionNFT optimizer step over a rollout's clean latents (`awm_fast.algo.nft.nft_loss`).
 
-Rows are (timestep, sample) pairs, timestep-major, at every rollout timestep sigma_0 = 1 .. sigma_{N-1}
-(t = 0 excluded), each with fresh eps: x_t = (1 - t) x0 + t eps. The same rows go to the policy ("default"
-adapter, with grad), the "old" policy (the "ema" adapter slot, which the trainer moves with
-d = min(nft_decay_rate step, nft_decay_cap) and which also sampled the rollout) and, when nft_kl_beta > 0,
-the reference (adapters disabled). Gradients of all micro-batches are averaged into one AdamW step.
+Rows are (slot, sample) pairs, slot-major (row = j B + b): sample b trains on K = int(N nft_timestep_fraction)
+of the rollout timesteps sigma_0 = 1 .. sigma_{N-1} (t = 0 excluded), the first K of its own random permutation
+(`awm_fast.algo.nft.nft_timestep_indices`; official 0.99: 9 of 10), each row with fresh eps:
+x_t = (1 - t) x0 + t eps. The same rows go to the policy ("default" adapter, with grad), the "old" policy (the
+"ema" adapter slot, which the trainer moves with d = min(nft_decay_rate step, nft_decay_cap) and which also
+sampled the rollout) and, when nft_kl_beta > 0, the reference (adapters disabled). Gradients of all micro-batches are averaged into one AdamW step.
 Random numbers and DDP as in awm_update: micro-batch i's noise comes from `MicroBatchRNG.micro(i)`.
 """
 from __future__ import annotations
@@ -14,13 +15,25 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
-from awm_fast.algo.nft import nft_loss
+from awm_fast.algo.nft import nft_loss, nft_timestep_indices
 from awm_fast.config import SampleConfig, TrainConfig
 from awm_fast.models.lora import EMA
 from awm_fast.models.policy import Conditioning, FlowPolicy
-from awm_fast.train.update_parts import MicroBatchRNG, accumulate, finish_step, micro_generator, noisy_rows
+from awm_fast.train.update_parts import MicroBatchRNG, accumulate, finish_step, micro_generator
 
 OLD = EMA  # the "old" policy of DiffusionNFT lives in the "ema" adapter slot
+
+
+def nft_rows(x0: torch.Tensor, times: torch.Tensor, fraction: float, generator: torch.Generator):
+    """Training rows of B clean latents: (x_t, x0, t), each (K B, ...), row j B + b at t = times[idx[b, j]] with
+    idx = nft_timestep_indices(B, len(times), fraction) and fresh eps per row (drawn after idx, same generator)."""
+    batch = x0.shape[0]
+    idx = nft_timestep_indices(batch, times.numel(), fraction, generator).to(times.device)
+    t = times[idx.T.reshape(-1)]
+    x0r = x0.repeat(idx.shape[1], *([1] * (x0.dim() - 1)))
+    eps = torch.randn(x0r.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    tv = t.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - tv) * x0r + tv * eps, x0r, t
 
 
 def nft_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, advantages: torch.Tensor,
@@ -33,15 +46,14 @@ def nft_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, ad
                          f"and micro_batch {mb} must divide {n}")
     num_micro = n // mb
     times = grid[:-1].to(latents.device, torch.float32)
-    T = times.numel()
     perm = torch.arange(n, device=latents.device) if isinstance(generator, MicroBatchRNG) else \
         torch.randperm(n, generator=generator, device=generator.device).to(latents.device)
     sums: dict[str, float] = defaultdict(float)
     optimizer.zero_grad(set_to_none=True)
     for i in tqdm(range(num_micro), desc="train", unit="mb", leave=False, disable=None):
         idx = perm[i * mb:(i + 1) * mb]
-        x_t, _, t = noisy_rows(latents[idx], times, micro_generator(generator, i))
-        x0 = latents[idx].repeat(T, *([1] * (latents.dim() - 1)))
+        x_t, x0, t = nft_rows(latents[idx], times, tcfg.nft_timestep_fraction, micro_generator(generator, i))
+        T = x0.shape[0] // mb
         c = cond[idx].repeat(T)
         with torch.no_grad():
             v_old = policy.velocity(x_t, t, c, OLD).float()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from awm_fast.algo.nft import nft_loss, optimality_probability
+from awm_fast.algo.nft import nft_loss, nft_timestep_indices, optimality_probability
 
 f64 = torch.float64
 
@@ -63,3 +63,20 @@ def test_bad_inputs():
         nft_loss(v, v_old, x_t, x0[:1], t, adv, kl_beta=0.0)
     with pytest.raises(ValueError, match="advantages"):
         nft_loss(v, v_old, x_t, x0, t, adv[:1], kl_beta=0.0)
+
+
+def test_timestep_indices_are_a_permutation_prefix_per_sample():
+    g = torch.Generator().manual_seed(0)
+    idx = nft_timestep_indices(200, 10, 0.99, g)
+    assert idx.shape == (200, 9) and idx.dtype == torch.int64  # official int(10 * 0.99) = 9
+    assert all(len(set(row.tolist())) == 9 for row in idx) and idx.min() >= 0 and idx.max() <= 9
+    left_out = [(set(range(10)) - set(row.tolist())).pop() for row in idx]
+    assert set(left_out) == set(range(10))  # each sample leaves out its own timestep
+    counts = torch.bincount(idx[:, 0], minlength=10)
+    assert counts.min() > 5  # the first slot is uniform over the 10 timesteps too
+    assert nft_timestep_indices(3, 10, 1.0, g).sort(dim=1).values.tolist() == [list(range(10))] * 3
+    assert nft_timestep_indices(2, 14, 0.99, g).shape == (2, 13)
+    with pytest.raises(ValueError, match="fraction"):
+        nft_timestep_indices(2, 10, 1.5, g)
+    with pytest.raises(ValueError, match="0 training timesteps"):
+        nft_timestep_indices(2, 10, 0.05, g)

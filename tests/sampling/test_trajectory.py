@@ -32,13 +32,18 @@ def test_stored_log_probs_match_recomputation(gen, sampler, window):
 
 def test_window_mask():
     g = torch.Generator().manual_seed(0)
-    starts = set()
-    for _ in range(50):
+    counts = {}
+    for _ in range(300):
         m = sde_window_mask(10, 3, g)
         idx = m.nonzero().flatten().tolist()
-        assert len(idx) == 3 and idx == list(range(idx[0], idx[0] + 3)) and idx[-1] <= 8
-        starts.add(idx[0])
-    assert starts == set(range(0, 6))  # start in [0, min(N // 2, N - 1 - W)] = [0, 5]
+        assert len(idx) == 3 and idx == list(range(idx[0], idx[0] + 3))
+        counts[idx[0]] = counts.get(idx[0], 0) + 1
+    # official Flow-GRPO-Fast: start = randint(0, N // 2 - W) inclusive: {0, 1, 2} for N = 10, W = 3, uniform
+    assert set(counts) == {0, 1, 2} and min(counts.values()) > 70, counts
+    assert {int(sde_window_mask(14, 3, g).nonzero()[0]) for _ in range(200)} == set(range(0, 5))
+    assert sde_window_mask(6, 3, g).tolist() == [True, True, True, False, False, False]  # N // 2 - W = 0
     assert sde_window_mask(4, 0, g).tolist() == [True, True, True, False]
     with pytest.raises(ValueError, match="window"):
         sde_window_mask(4, 4, g)
+    with pytest.raises(ValueError, match="window 6 must be in \\[0, 5\\]"):
+        sde_window_mask(10, 6, g)  # the old bound min(N // 2, N - 1 - W) allowed W up to N - 1

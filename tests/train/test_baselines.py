@@ -111,6 +111,12 @@ def test_config_validation_for_the_baselines():
         load_config(None, ["train.algorithm=flow_grpo", "sample.sampler=ode"])
     with pytest.raises(ConfigError, match="grpo_sde_window"):
         load_config(None, ["train.algorithm=flow_grpo", "train.grpo_sde_window=10"])
+    with pytest.raises(ConfigError, match="grpo_sde_window=6 <= sample.num_steps // 2 = 5"):
+        load_config(None, ["train.algorithm=flow_grpo", "sample.num_steps=10", "train.grpo_sde_window=6"])
+    with pytest.raises(ConfigError, match="train.nft_timestep_fraction"):
+        load_config(None, ["train.algorithm=nft", "train.nft_timestep_fraction=1.5"])
+    with pytest.raises(ConfigError, match="train.nft_sampler"):
+        load_config(None, ["train.algorithm=nft", "train.nft_sampler=euler"])
     with pytest.raises(ConfigError, match="grpo_optimizer_steps=3 must divide the 2 training micro-batches"):
         load_config(None, ["train.algorithm=flow_grpo", "train.grpo_optimizer_steps=3"])
     assert load_config(None, ["train.algorithm=flow_grpo"]).train.grpo_optimizer_steps == 2
@@ -122,3 +128,15 @@ def test_config_validation_for_the_baselines():
         load_config(None, ["sample.sampler=sa_solver", "sample.sa_noise_t_min=0.95"])
     cfg = load_config(None, ["sample.sampler=sa_solver", "sample.noise_level=0.4"])
     assert cfg.train.algorithm == "awm" and (cfg.sample.sa_noise_t_min, cfg.sample.sa_noise_t_max) == (0.3, 0.9)
+
+
+def test_flow_grpo_fast_preset_is_the_official_recipe():
+    """yifan123/flow_grpo config/grpo.py geneval_sd3_fast_nocfg: 10 steps, CFG off, CPS noise 0.8, window 3 starting
+    in {0, 1, 2}, clip range 1e-5, beta 0, 48 prompts x 24, batch 9, two optimizer steps per epoch."""
+    cfg = load_config("geneval_sd35m_flow_grpo_fast")
+    s, t = cfg.sample, cfg.train
+    assert (t.algorithm, s.sampler, s.noise_level, s.num_steps, s.guidance_scale, s.eval_guidance_scale) == \
+        ("flow_grpo", "cps", 0.8, 10, 1.0, 1.0)
+    assert (t.grpo_sde_window, t.grpo_clip_range, t.grpo_beta, t.grpo_optimizer_steps) == (3, 1e-5, 0.0, 2)
+    assert (s.prompts_per_step, s.group_size, s.batch_size, t.micro_batch, t.lr) == (48, 24, 9, 9, 3e-4)
+    assert cfg.model.lora_targets[0] == "attn.to_q" and len(cfg.model.lora_targets) == 8

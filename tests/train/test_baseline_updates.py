@@ -1,0 +1,148 @@
+"""The baselines' update loops against float64 transcriptions of the official behaviour, on a tiny LoRA transformer:
+Flow-GRPO with CFG detaches the unconditional prediction; DiffusionNFT trains 9 of the 10 rollout timesteps of
+each sample (a random permutation per sample)."""
+import contextlib
+import math
+
+import torch
+from diffusers import SD3Transformer2DModel
+
+from awm_fast.algo.timesteps import time_grid
+from awm_fast.config import SampleConfig, TrainConfig
+from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
+from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.sampling.trajectory import sample_trajectory
+from awm_fast.tasks.digits import POOLED_DIM, TEXT_DIM, tiny_transformer_config
+from awm_fast.train.flow_grpo_update import flow_grpo_update
+from awm_fast.train.nft_update import nft_update
+from tests.tolerances import tol
+
+f64 = torch.float64
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def _lora_policy() -> FlowPolicy:
+    """The digits transformer in float64 with distinct non-zero "default" and "ema" LoRA weights."""
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**tiny_transformer_config()).requires_grad_(False)
+    add_adapters(model, rank=4, alpha=8, init="gaussian", targets=TARGETS)
+    model.to(f64)
+    with torch.no_grad():
+        for name in (POLICY, EMA):
+            for p in adapter_params(model, name).values():
+                p.add_(0.05 * torch.randn_like(p))
+    return FlowPolicy(model, encode=None, decode=None, latent_shape=(1, 8, 8), device=torch.device("cpu"), dtype=f64)
+
+
+def _cond(n: int, gen: torch.Generator) -> Conditioning:
+    return Conditioning(torch.randn(n, 2, TEXT_DIM, generator=gen), torch.randn(n, POOLED_DIM, generator=gen))
+
+
+def _official_grpo_log_prob(policy, xs, mask, cond, null, grid, w, a, detach_uncond):
+    """Float64 transcription of official Flow-GRPO `compute_log_prob` + `sde_step_with_logprob` (Euler-Maruyama):
+    v = v_u + w (v_c - v_u) with v_u detached (or not), std = a sqrt(sigma / (1 - sigma~)),
+    mean = x (1 + std^2 dt / (2 sigma)) + v (1 + std^2 (1 - sigma) / (2 sigma)) dt, log p = mean over dims of the
+    Gaussian log-density of x' with std sqrt(-dt)."""
+    b, k = mask.nonzero(as_tuple=True)
+    x, x_next = xs[b, k].to(f64), xs[b, k + 1].to(f64)
+    view = (-1, 1, 1, 1)
+    s, s_next = grid[k].to(f64).view(view), grid[k + 1].to(f64).view(view)
+    t = grid[k].to(torch.float32)
+    v_c = policy.velocity(xs[b, k], t, cond[b]).to(f64)
+    with torch.no_grad() if detach_uncond else contextlib.nullcontext():
+        v_u = policy.velocity(xs[b, k], t, null.repeat(len(b))).to(f64)
+    v = v_u + w * (v_c - v_u)
+    dt = s_next - s
+    std = a * torch.sqrt(s / (1 - torch.where(s == 1, s_next, s)))
+    mean = x * (1 + std**2 * dt / (2 * s)) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt
+    scale = std * torch.sqrt(-dt)
+    lp = -((x_next - mean) ** 2) / (2 * scale**2) - torch.log(scale) - math.log(math.sqrt(2 * math.pi))
+    return lp.mean(dim=(1, 2, 3)), b
+
+
+def test_flow_grpo_cfg_gradient_flows_through_the_conditional_branch_only():
+    policy, gen = _lora_policy(), torch.Generator().manual_seed(1)
+    n, w, a = 4, 4.5, 0.7
+    cond, null = _cond(n, gen), _cond(1, gen)
+    grid = time_grid(4, 3.0)
+    traj = sample_trajectory(policy, cond, grid, sampler="euler_maruyama", noise_level=a, generator=gen,
+                             guidance_scale=w, null_cond=null).as_dict()
+    adv = torch.rand(n, generator=gen, dtype=f64) * 2 - 1
+    params = list(adapter_params(policy.transformer, POLICY).values())
+
+    def reference_grads(detach_uncond):
+        lp, b = _official_grpo_log_prob(policy, traj["xs"], traj["sde_mask"], cond, null, grid, w, a, detach_uncond)
+        loss = (-(5 * adv[b]) * torch.exp(lp - lp.detach())).mean()  # on-policy: r == 1, clip inactive
+        grads = torch.autograd.grad(loss, params)
+        return lp.detach(), torch.cat([g.flatten() for g in grads])
+
+    old_lp, ref = reference_grads(detach_uncond=True)
+    _, ref_no_detach = reference_grads(detach_uncond=False)
+    assert (ref - ref_no_detach).norm() > 0.05 * ref.norm()  # the uncond branch would carry a sizeable gradient
+    b, k = traj["sde_mask"].nonzero(as_tuple=True)
+    traj["log_probs"] = traj["log_probs"].clone()
+    traj["log_probs"][b, k] = old_lp.float()
+    before = [p.detach().clone() for p in params]
+    stats = flow_grpo_update(policy, traj, cond, adv, grid,
+                             TrainConfig(micro_batch=n, grpo_optimizer_steps=1, grpo_beta=0.0, grpo_clip_range=0.5,
+                                         max_grad_norm=1e12),
+                             SampleConfig(sampler="euler_maruyama", noise_level=a, guidance_scale=w),
+                             gen, torch.optim.SGD(params, lr=1.0), params, null)
+    assert stats["skipped"] == 0 and stats["clipfrac_first"] == 0.0
+    got = -torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(params, before)])  # SGD lr 1: delta = -grad
+    torch.testing.assert_close(got, ref, **tol(torch.float32))
+
+
+def test_nft_trains_nine_distinct_rollout_timesteps_per_sample():
+    policy, gen = _lora_policy(), torch.Generator().manual_seed(2)
+    seen = []
+    velocity = policy.velocity
+
+    def spy(x, t, cond, adapter=POLICY):
+        seen.append((adapter, t.detach().clone()))
+        return velocity(x, t, cond, adapter)
+
+    policy.velocity = spy
+    n, mb = 16, 8
+    grid = time_grid(10, 3.0)
+    latents = torch.randn(n, 1, 8, 8, generator=gen)
+    params = list(adapter_params(policy.transformer, POLICY).values())
+    stats = nft_update(policy, latents, _cond(n, gen), torch.rand(n, generator=gen) * 2 - 1, grid,
+                       TrainConfig(micro_batch=mb), SampleConfig(), gen, torch.optim.SGD(params, lr=0.1), params)
+    assert stats["skipped"] == 0 and stats["grad_norm"] > 0
+    assert [adapter for adapter, _ in seen] == [EMA, None, POLICY] * (n // mb)
+    times = grid[:-1].float()
+    missing = set()
+    for i in range(n // mb):
+        t_rows = [t for _, t in seen[3 * i:3 * i + 3]]
+        assert all(torch.equal(t, t_rows[0]) for t in t_rows)  # policy, old and reference see the same rows
+        assert t_rows[0].shape == (9 * mb,)  # int(10 * 0.99) = 9 timesteps per sample, slot-major rows
+        per_sample = t_rows[0].view(9, mb).T
+        for row in per_sample:
+            idx = (row[:, None] == times[None, :]).nonzero()[:, 1]
+            assert len(idx) == 9 and len(set(idx.tolist())) == 9  # 9 distinct rollout timesteps (t = 0 never)
+            missing |= set(range(10)) - set(idx.tolist())
+    assert len(missing) > 1  # a permutation per sample: not the same left-out timestep for every sample
+
+
+def test_nft_rolls_out_the_old_policy_with_dpm2():
+    from awm_fast.config import load_config
+    from awm_fast.sampling.dpm_solver import dpm2_sample
+    from awm_fast.sampling.rollout import sample_latents
+    from awm_fast.train.algorithms import get_algorithm
+
+    policy, gen = _lora_policy(), torch.Generator().manual_seed(3)
+    cond, grid = _cond(3, gen), time_grid(10, 3.0)
+    algo = get_algorithm("nft")
+    cfg = load_config(None, ["train.algorithm=nft"])
+    assert cfg.train.nft_sampler == "dpm2" and cfg.train.nft_timestep_fraction == 0.99
+    x, extras = algo.sample(policy, cond, grid, cfg, torch.Generator().manual_seed(4), None)
+    assert extras == {}
+    torch.testing.assert_close(x, dpm2_sample(policy, cond, grid, generator=torch.Generator().manual_seed(4),
+                                              adapter=EMA), **tol(f64))
+    euler, _ = sample_latents(policy, cond, grid, sampler="ode", noise_level=0.0,
+                              generator=torch.Generator().manual_seed(4), adapter=EMA)
+    assert (x - euler).abs().max() > 1e-3  # a different solver than the Euler ODE it used to be
+    x_ode, _ = algo.sample(policy, cond, grid, load_config(None, ["train.algorithm=nft", "train.nft_sampler=ode"]),
+                           torch.Generator().manual_seed(4), None)
+    torch.testing.assert_close(x_ode, euler, **tol(f64))
