@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -16,3 +17,50 @@ def gen() -> torch.Generator:
     """A fresh generator per test with a per-test seed, so inputs are random but reproducible."""
     seed = int.from_bytes(os.urandom(4), "little") if os.environ.get("AWM_FAST_RANDOM_SEED") else 1234
     return torch.Generator().manual_seed(seed)
+
+
+def _attention_registry():
+    """diffusers' process-wide attention backend registry (`attention_backend(...)` sets it), if diffusers is loaded."""
+    return getattr(sys.modules.get("diffusers.models.attention_dispatch"), "_AttentionBackendRegistry", None)
+
+
+class GlobalState:
+    """What a test can change process-wide, captured now and put back by `restore()`: torch's CPU thread count
+    (the trainer sets run.threads), the environment (os.environ), the default dtype, diffusers' active attention
+    backend (its import-time default when diffusers was first imported after the capture), and the process's Dist
+    (awm_fast.train.distributed; a fresh single-process one when that module was first imported after it)."""
+
+    def __init__(self) -> None:
+        self.threads, self.env, self.dtype = torch.get_num_threads(), dict(os.environ), torch.get_default_dtype()
+        registry = _attention_registry()
+        self.attention = registry._active_backend if registry is not None else None
+        dist_mod = sys.modules.get("awm_fast.train.distributed")
+        self.dist = dist_mod._CURRENT if dist_mod is not None else None
+
+    def restore(self) -> None:
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        if dict(os.environ) != self.env:
+            os.environ.clear()
+            os.environ.update(self.env)
+        if torch.get_default_dtype() != self.dtype:
+            torch.set_default_dtype(self.dtype)
+        registry = _attention_registry()
+        if registry is not None:
+            active = self.attention
+            if active is None:
+                dispatch = sys.modules["diffusers.models.attention_dispatch"]
+                active = dispatch.AttentionBackendName(dispatch.DIFFUSERS_ATTN_BACKEND)
+            if registry._active_backend != active:
+                registry.set_active_backend(active)
+        dist_mod = sys.modules.get("awm_fast.train.distributed")
+        if dist_mod is not None:
+            dist_mod._CURRENT = self.dist if self.dist is not None else dist_mod.Dist()
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """Every test leaves the process as it found it (GlobalState), so that no test depends on the order."""
+    state = GlobalState()
+    yield
+    state.restore()

@@ -3,7 +3,6 @@ import io
 import pickle
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -14,18 +13,22 @@ from awm_fast.rewards.geneval import GenEvalReward
 
 
 class Server:
-    """Scores each JPEG by its mean brightness; `fail_first` requests answer HTTP 500, `delay` seconds before replying."""
+    """Scores each JPEG by its mean brightness; `fail_first` requests answer HTTP 500; with `hang` no request is
+    answered before `close()` (each one releases `received` first)."""
 
-    def __init__(self, fail_first=0, delay=0.0, status=200, garbage=False):
-        self.requests, self.fail_first, self.delay, self.status = [], fail_first, delay, status
+    def __init__(self, fail_first=0, hang=False, status=200, garbage=False):
+        self.requests, self.fail_first, self.hang, self.status = [], fail_first, hang, status
         self.garbage = garbage
+        self.received, self.closing = threading.Semaphore(0), threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 outer.requests.append(pickle.loads(body))
-                time.sleep(outer.delay)
+                outer.received.release()
+                if outer.hang:
+                    outer.closing.wait()
                 if len(outer.requests) <= outer.fail_first or outer.status != 200:
                     self.send_response(500 if outer.status == 200 else outer.status)
                     self.end_headers()
@@ -52,6 +55,7 @@ class Server:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self):
+        self.closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -91,13 +95,15 @@ def test_retries_after_server_errors(server):
     torch.testing.assert_close(out["reward"], levels, atol=2 / 255, rtol=0)
 
 
-@pytest.mark.parametrize("server", [{"delay": 1.0}], indirect=True)
+@pytest.mark.parametrize("server", [{"hang": True}], indirect=True)
 def test_timeout_is_bounded(server):
+    """The server never answers: the call returns (an error after both attempts timed out) only because each
+    attempt is bounded by `timeout` (pytest-timeout fails the test if it hangs)."""
     images, prompts, meta, _ = batch(2)
-    t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match="after 2 attempts"):
         GenEvalReward(url=server.url, retries=1, backoff=0.01, timeout=0.2)(images, prompts, meta)
-    assert time.perf_counter() - t0 < 0.9
+    assert all(server.received.acquire(timeout=30) for _ in range(2))  # each attempt reached the server, timed out
+    assert len(server.requests) == 2 and not server.received.acquire(timeout=0.5)  # and no third one
 
 
 @pytest.mark.parametrize("server", [{"status": 400}], indirect=True)
@@ -109,14 +115,14 @@ def test_client_errors_are_not_retried(server):
 
 
 def test_no_server_and_bad_metadata():
-    with socket.socket() as s:
+    images, prompts, meta, _ = batch(2)
+    with socket.socket() as s:  # bound for the whole test but not listening: connections are refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    images, prompts, meta, _ = batch(2)
-    with pytest.raises(RuntimeError, match="no answer from the GenEval server"):
-        GenEvalReward(url=f"http://127.0.0.1:{port}", retries=1, backoff=0.01, timeout=1)(images, prompts, meta)
-    with pytest.raises(ValueError, match="GenEval metadata"):
-        GenEvalReward(url=f"http://127.0.0.1:{port}")(images, prompts, [{}, {}])
+        with pytest.raises(RuntimeError, match="no answer from the GenEval server"):
+            GenEvalReward(url=f"http://127.0.0.1:{port}", retries=1, backoff=0.01, timeout=1)(images, prompts, meta)
+        with pytest.raises(ValueError, match="GenEval metadata"):
+            GenEvalReward(url=f"http://127.0.0.1:{port}")(images, prompts, [{}, {}])
     with pytest.raises(ValueError, match="http://"):
         GenEvalReward(url="127.0.0.1:18085")
 
