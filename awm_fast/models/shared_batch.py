@@ -1,20 +1,31 @@
-"""Policy, reference and EMA velocities for the same training rows: three calls, or one shared batch.
+"""Policy, reference and EMA velocities for the same training rows: three calls, or two with a shared batch.
 
 Three calls (the official code): v = f_{base + default}(x), v_ref = f_base(x), v_ema = f_{base + ema}(x).
 
-Shared batch: ONE transformer call over the rows stacked three times, [policy; reference; ema]. The frozen
-base weights run once over all 3R rows; each LoRA layer adds the "default" delta only to the policy rows
-and the "ema" delta only to the EMA rows (the routing mask of models.routing: (1, 0), (0, 0), (0, 1)).
-The call runs without autograd, so no activations of any row are kept; in backward the policy rows alone
-are recomputed with the "default" adapter and back-propagated (as reentrant activation checkpointing does).
-Cost: one batched 3R-row forward + an R-row forward and backward; memory: no stored activations during the
-forward.
+Shared batch: the policy call with autograd (ordinary activations, so gradient checkpointing applies as in the
+three calls), and ONE no-grad call over the frozen rows stacked, [reference; ema] (routing mask (0, 0) for the
+reference rows, (0, 1) for the EMA rows, models.routing). That second call has fixed shapes and no autograd:
+the call CUDA graphs replay. With only one of the two needed it is that one call; with neither, the policy
+call alone.
+
+Cost per micro-batch of R rows, with F(n) the forward FLOPs over n rows (linear in n: every matmul and the
+attention are per row), G(R) the policy backward (the checkpointed recompute inside it when enabled), and
+k = [need_ref] + [need_ema]:
+
+    three calls:   F(R) + G(R) + k F(R)
+    shared batch:  F(R) + G(R) + F(k R)  =  the same FLOPs,   in 1 + min(k, 1) transformer calls (not 1 + k)
+
+The LoRA products follow the routing layers: today each routed layer computes both adapters' rank-r products
+over every row of every call, so the two sides match term for term; a layer that skips the adapters absent
+from its call's mask saves the reference call's products in the three calls but not in the shared
+[reference; ema] call, whose mask holds the EMA adapter (a difference of one rank-r product over R rows per
+LoRA layer, ~r (d_in + d_out) / (d_in d_out) of that layer's matmul work).
 """
 from __future__ import annotations
 
 import torch
 
-from awm_fast.models.lora import EMA, POLICY, adapter_params
+from awm_fast.models.lora import EMA
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.routing import BASE, routing_mask
 
@@ -28,43 +39,31 @@ def separate_velocities(policy: FlowPolicy, x: torch.Tensor, t: torch.Tensor, co
     return policy.velocity(x, t, cond), v_ref, v_ema
 
 
-class _SharedBatch(torch.autograd.Function):
-    """forward: the shared no-grad call; backward: recompute and back-propagate the policy rows only."""
-
-    @staticmethod
-    def forward(ctx, anchor, policy, x, t, cond, mask, repeats):
-        stack = lambda a: torch.cat([a] * repeats)
-        with torch.no_grad():
-            v_all = policy.routed_velocity(stack(x), stack(t), Conditioning(stack(cond.embeds), stack(cond.pooled)),
-                                           mask)
-        ctx.policy, ctx.cond = policy, cond
-        ctx.save_for_backward(x, t)
-        rows = x.shape[0]
-        v = v_all[:rows].clone()
-        others = v_all[rows:]
-        ctx.mark_non_differentiable(others)
-        return v, others
-
-    @staticmethod
-    def backward(ctx, grad_v, _grad_others):
-        x, t = ctx.saved_tensors
-        with torch.enable_grad():
-            v = ctx.policy.velocity(x, t, ctx.cond)
-        torch.autograd.backward(v, grad_v)  # accumulates into the "default" LoRA parameters' .grad
-        return (None,) * 7
+def frozen_velocities(policy: FlowPolicy, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                      need_ref: bool, need_ema: bool):
+    """(v_ref or None, v_ema or None) from one no-grad call over the [reference; ema] rows (or the one needed)."""
+    groups = [g for g, need in ((BASE, need_ref), (EMA, need_ema)) if need]
+    if not groups:
+        return None, None
+    rows = x.shape[0]
+    if t.dim() == 0:
+        t = t.expand(rows)
+    with torch.no_grad():
+        if len(groups) == 1:
+            out = [policy.velocity(x, t, cond, adapter=groups[0])]
+        else:
+            key = ("shared", rows, x.device)
+            if key not in policy._masks:
+                policy._masks[key] = routing_mask([(g, rows) for g in groups], x.device)
+            both = Conditioning(torch.cat([cond.embeds] * 2), torch.cat([cond.pooled] * 2))
+            out = list(policy.routed_velocity(torch.cat([x, x]), torch.cat([t, t]), both,
+                                              policy._masks[key]).split(rows))
+    return (out.pop(0) if need_ref else None), (out.pop(0) if need_ema else None)
 
 
 def shared_velocities(policy: FlowPolicy, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                       need_ref: bool, need_ema: bool):
-    """One call over [policy; ref; ema] rows: (v differentiable in the "default" LoRA, v_ref, v_ema)."""
-    rows = x.shape[0]
-    if t.dim() == 0:
-        t = t.expand(rows)
-    groups = [POLICY] + ([BASE] if need_ref else []) + ([EMA] if need_ema else [])
-    mask = routing_mask([(g, rows) for g in groups], x.device)
-    anchor = next(iter(adapter_params(policy.transformer, POLICY).values()))
-    v, others = _SharedBatch.apply(anchor, policy, x, t, cond, mask, len(groups))
-    rest = list(others.split(rows)) if len(groups) > 1 else []
-    v_ref = rest.pop(0) if need_ref else None
-    v_ema = rest.pop(0) if need_ema else None
-    return v, v_ref, v_ema
+    """The policy call with grad and one no-grad call over [ref; ema] rows: (v differentiable in the "default"
+    LoRA, v_ref or None, v_ema or None), equal to `separate_velocities`."""
+    v_ref, v_ema = frozen_velocities(policy, x, t, cond, need_ref, need_ema)
+    return policy.velocity(x, t, cond), v_ref, v_ema

@@ -1,4 +1,5 @@
-"""One shared [policy; reference; ema] call equals three separate calls: values and LoRA gradients."""
+"""The shared batch (the policy call + one [reference; ema] call) equals three separate calls: values and LoRA
+gradients."""
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
