@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed import TCPStore
 
 from tests.tolerances import tol
 
-pytestmark = pytest.mark.slow
+# The module's runs start in the first test's setup (3 trainers on 2 cores): a longer limit than the suite's.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 BIN = Path(sys.executable).parent
 TORCHRUN = [str(BIN / "torchrun"), "--standalone"]
@@ -32,17 +33,42 @@ TINY = ["run.tensorboard=false", "run.eval_every=0", "run.threads=1", "run.devic
         "train.steps=4", "run.checkpoint_every=1", "run.keep_checkpoints=3"]
 
 
+LAUNCHED: list[subprocess.Popen] = []  # every process _launch started; the fixtures kill them all at teardown
+
+
 def _launch(out: Path, name: str, nproc: int | None, *extra, env=None) -> subprocess.Popen:
-    """nproc None: one plain process (`python -m awm_fast.cli train`), else torchrun with nproc processes."""
+    """nproc None: one plain process (`python -m awm_fast.cli train`), else torchrun with nproc processes. Each
+    launch leads its own process group (torchrun's workers included), so that `_kill` ends all of it."""
     head = [sys.executable, "-m", "awm_fast.cli"] if nproc is None else \
         TORCHRUN + ["--nproc_per_node", str(nproc), "-m", "awm_fast.cli"]
     cmd = head + ["train", *TINY, f"run.output_dir={out}", f"run.name={name}", *extra]
-    log = open(out / f"{name}.log", "ab")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    with open(out / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+    LAUNCHED.append(proc)
+    return proc
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the launch's whole process group (a torchrun agent and its workers), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is gone: every process of it has exited
+        pass
+    proc.wait()
+
+
+def _kill_all() -> None:
+    while LAUNCHED:
+        _kill(LAUNCHED.pop())
 
 
 def _finish(proc: subprocess.Popen, out: Path, name: str, timeout: float = 300) -> None:
-    code = proc.wait(timeout=timeout)
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        raise
     assert code == 0, (out / f"{name}.log").read_text()[-3000:]
 
 
@@ -64,13 +90,13 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.2)
 
 
-def _launch_hung_pair(out: Path) -> tuple[subprocess.Popen, subprocess.Popen]:
+def _launch_hung_pair(out: Path, store) -> tuple[subprocess.Popen, subprocess.Popen]:
     """Two ranks launched without torchrun (whose agent would tear the group down itself), as on a node whose
-    peer node died: rank 1 stops answering inside step 2 (parked by the test hook)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    peer node died: rank 1 stops answering inside step 2 (parked by the test hook). Their rendezvous store is
+    `store`, a TCPStore this process serves on a port it bound as port 0 (both ranks connect to it as clients,
+    the way torchrun's agent store is used), so no port is picked, released and hoped to be still free."""
+    base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "WORLD_SIZE": "2",
+            "TORCHELASTIC_USE_AGENT_STORE": "True"}
     extra = ["run.dist_timeout_s=20", "train.shared_batch=true", "run.checkpoint_every=0", "digits.eval_per_digit=1"]
     r0 = _launch(out, "hang", None, *extra, env={**base, "RANK": "0", "LOCAL_RANK": "0"})
     r1 = _launch(out, "hang", None, *extra, env={**base, "RANK": "1", "LOCAL_RANK": "1", "AWM_FAST_PAUSE_AT": "update:2",
@@ -87,18 +113,17 @@ def runs(tmp_path_factory):
 
     prepare_digits(DigitsConfig(), log=lambda *_: None)  # the shared cache, before any short collective timeout
     out = tmp_path_factory.mktemp("dist")
-    hung = _launch_hung_pair(out)
-    one = _launch(out, "one", None, env={"AWM_FAST_GRAD_DUMP": str(out / "grads_one")})
-    two = _launch(out, "two", 2, env={"AWM_FAST_GRAD_DUMP": str(out / "grads_two")})
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     try:
+        hung = _launch_hung_pair(out, store)
+        one = _launch(out, "one", None, env={"AWM_FAST_GRAD_DUMP": str(out / "grads_one")})
+        two = _launch(out, "two", 2, env={"AWM_FAST_GRAD_DUMP": str(out / "grads_two")})
         _finish(one, out, "one")
         _finish(two, out, "two")
         yield out, hung
     finally:
-        for p in hung:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGKILL)
-            p.wait()
+        _kill_all()  # the hung pair, and whatever a failed or timed-out test left running
+        del store
 
 
 def test_two_processes_compute_what_one_process_computes(runs):
@@ -150,8 +175,7 @@ def test_sigkill_in_a_step_and_in_a_checkpoint_write_then_resume(runs):
         try:
             _wait_for(marker, proc)
         finally:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill(proc)
         names = sorted(p.name for p in (run / "checkpoints").iterdir())
         assert "step_000003" not in names and {"step_000001", "step_000002"} <= set(names), names
     assert any(n.startswith(".tmp_step_000003") for n in names)  # the interrupted write, never taken for a checkpoint

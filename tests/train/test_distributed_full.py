@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from tests.train.test_distributed import TINY, TIMING, _finish, _launch, _rows
+from tests.train.test_distributed import TINY, TIMING, _finish, _kill_all, _launch, _rows
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the two runs start in the first test's setup
 FULL = ["train.finetune=full", "train.eval_ema=false", "train.adam_eps=1e-3", "train.steps=3"]
 
 
@@ -31,10 +31,13 @@ def full_runs(tmp_path_factory):
 
     prepare_digits(DigitsConfig(), log=lambda *_: None)
     out = tmp_path_factory.mktemp("full")
-    one = _launch(out, "one", None, *FULL, env={"AWM_FAST_GRAD_DUMP": str(out / "grads_one")})
-    _finish(one, out, "one")  # one after the other: the 2-process run takes both CI cores
-    _finish(_launch(out, "two", 2, *FULL, env={"AWM_FAST_GRAD_DUMP": str(out / "grads_two")}), out, "two")
-    return out
+    try:
+        one = _launch(out, "one", None, *FULL, env={"AWM_FAST_GRAD_DUMP": str(out / "grads_one")})
+        _finish(one, out, "one")  # one after the other: the 2-process run takes both CI cores
+        _finish(_launch(out, "two", 2, *FULL, env={"AWM_FAST_GRAD_DUMP": str(out / "grads_two")}), out, "two")
+        yield out
+    finally:
+        _kill_all()  # whatever a failed or timed-out launch left running (torchrun's workers included)
 
 
 def test_fsdp2_two_processes_compute_what_one_process_computes(full_runs):
