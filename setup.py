@@ -4,7 +4,9 @@ Everything else about the package is in pyproject.toml. The extension is built w
 a CUDAExtension when the installed torch has CUDA and nvcc is found, a CppExtension otherwise. It is skipped,
 with a one-line notice, when AWM_FAST_NO_EXT=1, when torch is not importable in the build environment (pip's
 build isolation hides the venv's torch: install with `pip install --no-build-isolation -e .`, as the Makefile
-does), when no C++ compiler is found, or when compiling fails; the ops then fall back to Triton/torch.
+does), when no C++ compiler is found, or when compiling fails; the ops then fall back to Triton/torch. A failed
+compile writes its error to build/awm_fast_native_build.log (BUILD_LOG); under CI the test suite fails on a
+missing extension and shows that file (tests/ops/test_native_required.py).
 AWM_FAST_NATIVE_ARCH=1 adds -march=native (faster CPU loops, a binary for this machine only).
 """
 from __future__ import annotations
@@ -13,12 +15,15 @@ import os
 import shutil
 import sys
 import sysconfig
+import traceback
+from pathlib import Path
 
 from setuptools import setup
 
 SOURCES = ["csrc/ops.cpp", "csrc/cpu_kernels.cpp"]
 CUDA_SOURCES = ["csrc/cuda_kernels.cu"]
 CUDA_ARCHS = ("80", "90")
+BUILD_LOG = Path(__file__).resolve().parent / "build" / "awm_fast_native_build.log"
 
 
 def notice(msg: str) -> None:
@@ -71,10 +76,15 @@ def extensions(kind: str | None):
         """A failed compile leaves the package installable (a notice instead of an error)."""
 
         def run(self):
+            BUILD_LOG.unlink(missing_ok=True)
             try:
                 super().run()
             except Exception as exc:  # noqa: BLE001  any compiler failure: fall back, say so in one line
-                notice(f"native extension not built ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+                BUILD_LOG.parent.mkdir(parents=True, exist_ok=True)
+                BUILD_LOG.write_text(f"awm_fast._C ({kind}) failed to build; the compiler's own messages: `make ext` "
+                                     f"(setup.py build_ext --inplace) prints them.\n{traceback.format_exc()}")
+                notice(f"native extension not built ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                       f"details in {BUILD_LOG}")
 
     return [ext], {"build_ext": OptionalBuild.with_options(use_ninja=bool(shutil.which("ninja")))}
 
