@@ -19,8 +19,8 @@ channels, p = patch, B = num_layers, K = dual-attention blocks (attn2 on the ima
 At SD3.5-M, 512 px, L = 205 this is 2.22 TFLOP per image. The backward of the LoRA-only training (input
 gradients through every frozen matmul, attention backward, LoRA weight gradients) is counted once with
 torch.utils.flop_counter.FlopCounterMode, as is the forward (a check of the formula). Model FLOPs per
-trained image = T (3 F_fwd + F_bwd): policy, reference and EMA forwards and the policy backward; the
-shared batch's recomputed policy forward is not model work and is not counted.
+trained image = T (3 F_fwd + F_bwd): policy, reference and EMA forwards and the policy backward (the shared
+batch runs the same work in two calls: the policy rows with grad, the [reference; ema] rows in one no-grad call).
 
 FLUX.1-dev-shaped: diffusers' FluxTransformer2DModel with the real architecture config (19 double-stream and 38
 single-stream blocks, 24 x 128 heads, joint dim 4096, pooled 768, guidance embedding, rope axes 16/56/56); 512 px

@@ -7,12 +7,14 @@ Everything runs through the trainer's public pieces: `sample_latents` (rollout w
 `awm_update` does it), `make_decoder` + `JpegReward` + `group_advantages` (the reward step). The fused ops
 are toggled with AWM_FAST_BACKEND (auto: Triton on CUDA; torch: the float64 / Python-op reference).
 
-- fast: bf16 weights (LoRA float32 under bf16 autocast), shared [policy; ref; ema] batch, regional
-  torch.compile of the transformer blocks (`awm_fast.models.compile`), the best attention backend of
-  `awm_fast.models.attention`, fused ops, CUDA graphs for the no-grad transformer calls (the LoRA routing is
-  a tensor input, so one graph serves every adapter).
-- baseline (the official AWM code): fp32 weights under fp16 autocast, three separate forwards, diffusers'
-  default SDPA processor, no compile, float64 loss and Python-op SDE step (backend "torch").
+- fast: bf16 weights (LoRA float32 under bf16 autocast), the shared batch (the policy call with grad + one
+  no-grad [ref; ema] call), regional torch.compile of the transformer blocks (`awm_fast.models.compile`), the
+  best attention backend of `awm_fast.models.attention`, fused ops, CUDA graphs for the no-grad transformer
+  calls (the LoRA routing is a tensor input, so one graph serves every adapter).
+- baseline (the official AWM code, benchmarks/_official.py): peft's own LoRA forward with the adapters switched
+  by set_adapter / disable_adapters (no routing mask), fp32 weights under fp16 autocast with TF32 matmuls, three
+  separate forwards, diffusers' default attention processor, eager, float64 loss (awm_loss backend "torch") and
+  Python-op SDE step.
 - "fast -X": the fast path with one optimisation X switched back to the baseline's choice.
 
 FLUX (`spec.kind == "flux"`): the policy calls `awm_fast.models.flux.flux_call` (2x2 packing, guidance
@@ -51,10 +53,12 @@ from awm_fast.sampling.rollout import sample_latents
 from awm_fast.train.update_parts import noisy_rows
 
 from benchmarks._models import ModelSpec, build_transformer, build_vae, count_flops, forward_flops
+from benchmarks._official import PeftSwitchedPolicy
 from benchmarks._telemetry import Telemetry
 from benchmarks._timing import Budget, peak_memory_bytes, time_runs
 from benchmarks._variants import (BASELINE, FAST, TOGGLES, Variant, diffusers_default_attention,  # noqa: F401
-                                  inactive_reason, ops_backend, precision, release_memory, variants)
+                                  inactive_reason, loss_backend, ops_backend, precision, release_memory,
+                                  variants)
 
 BETA, EMA_BETA, SHIFT, NOISE_LEVEL = 1e-3, 1.0, 3.0, 0.7  # the GenEval preset
 PHASES = ("rollout", "rollout_cfg", "train", "end_to_end")
@@ -80,7 +84,7 @@ class Bench:
 
     def policy(self, variant: Variant, log=print) -> tuple[FlowPolicy, str]:
         """The seeded weights in the variant's dtype, its attention, LoRA ("default" + "ema"), checkpointing (as
-        the spec's presets), compile."""
+        the spec's presets), compile; routed LoRA (FlowPolicy) or peft's adapter switching (the baseline)."""
         dtype, _ = precision(variant, self.device)
         flux = self.spec.kind == "flux"
         tr = build_transformer(self.spec, self.device, self.seed, dtype)
@@ -111,7 +115,8 @@ class Bench:
             return cond[: len(prompts)]
 
         call = functools.partial(flux_call, guidance=self.spec.guidance) if flux else None
-        policy = FlowPolicy(tr, encode, make_decoder(vae), self.spec.latent, self.device, dtype, call=call)
+        kind = FlowPolicy if variant.routed_lora else PeftSwitchedPolicy
+        policy = kind(tr, encode, make_decoder(vae), self.spec.latent, self.device, dtype, call=call)
         if variant.cuda_graphs and self.device.type == "cuda":
             policy.graphs = VelocityGraphs(policy.forward)
         return policy, attention
@@ -133,28 +138,23 @@ class Bench:
         velocities = shared_velocities if variant.shared_batch else separate_velocities
         v, v_ref, v_ema = velocities(policy, xt, t_rows, self.cond[idx].repeat(T), need_ref=True, need_ema=True)
         out = awm_loss(v, target, t_rows, adv[idx].to(torch.float32).repeat(T), v_ref=v_ref, v_ema=v_ema, beta=BETA,
-                       ema_beta=EMA_BETA, num_timesteps=T)
+                       ema_beta=EMA_BETA, num_timesteps=T, backend=loss_backend(variant))
         (out.loss / num_micro).backward()
 
     def end_to_end(self, policy: FlowPolicy, variant: Variant, gen: torch.Generator) -> None:
         """Rollout -> VAE decode -> JPEG reward -> advantages -> training of every micro-batch of the batch.
 
-        As in the trainer, the batch is sampled in two halves and each decoded half is scored on the reward
-        thread pool while the next one samples; `reward_overlap` records the reward's own time and the time the
-        loop blocked waiting for it (wait < score means the reward ran hidden behind sampling)."""
-        halves = [self.cond[: len(self.cond.pooled) // 2], self.cond[len(self.cond.pooled) // 2:]]
-        parts = []
+        The whole rollout batch samples in one call per step (the trainer's sample.batch_size; two halves would
+        make the eager baseline pay its launch overhead twice); the decoded batch is scored on the reward thread
+        pool, and `reward_overlap` records the reward's own time and the time the loop blocked waiting for it."""
         with AsyncRewardScorer(self.reward) as scorer:
-            for cond in (h for h in halves if len(h.pooled)):
-                x, _ = sample_latents(policy, cond, self.grid, sampler="euler_maruyama", noise_level=NOISE_LEVEL,
-                                      generator=gen)
-                scorer.submit(policy.decode(x), [""] * len(x), [{}] * len(x))
-                parts.append(x)
+            x0, _ = sample_latents(policy, self.cond, self.grid, sampler="euler_maruyama", noise_level=NOISE_LEVEL,
+                                   generator=gen)
+            scorer.submit(policy.decode(x0), [""] * len(x0), [{}] * len(x0))
             outs = scorer.gather()
             self.reward_overlap["score_s"] += sum(t.score_s for t in scorer.timings)
             self.reward_overlap["wait_s"] += scorer.wait_time()
             self.reward_overlap["calls"] += 1
-        x0 = torch.cat(parts)
         rewards = torch.cat([o["reward"] for o in outs])
         adv = group_advantages(rewards, torch.zeros(len(rewards), dtype=torch.long)).to(self.device)
         mb = self.spec.micro_batch

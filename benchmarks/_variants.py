@@ -1,5 +1,6 @@
 """The variants of the phase benchmark (which optimisations are on) and what they mean on a device: weight dtype
-and autocast, the ops backend, diffusers' attention default, and releasing a variant's memory afterwards."""
+and autocast, the ops backend, diffusers' attention default, and releasing a variant's memory afterwards. The
+baseline is the official code path (benchmarks/_official.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,11 +11,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from awm_fast.ops.dispatch import ENV_VAR
+from benchmarks._official import official_mixed_precision
 
 
 @dataclass(frozen=True)
 class Variant:
-    """Which optimisations are on. bf16=False: fp32 weights under fp16 autocast (the official setting)."""
+    """Which optimisations are on. bf16=False: fp32 weights under fp16 autocast with TF32 matmuls (the official
+    setting). routed_lora=False: peft's own LoRA forward, adapters switched with set_adapter / disable_adapters
+    (the official code; not a toggle: without routing the compiled blocks would recompile at every switch)."""
 
     name: str
     bf16: bool = True
@@ -23,11 +27,12 @@ class Variant:
     best_attention: bool = True
     fused_ops: bool = True
     cuda_graphs: bool = True
+    routed_lora: bool = True
 
 
 FAST = Variant("fast")
 BASELINE = Variant("baseline", bf16=False, shared_batch=False, compile_blocks=False, best_attention=False,
-                   fused_ops=False, cuda_graphs=False)
+                   fused_ops=False, cuda_graphs=False, routed_lora=False)
 TOGGLES = ("shared_batch", "compile_blocks", "best_attention", "fused_ops", "bf16", "cuda_graphs")
 
 
@@ -72,7 +77,8 @@ def inactive_reason(variant: Variant, device: torch.device, allow_compile: bool)
 
 @contextlib.contextmanager
 def ops_backend(fused: bool):
-    """AWM_FAST_BACKEND=torch for the unfused ops; unset (auto) for the fused path; restored afterwards."""
+    """AWM_FAST_BACKEND=torch for the unfused ops; unset (auto) for the fused path; restored afterwards. (The
+    training loss also passes its backend explicitly: `loss_backend`.)"""
     old = os.environ.get(ENV_VAR)
     if fused:
         os.environ.pop(ENV_VAR, None)
@@ -87,13 +93,19 @@ def ops_backend(fused: bool):
             os.environ[ENV_VAR] = old
 
 
+def loss_backend(variant: Variant) -> str:
+    """The awm_loss backend of a variant: "auto" (fused where present) or "torch" (the float64 reference)."""
+    return "auto" if variant.fused_ops else "torch"
+
+
 def precision(variant: Variant, device: torch.device):
-    """(weight dtype, autocast context factory) of a variant on this device."""
+    """(weight dtype, autocast context factory) of a variant on this device (bf16=False on CUDA: float32 weights,
+    fp16 autocast, TF32 matmuls, as the official script's mixed_precision="fp16" and allow_tf32)."""
     if device.type != "cuda":
         return torch.float32, contextlib.nullcontext
     if variant.bf16:
         return torch.bfloat16, contextlib.nullcontext
-    return torch.float32, lambda: torch.autocast("cuda", dtype=torch.float16)
+    return torch.float32, official_mixed_precision
 
 
 def diffusers_default_attention() -> None:
