@@ -1,7 +1,17 @@
-"""`awm-fast` command line: `awm-fast train [--config NAME|PATH] [--resume RUN|CKPT] [section.key=value ...]`.
+"""`awm-fast` command line.
 
-Several processes: `torchrun --nproc_per_node N -m awm_fast.cli train ...` (every rank runs the same command;
-rank 0 prints the report)."""
+    awm-fast train [--config NAME|PATH] [section.key=value ...]     train (default: the digits task, CPU)
+    awm-fast train --resume RUN|CKPT [section.key=value ...]        continue a run with its own saved config
+    awm-fast eval RUN|CKPT ... | --base                             evaluate (metrics JSON, per-prompt CSV, grids)
+    awm-fast sample RUN|CKPT | --base --prompt TEXT --out DIR       images for given prompts
+    awm-fast export RUN|CKPT --out DIR [--merged]                   LoRA file, merged pipeline folder
+    awm-fast serve-reward NAME [--port P]                           a reward over HTTP (reward.name=http)
+    awm-fast check-config | presets | tiny-sd3 PATH | tiny-flux PATH
+
+Bad input (a path, an override, a reward, a resume that changes a non-resumable key) stops with one line and
+exit code 2; a failure while working with one line and exit code 1. Several processes: `torchrun
+--nproc_per_node N -m awm_fast.cli train ...` (every rank runs the same command; rank 0 prints the report).
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,20 +21,30 @@ import sys
 
 from awm_fast.config import ConfigError, list_presets, load_config
 
+COMMANDS = {"eval": "eval_cmd", "sample": "sample_cmd", "export": "export_cmd", "serve-reward": "serve_reward"}
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="awm-fast", description="Advantage Weighted Matching RL fine-tuning")
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="awm-fast", description="Advantage Weighted Matching RL fine-tuning",
+                                     epilog="`awm-fast COMMAND --help` describes each command")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="run the AWM loop (default: the embedded digits task, CPU, offline)")
     tr.add_argument("--config", default=None, help=f"YAML file or preset name ({', '.join(list_presets())})")
-    tr.add_argument("--resume", default=None, help="run folder or checkpoint folder to continue from")
+    tr.add_argument("--resume", default=None, help="run folder (its newest checkpoint) or checkpoint folder to "
+                                                   "continue, with the config saved there; overrides go on top")
     tr.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4")
     cv = sub.add_parser("check-config", help="validate a config and print it (no work is done)")
     cv.add_argument("--config", default=None)
     cv.add_argument("overrides", nargs="*")
     sub.add_parser("presets", help="list the bundled presets")
-    tiny = sub.add_parser("tiny-sd3", help="write a tiny random-weight SD3 pipeline (smoke tests of the SD3 path)")
-    tiny.add_argument("path")
+    for kind in ("sd3", "flux"):
+        tiny = sub.add_parser(f"tiny-{kind}", help=f"write a tiny random-weight {kind.upper()} pipeline (smoke tests "
+                                                   f"of the {kind.upper()} path)")
+        tiny.add_argument("path")
+    for name in COMMANDS.values():
+        importlib.import_module(f"awm_fast.commands.{name}").add_parser(sub)
     return parser
 
 
@@ -41,21 +61,62 @@ def _report(summary_path) -> None:
     print(f"summary: {summary_path}")
 
 
+def _error(exc: BaseException, code: int, where: str = "") -> int:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"awm-fast: {'config error' if where == ' (config)' else 'error' + where}: {text}", file=sys.stderr,
+          flush=True)
+    return code
+
+
+def _train_config(args):
+    """The config to train with; on --resume the run's own, the overrides applied and every change logged."""
+    if not args.resume:
+        return load_config(args.config, args.overrides)
+    from awm_fast.train.resume import resume_config
+
+    if args.config:
+        raise ConfigError(f"--config {args.config} with --resume: a resumed run continues with its own config "
+                          f"(saved in {args.resume}); give only the overrides that change it (section.key=value)")
+    cfg, changes, ckpt = resume_config(args.resume, args.overrides)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[resume] {ckpt} with its saved config" + (
+            "; resuming with changed: " + ", ".join(str(c) for c in changes) if changes else ""), flush=True)
+    return cfg
+
+
+def _run_command(args) -> int:
+    import importlib
+
+    from awm_fast.commands.common import UsageError
+
+    module = importlib.import_module(f"awm_fast.commands.{COMMANDS[args.command]}")
+    try:
+        return module.run(args)
+    except (UsageError, ConfigError, FileNotFoundError) as exc:
+        return _error(exc, 2)
+    except (ValueError, RuntimeError, ImportError, OSError) as exc:
+        return _error(exc, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "presets":
         print("\n".join(list_presets()))
         return 0
-    if args.command == "tiny-sd3":
-        from awm_fast.models.tiny import build_tiny_sd3
+    if args.command in ("tiny-sd3", "tiny-flux"):
+        from awm_fast.models.tiny import build_tiny_flux, build_tiny_sd3
 
-        print(build_tiny_sd3(args.path))
+        print((build_tiny_sd3 if args.command == "tiny-sd3" else build_tiny_flux)(args.path))
         return 0
+    if args.command not in ("train", "check-config"):
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        return _run_command(args)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = _train_config(args) if args.command == "train" else load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"awm-fast: config error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc, 2, " (config)")
     if args.command == "check-config":
         import yaml
 
@@ -73,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         summary_path = train(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError, TrainingError) as exc:
         where = f" (rank {rank})" if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
-        print(f"awm-fast: error{where}: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return _error(exc, 1, where)
     if rank == "0":
         _report(summary_path)
     return 0

@@ -148,6 +148,10 @@ class RunConfig:
     threads: int = 0  # torch CPU threads; 0 = all cores
     dist_backend: str = "auto"  # torchrun runs: auto (nccl on GPUs, gloo on CPU) | nccl | gloo
     dist_timeout_s: float = 1800.0  # a collective waiting longer (a rank died or hangs) stops the run with an error
+    wandb: bool = False  # also log to Weights & Biases (pip install awm-fast[wandb]; train/wandb_logger.py)
+    wandb_project: str = "awm-fast"
+    wandb_name: str = ""  # empty: the run folder's name
+    wandb_mode: str = "online"  # online | offline (no network; `wandb sync` later) | disabled
 
 
 @dataclass
@@ -193,10 +197,19 @@ CHOICES = {
     "train.ratio_mode": ("exp_first", "sum_first"),
     "train.kl_weighting": ("uniform", "elbo"),
     "reward.name": _RewardNames(("digits", "jpeg_compressibility", "jpeg_incompressibility", "pickscore", "clipscore",
-                                 "aesthetic", "ocr", "geneval")),
+                                 "aesthetic", "ocr", "geneval", "http")),
     "run.device": ("auto", "cpu", "cuda"),
     "run.dist_backend": ("auto", "nccl", "gloo"),
+    "run.wandb_mode": ("online", "offline", "disabled"),
 }
+# Keys a resumed run (`awm-fast train --resume`) may not change: the weights' shapes (model, LoRA), what the
+# optimizer and EMA states belong to, and the step's batch geometry and seeds (the sampler's position means a
+# given prompt plan). A key ending in "." is a whole section; see awm_fast/train/resume.py.
+NON_RESUMABLE = ("model.kind", "model.path", "model.dtype", "model.lora_rank", "model.lora_alpha", "model.lora_init",
+                 "model.lora_targets", "model.resolution", "model.text_tokens", "model.guidance",
+                 "sample.prompts_per_step", "sample.group_size", "sample.batch_size", "sample.num_steps",
+                 "train.micro_batch", "train.num_timesteps", "train.algorithm", "train.finetune", "train.seed",
+                 "train.eval_ema", "digits.")
 POSITIVE = ["model.text_tokens", "model.lora_rank", "model.lora_alpha", "model.resolution", "sample.num_steps", "sample.shift",
             "sample.prompts_per_step", "sample.batch_size", "sample.eval_num_steps", "sample.eval_prompts", "train.steps",
             "train.micro_batch", "train.num_timesteps", "train.ghuber_power", "train.clip_range",

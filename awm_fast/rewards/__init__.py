@@ -1,6 +1,7 @@
 """Reward registry: `load_reward(name_or_import_path, **options)` and the trainer's `build_reward`.
 
-Names: digits, jpeg_compressibility, jpeg_incompressibility, pickscore, clipscore, aesthetic, ocr, geneval;
+Names: digits, jpeg_compressibility, jpeg_incompressibility, pickscore, clipscore, aesthetic, ocr, geneval,
+http (a reward served over HTTP by `awm-fast serve-reward`);
 "package.module:function" for a user reward; several joined by "+" for a weighted sum (CombinedReward).
 Model-based rewards import their dependencies only when built.
 """
@@ -45,6 +46,7 @@ REWARDS: dict[str, Callable] = {
     "aesthetic": _lazy("aesthetic", "AestheticReward"),
     "ocr": _lazy("ocr", "OcrReward"),
     "geneval": _lazy("geneval", "GenEvalReward"),
+    "http": _lazy("http", "HttpReward"),  # a reward served by `awm-fast serve-reward` (rewards/http.py)
 }
 
 

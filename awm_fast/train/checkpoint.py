@@ -6,6 +6,7 @@ Layout of `<run>/checkpoints/step_000050/`:
         `StableDiffusion3Pipeline` / `FluxPipeline.load_lora_weights(".../default")` loads it as trained
     (train.finetune=full: default/ and ema/ hold the whole transformer instead, diffusion_pytorch_model.safetensors
     + config.json: `SD3Transformer2DModel.from_pretrained(".../default")` loads the trained weights)
+    config.yaml: the run's resolved config at that step (what `awm-fast train --resume` continues with)
     state.pt: optimizer, evaluation EMA, every rank's RNG states, sampler position (seed, step, world size),
         step, metrics history, evaluations
 A checkpoint is written to a temporary folder and renamed into place, so a run killed while writing leaves
@@ -53,6 +54,10 @@ def save_checkpoint(run_dir: Path, step: int, transformer, state: dict, keep: in
             save_model(transformer, weights[name], tmp / name)
     pause_point("checkpoint", step)  # test hook: a SIGKILL here must leave the earlier checkpoints usable
     torch.save({**state, "step": step}, tmp / "state.pt")
+    if isinstance(state.get("config"), dict):  # the config it was trained with, readable (`--resume` takes it)
+        import yaml
+
+        (tmp / "config.yaml").write_text(yaml.safe_dump(state["config"], sort_keys=False))
     _remove(final)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:

@@ -1,4 +1,6 @@
-"""Per-step metrics to `metrics.jsonl` and TensorBoard (built on rank 0 only: the other ranks write nothing)."""
+"""Per-step metrics to `metrics.jsonl`, TensorBoard and (run.wandb) Weights & Biases, built on rank 0 only: the
+other ranks write nothing. Evaluations and the end-of-run images go to TensorBoard and wandb (`log_evals`,
+`log_images`); metrics.jsonl holds the per-step rows only."""
 from __future__ import annotations
 
 import json
@@ -6,10 +8,11 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool, history: list[dict] | None = None) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool, history: list[dict] | None = None, wandb=None) -> None:
+        """wandb: a `train.wandb_logger.WandbRun` (or None)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.history: list[dict] = list(history or [])
-        self.writer = None
+        self.writer, self.wandb = None, wandb
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -27,7 +30,32 @@ class MetricsLogger:
         if self.writer is not None:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(step, row)
+
+    def log_evals(self, evals: list[dict]) -> None:
+        """Evaluation rows {"step", "weights", metric: value} as eval/<metric>/<weights> scalars."""
+        for e in evals:
+            scalars = {f"eval/{k}/{e['weights']}": float(v) for k, v in e.items() if k not in ("step", "weights")}
+            if self.writer is not None:
+                for key, value in scalars.items():
+                    self.writer.add_scalar(key, value, e["step"])
+            if self.wandb is not None:
+                self.wandb.log(e["step"], scalars)
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        """PNG files (the curves, the before/after grid) under their names."""
+        if self.writer is not None:
+            import numpy as np
+            from PIL import Image
+
+            for name, path in images.items():
+                self.writer.add_image(name, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        if self.wandb is not None:
+            self.wandb.log_images(images, step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()

@@ -1,4 +1,5 @@
-"""End-of-run artefacts: reward/accuracy curve PNG, before/after sample grid PNG, summary.json."""
+"""End-of-run artefacts: reward/accuracy curve PNG, before/after sample grid PNG, summary.json; the
+after-training commands' image grids, reward-against-step plots and tables (awm_fast/commands)."""
 from __future__ import annotations
 
 import json
@@ -57,3 +58,54 @@ def write_summary(path: Path, summary: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(path)
+
+
+def save_grid(images: torch.Tensor, path: Path, per_row: int = 8, min_cell: int = 64) -> None:
+    """Images (N, C, H, W) in [0, 1] tiled row-major into one PNG (cells upscaled to >= min_cell pixels, nearest)."""
+    from PIL import Image
+
+    if images.ndim != 4 or not len(images):
+        raise ValueError(f"save_grid: expected a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}")
+    x = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    n, _, h, w = x.shape
+    scale = max(1, -(-min_cell // max(h, w)))
+    cols = min(per_row, n)
+    rows = -(-n // cols)
+    canvas = Image.new("RGB", (cols * w * scale + (cols - 1) * 2, rows * h * scale + (rows - 1) * 2), "white")
+    for i in range(n):
+        tile = Image.fromarray(x[i].permute(1, 2, 0).numpy()).resize((w * scale, h * scale), Image.NEAREST)
+        canvas.paste(tile, ((i % cols) * (w * scale + 2), (i // cols) * (h * scale + 2)))
+    canvas.save(path)
+
+
+def plot_metric_vs_step(rows: list[dict], path: Path, keys: list[str]) -> None:
+    """Evaluation metrics of several checkpoints against their step, one line per (metric, weights)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        for weights in sorted({r["weights"] for r in rows}):
+            pts = sorted((r["step"], r[key]) for r in rows if r["weights"] == weights and key in r
+                         and r["step"] is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{key} ({weights})")
+    ax.set_xlabel("step")
+    ax.set_title("evaluation (ODE, fixed seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_table(rows: list[dict], columns: list[str], csv_path: Path, md_path: Path) -> None:
+    """The same rows as CSV and as a Markdown table (floats with 4 decimals in Markdown)."""
+    import csv
+
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    Path(md_path).write_text("\n".join(lines) + "\n")

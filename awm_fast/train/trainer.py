@@ -31,6 +31,8 @@ from awm_fast.train.evaluate import evaluate
 from awm_fast.train.full_finetune import full_state, load_full_state, update_ema_model
 from awm_fast.train.faults import NonFiniteGuard, RetryingReward, out_of_memory, pause_point
 from awm_fast.train.logger import MetricsLogger
+from awm_fast.train.resume import build_config, check_resumable, config_changes, dump_config, saved_config
+from awm_fast.train.wandb_logger import open_wandb
 from awm_fast.train.task import Task, build_task
 from awm_fast.train.update_parts import MicroBatchRNG, derived_seed
 
@@ -176,8 +178,11 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
     ckpt_path = ckpt.resolve_checkpoint(resume) if resume else None
     run_dir = ckpt_path.parent.parent if ckpt_path else \
         Path(cfg.run.output_dir) / d.broadcast_object(cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if ckpt_path:  # the Python API's check (the CLI reports every change first: train/resume.py)
+        check_resumable(config_changes(build_config(*saved_config(ckpt_path)), cfg))
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")  # at the start: a killed run can be resumed as it was
     t_start = time.perf_counter()
     with d.main_first():  # rank 0 builds the caches (digits model, prompt embeddings), the others read them
         task = build_task(cfg, device, log=log)
@@ -208,7 +213,8 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
         before_images, train_seconds = state["before_images"], state["train_seconds"]
     else:
         _, before_images = run_eval(0)
-    logger = MetricsLogger(run_dir, cfg.run.tensorboard, history) if d.is_main else None
+    logger = MetricsLogger(run_dir, cfg.run.tensorboard, history,
+                           wandb=open_wandb(cfg, run_dir, log) if cfg.run.wandb else None) if d.is_main else None
     grid = policy.time_grid(s.num_steps)
     nonfinite = NonFiniteGuard(t.max_nonfinite_steps)
     micro_per_rank = images_per_step // d.world // t.micro_batch
@@ -258,7 +264,6 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
     after_ema = run_eval(t.steps, "ema")[0] if eval_ema is not None else None
     if not d.is_main:
         return run_dir / "summary.json"
-    logger.close()
     summary = {"eval_before": {k: v for k, v in evals[0].items() if k not in ("step", "weights")},
                "eval_after": after, "train_seconds": train_seconds, "steps": t.steps, "world_size": d.world,
                "total_seconds_this_process": time.perf_counter() - t_start, **task.info}
@@ -266,6 +271,10 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
         summary["eval_after_ema"] = after_ema
     report.plot_curves(logger.history, evals, run_dir / "curves.png")
     report.plot_grid(before_images, after_images, task.eval_prompts, run_dir / "samples_before_after.png")
-    (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
+    dump_config(cfg, run_dir / "config.yaml")
+    logger.log_evals(evals)
+    logger.log_images({"curves": run_dir / "curves.png", "samples_before_after": run_dir / "samples_before_after.png"},
+                      t.steps)
+    logger.close()
     report.write_summary(run_dir / "summary.json", summary)
     return run_dir / "summary.json"

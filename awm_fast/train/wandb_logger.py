@@ -1,0 +1,52 @@
+"""Weights & Biases logging (run.wandb=true; `pip install awm-fast[wandb]`).
+
+The run logs the per-step metrics that metrics.jsonl holds (same keys, the trainer's step as wandb's step), the
+evaluations (eval/<metric>/<raw|ema>), the end-of-run images and the resolved config. run.wandb_mode=offline
+writes under <run>/wandb/ without network (`wandb sync <run>/wandb/offline-run-*` uploads it later); $WANDB_MODE
+and $WANDB_DIR, when set, take precedence as wandb documents. A resumed run continues the same wandb run: its id
+is kept in <run>/wandb_id.txt.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from awm_fast.config import Config
+
+
+class WandbRun:
+    """The few calls the trainer makes, over a `wandb.init` run."""
+
+    def __init__(self, run) -> None:
+        self.run = run
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Image(str(path)) for name, path in images.items() if Path(path).is_file()},
+                     step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_wandb(cfg: Config, run_dir: Path, log=print) -> WandbRun:
+    """A wandb run for this training run (resumed when <run>/wandb_id.txt exists)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("run.wandb=true needs the package 'wandb': pip install 'awm-fast[wandb]' "
+                          "(or set run.wandb=false)") from None
+    run_dir = Path(run_dir)
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    r = cfg.run
+    mode = os.environ.get("WANDB_MODE") or r.wandb_mode
+    run = wandb.init(project=r.wandb_project, name=r.wandb_name or run_dir.name, mode=mode,
+                     dir=os.environ.get("WANDB_DIR") or str(run_dir), id=run_id, resume="allow", config=cfg.to_dict())
+    log(f"[wandb] {mode} run {run_id} (project {r.wandb_project})" + (f", files in {run.dir}" if mode != "disabled" else ""))
+    return WandbRun(run)
