@@ -116,6 +116,11 @@ def kernel_cases(device: torch.device, size: str, dtype_v: torch.dtype) -> list[
     return cases
 
 
+def loss_working_set(case: KernelCase, dtype_x: torch.dtype, dtype_v: torch.dtype) -> int:
+    """Bytes the AWM loss moves in full mode at the case's shape (the size the >= 64 MB targets are judged at)."""
+    return kernel_bytes("awm_loss", "full", case.rows, case.dims, dtype_x.itemsize, dtype_v.itemsize)
+
+
 def available_variants(device: torch.device, with_compile: bool) -> list[str]:
     """torch, torch_compile (if asked), then every other ops backend that runs on this device."""
     names = ["torch"] + (["torch_compile"] if with_compile else [])
@@ -241,12 +246,15 @@ def run_case(case: KernelCase, variant: str, device: torch.device, dtype_x: torc
 
 
 def run_kernels(device: torch.device, size: str, quick: bool, with_compile: bool, copy_gbps: float | None,
-                budget: Budget | None = None) -> list[dict]:
+                budget: Budget | None = None, min_bytes: float | None = None) -> list[dict]:
     """All cases x variants (official shapes first, then the sweep); adds `speedup_vs_torch` (median of the float64
-    eager path / this median). A case due after `budget` is spent gets rows with the budget's status."""
+    eager path / this median). A case due after `budget` is spent gets rows with the budget's status. `min_bytes`:
+    only the shapes whose AWM loss (full mode) moves at least that many bytes (`loss_working_set`)."""
     dtype_v = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype_x = torch.float32
     cases = kernel_cases(device, size, dtype_v)
+    if min_bytes is not None:
+        cases = [c for c in cases if loss_working_set(c, dtype_x, dtype_v) >= min_bytes]
     variants = available_variants(device, with_compile)
     rows = []
     for case in tqdm(cases, desc="kernels", unit="case", disable=None):

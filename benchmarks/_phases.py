@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from awm_fast.algo.advantages import group_advantages
 from awm_fast.algo.timesteps import sample_train_timesteps, time_grid
 from awm_fast.config import ModelConfig
-from awm_fast.models.attention import resolve_attention_backend, use_attention_backend
+from awm_fast.models.attention import use_attention_backend
 from awm_fast.models.compile import compile_blocks
 from awm_fast.models.cuda_graphs import VelocityGraphs
 from awm_fast.models.flux import flux_call, set_flux_attention
@@ -52,6 +52,7 @@ from awm_fast.rewards.jpeg import JpegReward
 from awm_fast.sampling.rollout import sample_latents
 from awm_fast.train.update_parts import noisy_rows
 
+from benchmarks._attention import working_attention_backend
 from benchmarks._models import ModelSpec, build_transformer, build_vae, count_flops, forward_flops
 from benchmarks._official import PeftSwitchedPolicy
 from benchmarks._telemetry import Telemetry
@@ -81,6 +82,19 @@ class Bench:
         self.reward = JpegReward(compressible=True)
         self.reward_overlap = {"score_s": 0.0, "wait_s": 0.0, "calls": 0}
         self.time_gen = torch.Generator(device="cpu").manual_seed(seed)  # the T training times are drawn on the CPU
+        self._attention: dict[torch.dtype, str] = {}
+
+    def attention_backend(self, dtype: torch.dtype, log=print) -> str:
+        """The best attention backend that runs at this model's head size in `dtype` (probed once per dtype:
+        benchmarks/_attention.py); a failing one falls back along the priority list."""
+        if dtype not in self._attention:
+            cfg, spec = self.spec.transformer, self.spec
+            patch = 2 if spec.kind == "flux" else cfg["patch_size"]
+            tokens = spec.latent[1] * spec.latent[2] // patch ** 2 + spec.text_len
+            self._attention[dtype] = working_attention_backend(
+                self.device, dtype, cfg["num_attention_heads"], cfg["attention_head_dim"], tokens,
+                flux=spec.kind == "flux", log=log).backend
+        return self._attention[dtype]
 
     def policy(self, variant: Variant, log=print) -> tuple[FlowPolicy, str]:
         """The seeded weights in the variant's dtype, its attention, LoRA ("default" + "ema"), checkpointing (as
@@ -91,7 +105,7 @@ class Bench:
         attention = "diffusers default (FluxAttnProcessor, native SDPA dispatch)" if flux else \
             "diffusers default (JointAttnProcessor2_0, SDPA)"
         if variant.best_attention:
-            attention = resolve_attention_backend("auto", self.device, dtype, log=log, skip=("flash3",) if flux else ())
+            attention = self.attention_backend(dtype, log)
             if flux:
                 set_flux_attention(tr, attention, log=log)
                 attention += " (diffusers dispatch)"

@@ -1,82 +1,138 @@
 #!/usr/bin/env bash
-# The prepared GPU check of the profiling harness, sized for a short lease of one H100/H200 (benchmarks/README.md,
-# "On a lent GPU"). Two halves:
+# The prepared GPU check of the profiling harness, sized for one call of a short lease of one H100/H200
+# (benchmarks/README.md, "On a lent GPU"). Two halves:
 #
-#   bash benchmarks/device.sh wheels        # HERE (with pip access): the pure-Python wheels the GPU image lacks,
-#                                           # into .whl/ (git-ignored; carry it: carry=[".whl"])
-#   bash benchmarks/device.sh run PLAN      # THERE (GPU machine, repo root): install, build, measure into $OUT
+#   bash benchmarks/device.sh wheels        # HERE (with pip access): the pure-Python wheels the GPU image lacks
+#                                           # (diffusers, importlib_metadata, peft as tested, setuptools >= 77 and
+#                                           # wheel for the editable install), into .whl/ (git-ignored; carry it)
+#   bash benchmarks/device.sh run [PLAN]    # THERE (GPU machine, repo root): install, measure into $OUT
 #
-# PLANs (each stops starting new work after BUDGET_S seconds, default 420, and writes its files as it goes):
-#   core   SD3.5-M-shaped phases of fast and baseline (while awm_fast._C builds), then --quick kernels (official
-#          shapes, the >= 64 MB cases): every input of the six targets. With a 15-minute lease, this is the call.
-#   rest   SD3.5-M phases of every `fast -X`, FLUX.1-dev-shaped phases of fast and baseline, the full kernel set
-#          with the 1 GB sweep
-#   all    the whole harness (needs far more than one 10-minute call: use core + rest, then --merge)
-# Then, here: python benchmarks/step_time.py --merge <the JSON files>   (one report, one set of targets)
+# PLAN core (the default; ONE call: give it timeout_s ~590, it ends its own work by TOTAL_S=560 s):
+#   install (carried wheels into $SITE, editable install without the CUDA extension: no build in this call)
+#   1 smoke     python -m benchmarks.smoke: compiled block fwd+bwd, attention backend fwd+bwd (a failing one
+#               falls back along the priority list), CUDA-graph capture of a rollout step under
+#               set_sync_debug_mode("error"), NaN check of the LoRA gradients; each check independent
+#   2 baseline  SD3.5-M-shaped phases of the official code path (benchmarks/_official.py)
+#   3 fast      the same phases of the fast path
+#   4 shared    the training phase of `fast -shared_batch` (the fast row of stage 3 is its other half)
+#   5 kernels   fused loss and SDE step at the >= 64 MB shapes (torch, torch.compile, Triton)
+# PLAN rest (a second lease): every other `fast -X` row, FLUX.1-dev-shaped fast/baseline, the 1 GB kernel sweep.
+#
+# Every stage runs under its own time limit (min(its cap, what is left of TOTAL_S)); a stage that fails or times out
+# is logged and the next one starts. The harness runs write into $RUN (outside $OUT); after every stage, and every
+# 20 s in the background, they are packed into $OUT/step_time_PLAN.tgz, so $OUT holds at most 4 files (this log,
+# smoke.json, the archive, a partial archive being written) and a call cut short still returns every stage done.
+# Back here: mkdir -p gpu && tar -xzf step_time_core.tgz -C gpu && python benchmarks/step_time.py --merge gpu/*.json
+#
+# Dry run on a machine without a GPU (every stage but the measurements themselves): DRY_RUN=1 runs the harness
+# stages with `--device cpu --tiny` (kernels without the 64 MB filter) and the smoke test on the CPU (CUDA-only checks
+# report "skipped"); PY=/path/to/python picks the interpreter (default python3), SITE the wheels' target folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHEELS=(diffusers==0.42.1 importlib_metadata==8.7.0 peft==0.21.2)  # as tested here; the GPU image lacks diffusers
+PY=${PY:-python3}
+WHEELS=(diffusers==0.42.1 importlib_metadata==8.7.0 peft==0.21.2 setuptools==80.9.0 wheel==0.45.1)
 
 case "${1:-}" in
 wheels)
     mkdir -p .whl
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl "${WHEELS[@]}" || exit 1
     ls -la .whl
     exit 0 ;;
 run) ;;
-*) echo "usage: bash benchmarks/device.sh wheels | run core|rest|all" >&2; exit 2 ;;
+*) echo "usage: bash benchmarks/device.sh wheels | run [core|rest]" >&2; exit 2 ;;
 esac
 
 PLAN=${2:-core}
+case "$PLAN" in core|rest) ;; *) echo "device.sh: unknown plan $PLAN (core | rest)" >&2; exit 2 ;; esac
 OUT=${OUT:-benchmarks/results/_device}
-BUDGET_S=${BUDGET_S:-420}
+TOTAL_S=${TOTAL_S:-560}       # the whole call, install included; the tool's timeout_s should be ~30 s above it
+PACK_RESERVE_S=10             # kept at the end for the last packing
+SITE=${SITE:-/tmp/site}
+RUN=${RUN:-/tmp/awm_fast_step_time_$PLAN}
+DRY_RUN=${DRY_RUN:-0}
 mkdir -p "$OUT"
-LOG="$OUT/device_${PLAN}.log"
+rm -rf "$RUN" && mkdir -p "$RUN"
+LOG="$OUT/device_$PLAN.log"
 exec > >(tee "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "device.sh: installing the carried wheels failed"; exit 1; }
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if [ "$DRY_RUN" = 1 ]; then
+    DEV="--device cpu --tiny"; SMOKE_DEV="--device cpu"; MIN_MB=0
+    echo "device.sh: DRY RUN (CPU stand-ins for the GPU stages: nothing here is a GPU measurement)"
+else
+    DEV=""; SMOKE_DEV=""; MIN_MB=64
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-python3 -c "import torch, triton, diffusers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'triton', triton.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, \
-'gpu', torch.cuda.get_device_name())" || { echo "device.sh: a package is missing (carry .whl: device.sh wheels)"; exit 1; }
+export PY OUT RUN SITE PLAN DEV
 
-# awm_fast.kernels lives in kernels/ (pyproject package-dir): an editable install maps it. The CUDA extension (the
-# "cuda" rows of the kernel table) builds in place in the background while the phases run, with a time cap; the
-# kernel section starts after it, with or without it.
-AWM_FAST_NO_EXT=1 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
-    || { echo "device.sh: pip install -e . failed"; exit 1; }
-build_ext() {
-    local start=$SECONDS
-    MAX_JOBS=8 timeout 300 python3 setup.py -q build_ext --inplace >"$OUT/build_ext.log" 2>&1 \
-        && echo "device.sh: awm_fast._C built in $(( SECONDS - start )) s" \
-        || echo "device.sh: awm_fast._C not built (build_ext.log): no 'cuda' kernel rows"
+pack() {  # every harness file so far into one archive, replaced atomically
+    local part="$OUT/step_time_$PLAN.part$BASHPID.tgz"
+    tar -czf "$part" -C "$RUN" . 2>/dev/null && mv -f "$part" "$OUT/step_time_$PLAN.tgz" || rm -f "$part"
+}
+stage() {  # stage NAME CAP_S COMMAND...: run under min(CAP_S, time left); log its status; pack
+    local name=$1 cap=$2; shift 2
+    local left=$(( TOTAL_S - PACK_RESERVE_S - SECONDS ))
+    if (( left < 20 )); then
+        echo "=== device.sh: stage $name not run: the call's time is spent (${SECONDS} s of ${TOTAL_S})"
+        echo "$name status=not-run seconds=0" >>"$RUN/stages.txt"
+        return 0
+    fi
+    local limit=$(( cap < left ? cap : left )) start=$SECONDS rc
+    echo "=== device.sh: stage $name (limit ${limit} s; ${SECONDS} s into the call)"
+    STAGE_LIMIT=$limit timeout -k 5 "$limit" bash -c '"$@"' "$name" "$@"  # functions run in a child bash
+    rc=$?
+    local status=ok
+    (( rc == 124 || rc == 137 )) && status=timeout
+    (( rc != 0 && rc != 124 && rc != 137 )) && status=failed
+    echo "=== device.sh: stage $name $status (rc $rc) in $(( SECONDS - start )) s"
+    echo "$name status=$status rc=$rc seconds=$(( SECONDS - start )) limit=$limit" >>"$RUN/stages.txt"
+    pack
+}
+harness() {  # the harness with this stage's time budget (no unit of work starts in its last 30 s)
+    local budget=$(( STAGE_LIMIT > 60 ? STAGE_LIMIT - 30 : 30 ))
+    # shellcheck disable=SC2086  # DEV: a word list
+    "$PY" benchmarks/step_time.py --out "$RUN" --budget-s "$budget" $DEV "$@"
+}
+install() {
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+            || { echo "device.sh: installing the carried wheels failed"; return 1; }
+    else
+        echo "device.sh: no .whl/ carried (bash benchmarks/device.sh wheels, then carry .whl)"
+    fi
+    "$PY" -c "import setuptools, sys; v = setuptools.__version__; print('setuptools', v, setuptools.__file__); \
+sys.exit(int(v.split('.')[0]) < 77)" || { echo "device.sh: setuptools >= 77 is needed (carry it in .whl)"; return 1; }
+    # the package metadata and the awm_fast.kernels -> kernels/ mapping; no CUDA extension build in this call
+    AWM_FAST_NO_EXT=1 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+        || { echo "device.sh: pip install -e . failed"; return 1; }
+    "$PY" -c "import torch, diffusers, peft, awm_fast.kernels, awm_fast.ops, benchmarks.step_time; \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, \
+'peft', peft.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 }
 
-KERNEL_RESERVE_S=150  # of BUDGET_S, kept for the kernel section of `core`
-# The harness writes JSON + Markdown after every variant into $RUN, and CSV + plots at its end; the files are packed
-# into one archive when the plan ends (the device tool returns at most 8 files: a killed call still returns the
-# checkpoints, at most 2 per harness run, and the logs).
-RUN="$OUT/run"
-left() { echo $(( BUDGET_S - SECONDS > 30 ? BUDGET_S - SECONDS : 30 )); }  # SECONDS: time since this script began
-harness() { python3 benchmarks/step_time.py --out "$RUN" "$@"; }
+export -f pack harness install
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+( while sleep 20; do pack; done ) &
+packer=$!
+trap 'kill $packer 2>/dev/null' EXIT
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+stage install 120 install || true
+if ! grep -q "^install status=ok" "$RUN/stages.txt"; then
+    echo "device.sh: the install failed: nothing can be measured"; pack; exit 1
+fi
 case "$PLAN" in
-core) build_ext & builder=$!
-      harness --quick --only phases --model sd35m --variants fast,baseline --tag core \
-          --budget-s $(( $(left) > KERNEL_RESERVE_S + 60 ? $(left) - KERNEL_RESERVE_S : 60 ))
-      wait $builder
-      harness --quick --only kernels --tag core --budget-s "$(left)" ;;
-rest) harness --only phases --model sd35m --variants toggles --tag rest --budget-s "$(left)"
-      harness --only phases --model flux --variants fast,baseline --tag rest --budget-s "$(left)"
-      harness --only kernels --tag sweep --budget-s "$(left)" ;;
-all)  build_ext; harness --tag all --budget-s "$(left)" ;;
-*) echo "device.sh: unknown plan $PLAN (core | rest | all)"; exit 2 ;;
+core)
+    stage smoke 90 "$PY" -m benchmarks.smoke --json "$OUT/smoke.json" $SMOKE_DEV
+    stage baseline 150 harness --quick --only phases --model sd35m --variants baseline --tag baseline
+    stage fast 210 harness --quick --only phases --model sd35m --variants fast --tag fast
+    stage shared 120 harness --quick --only phases --model sd35m --variants -shared_batch --phases train --tag shared
+    stage kernels 560 harness --quick --only kernels --min-mb "$MIN_MB" --tag kernels ;;
+rest)
+    stage toggles 560 harness --only phases --model sd35m --variants toggles --tag toggles
+    stage flux 560 harness --only phases --model flux --variants fast,baseline --tag flux
+    stage sweep 560 harness --only kernels --tag sweep ;;
 esac
-tar -czf "$OUT/step_time_$PLAN.tgz" -C "$RUN" . && rm -rf "$RUN" \
-    && echo "device.sh: results packed into step_time_$PLAN.tgz (tar -xzf it, then step_time.py --merge the JSON files)"
+kill $packer 2>/dev/null
+pack
+cat "$RUN/stages.txt"
+echo "device.sh: results packed into $OUT/step_time_$PLAN.tgz (tar -xzf it, then step_time.py --merge the JSON files)"

@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="wall-clock budget: no kernel case, phase variant or phase model starts after this many "
                          "seconds (one already running finishes); what was left out is reported as not run")
+    ap.add_argument("--phases", default=None,
+                    help=f"comma list of phases to run, among {', '.join(_phases.PHASES)} (default: all)")
+    ap.add_argument("--min-mb", type=float, default=None,
+                    help="kernels: only the shapes whose AWM-loss working set (full mode) is at least this many MB")
     ap.add_argument("--tag", default="", help="appended to the output file names (step_time_<gpu>[_quick]_<tag>)")
     ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                     help="measure nothing: merge the JSON files of earlier runs on one device into one report")
@@ -69,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
         ap.error(f"--tag {args.tag!r}: use letters, digits, '.', '_' and '-' only")
     args.sections = sections
+    args.phase_list = _phases.PHASES if args.phases is None else tuple(
+        p.strip() for p in args.phases.split(",") if p.strip())
+    if not args.phase_list or any(p not in _phases.PHASES for p in args.phase_list):
+        ap.error(f"--phases {args.phases!r}: phases must be among {', '.join(_phases.PHASES)}")
     try:
         _variants.variants(args.variants)
         _timing.Budget(args.budget_s)
@@ -155,7 +163,7 @@ def run_phase_models(args, device: torch.device, size: str, quick: bool, with_co
             bench = _phases.Bench(spec, device)
             workloads[spec.name] = workload_fields(spec)
             flops[spec.name] = bench.model_flops()
-            _phases.run_phases(bench, _phases.PHASES, quick, with_compile, cal["matmul"]["tflops"] * 1e12,
+            _phases.run_phases(bench, args.phase_list, quick, with_compile, cal["matmul"]["tflops"] * 1e12,
                                flops[spec.name], log=lambda msg: print(msg, file=sys.stderr), only=args.variants,
                                budget=budget, rows=rows, on_variant=lambda: publish(spec.name))
         except Exception as exc:  # the FLUX phase is an extra: its failure keeps the SD3.5-M results
@@ -245,6 +253,9 @@ def run(args: argparse.Namespace, device: torch.device, size: str) -> dict:
     notes += [compile_note] if compile_note else []
     notes += ["--tiny: one torch intra-op thread (tiny shapes)."] if size == "tiny" else []
     notes += [f"--variants {args.variants}: only these phase variants ran."] if args.variants else []
+    notes += [f"--phases {args.phases}: only these phases ran."] if args.phases else []
+    notes += [f"--min-mb {args.min_mb:g}: only kernel shapes whose loss working set is >= {args.min_mb:g} MB."] \
+        if args.min_mb is not None else []
     notes += phase_notes(args.model) if "phases" in args.sections else []
     if not is_gpu and "TRITON_INTERPRET" not in __import__("os").environ:
         notes.append("Triton kernels not run: on a CPU they need TRITON_INTERPRET=1 (then only at tiny sizes).")
@@ -261,7 +272,8 @@ def run(args: argparse.Namespace, device: torch.device, size: str) -> dict:
 
     if "kernels" in args.sections:
         with _telemetry.Telemetry(device) as tel:
-            result["kernels"] = _kernels.run_kernels(device, size, quick, with_compile, cal["copy"]["gbps"], budget)
+            result["kernels"] = _kernels.run_kernels(device, size, quick, with_compile, cal["copy"]["gbps"], budget,
+                                                     min_bytes=None if args.min_mb is None else args.min_mb * 1e6)
         result["kernels_telemetry"] = tel.summary()
         save()
     if "phases" in args.sections:
