@@ -96,7 +96,7 @@ def test_trainer_steps_rollout_and_eval_never_recompile(tmp_path):
     dynamo's guards, the same for every backend, so the cheapest backend ("eager") is used."""
     def cfg(name, steps, seed):
         return load_config(None, [f"run.output_dir={tmp_path}", f"run.name={name}", "run.tensorboard=false",
-                                  "run.eval_every=0", "digits.eval_per_digit=2", f"train.steps={steps}",
+                                  "run.device=cpu", "run.eval_every=0", "digits.eval_per_digit=2", f"train.steps={steps}",
                                   f"train.seed={seed}", "run.checkpoint_every=0", "sample.prompts_per_step=2",
                                   "sample.group_size=4", "sample.batch_size=4", "train.micro_batch=2",
                                   "model.compile=true", "model.compile_backend=eager", "train.eval_ema=false"])

@@ -11,7 +11,8 @@ from awm_fast.train.trainer import train
 
 SMALL = ["run.tensorboard=false", "run.eval_every=0", "run.checkpoint_every=0", "run.threads=1",
          "digits.eval_per_digit=8", "sample.eval_num_steps=10", "sample.num_steps=6", "sample.prompts_per_step=4",
-         "sample.batch_size=32", "train.micro_batch=16", "train.num_timesteps=2", "train.eval_ema=false"]
+         "sample.batch_size=32", "train.micro_batch=16", "train.num_timesteps=2", "train.eval_ema=false",
+         "run.device=cpu"]  # thresholds tuned on CPU
 
 
 def _run(tmp_path, name, *extra):

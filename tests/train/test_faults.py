@@ -8,7 +8,7 @@ from awm_fast.models.lora import POLICY, adapter_params
 from awm_fast.train.faults import NonFiniteGuard, NonFiniteSteps, RetryingReward, RewardFailed
 from awm_fast.train.trainer import plan_step, train
 
-TINY = ["run.tensorboard=false", "run.eval_every=0", "run.checkpoint_every=0",
+TINY = ["run.tensorboard=false", "run.eval_every=0", "run.checkpoint_every=0", "run.device=cpu",
         "digits.eval_per_digit=1", "sample.eval_num_steps=4", "sample.num_steps=6", "sample.prompts_per_step=2",
         "sample.group_size=4", "sample.batch_size=8", "train.micro_batch=4", "train.num_timesteps=2"]
 
