@@ -26,7 +26,8 @@
 #
 # Dry run on a machine without a GPU (every stage but the measurements themselves): DRY_RUN=1 runs the harness
 # stages with `--device cpu --tiny` (kernels without the 64 MB filter) and the smoke test on the CPU (CUDA-only checks
-# report "skipped"); PY=/path/to/python picks the interpreter (default python3), SITE the wheels' target folder.
+# report "skipped"); PY=/path/to/python picks the interpreter (default python3; tests/benchmarks/test_device_sh.py
+# passes a stub that only records its calls), SITE the wheels' target folder, TOTAL_S the call's length.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -48,8 +49,10 @@ PLAN=${2:-core}
 case "$PLAN" in core|rest) ;; *) echo "device.sh: unknown plan $PLAN (core | rest)" >&2; exit 2 ;; esac
 OUT=${OUT:-benchmarks/results/_device}
 TOTAL_S=${TOTAL_S:-560}       # the whole call, install included; the tool's timeout_s should be ~30 s above it
-PACK_RESERVE_S=10             # kept at the end for the last packing
+PACK_RESERVE_S=${PACK_RESERVE_S:-10}   # kept at the end for the last packing
+MIN_STAGE_S=${MIN_STAGE_S:-20}         # a stage with less time left than this does not start
 SITE=${SITE:-/tmp/site}
+WHEEL_DIR=${WHEEL_DIR:-.whl}  # the carried wheels
 RUN=${RUN:-/tmp/awm_fast_step_time_$PLAN}
 DRY_RUN=${DRY_RUN:-0}
 mkdir -p "$OUT"
@@ -63,7 +66,7 @@ if [ "$DRY_RUN" = 1 ]; then
 else
     DEV=""; SMOKE_DEV=""; MIN_MB=64
 fi
-export PY OUT RUN SITE PLAN DEV
+export PY OUT RUN SITE PLAN DEV WHEEL_DIR
 
 pack() {  # every harness file so far into one archive, replaced atomically
     local part="$OUT/step_time_$PLAN.part$BASHPID.tgz"
@@ -72,7 +75,7 @@ pack() {  # every harness file so far into one archive, replaced atomically
 stage() {  # stage NAME CAP_S COMMAND...: run under min(CAP_S, time left); log its status; pack
     local name=$1 cap=$2; shift 2
     local left=$(( TOTAL_S - PACK_RESERVE_S - SECONDS ))
-    if (( left < 20 )); then
+    if (( left < MIN_STAGE_S )); then
         echo "=== device.sh: stage $name not run: the call's time is spent (${SECONDS} s of ${TOTAL_S})"
         echo "$name status=not-run seconds=0" >>"$RUN/stages.txt"
         return 0
@@ -94,8 +97,8 @@ harness() {  # the harness with this stage's time budget (no unit of work starts
     "$PY" benchmarks/step_time.py --out "$RUN" --budget-s "$budget" $DEV "$@"
 }
 install() {
-    if compgen -G ".whl/*.whl" >/dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    if compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEEL_DIR"/*.whl \
             || { echo "device.sh: installing the carried wheels failed"; return 1; }
     else
         echo "device.sh: no .whl/ carried (bash benchmarks/device.sh wheels, then carry .whl)"
@@ -112,7 +115,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffu
 
 export -f pack harness install
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-( while sleep 20; do pack; done ) &
+( while sleep 20; do pack; done ) >/dev/null 2>&1 &
 packer=$!
 trap 'kill $packer 2>/dev/null' EXIT
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
@@ -125,7 +128,7 @@ core)
     stage smoke 90 "$PY" -m benchmarks.smoke --json "$OUT/smoke.json" $SMOKE_DEV
     stage baseline 150 harness --quick --only phases --model sd35m --variants baseline --tag baseline
     stage fast 210 harness --quick --only phases --model sd35m --variants fast --tag fast
-    stage shared 120 harness --quick --only phases --model sd35m --variants -shared_batch --phases train --tag shared
+    stage shared 120 harness --quick --only phases --model sd35m --variants=-shared_batch --phases train --tag shared
     stage kernels 560 harness --quick --only kernels --min-mb "$MIN_MB" --tag kernels ;;
 rest)
     stage toggles 560 harness --only phases --model sd35m --variants toggles --tag toggles
