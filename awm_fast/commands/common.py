@@ -45,6 +45,15 @@ def resolve(path: str) -> Path:
         raise UsageError(str(exc)) from None
 
 
+def split_positionals(items: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line positionals -> (run/checkpoint folders, section.key=value overrides): an item with "=" whose
+    part before it looks like section.key is an override."""
+    import re
+
+    overrides = [i for i in items if re.match(r"^[A-Za-z_]\w*\.[A-Za-z_]\w*=", i)]
+    return [i for i in items if i not in overrides], overrides
+
+
 def step_of(ckpt: Path) -> int | None:
     match = ckpt_io.STEP_DIR.match(Path(ckpt).name)
     return int(match.group(1)) if match else None

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from awm_fast.commands.common import (UsageError, build_policy, device_of, load_sources, load_weights,
-                                      weight_choices, weights_in)
+                                      split_positionals, weight_choices, weights_in)
 from awm_fast.rewards import build_reward, check_reward_output
 from awm_fast.train import report
 
@@ -25,7 +25,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate runs, checkpoints or the base model: metrics JSON, per-prompt CSV, "
                                     "image grids, a table and a plot over checkpoints",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sources", nargs="*", help="run folders (newest checkpoint) or checkpoint folders")
+    p.add_argument("items", nargs="*", metavar="RUN|CKPT|section.key=value",
+                   help="run folders (newest checkpoint) or checkpoint folders, and overrides on top of the run's "
+                        "config (e.g. run.device=cpu)")
     p.add_argument("--base", action="store_true", help="evaluate the untrained model of --config")
     p.add_argument("--config", default=None, help="with --base: YAML file or preset name")
     p.add_argument("--all-checkpoints", action="store_true", help="every checkpoint of each run folder")
@@ -41,7 +43,6 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="noise seed (default train.seed + 1000, as the trainer)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default max(sample.batch_size, 64))")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("overrides", nargs="*", help="section.key=value on top of the run's config, e.g. run.device=cpu")
 
 
 class ScoreRecorder:
@@ -123,7 +124,8 @@ def run(args, log=print) -> int:
 
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UsageError(f"--num-prompts {args.num_prompts} must be >= 1")
-    sources = load_sources(args.sources, base=args.base, config=args.config, overrides=args.overrides,
+    paths, overrides = split_positionals(args.items)
+    sources = load_sources(paths, base=args.base, config=args.config, overrides=overrides,
                            all_checkpoints=args.all_checkpoints,
                            preset=[f"sample.prompt_file={args.prompts}"] if args.base and args.prompts else [])
     cfg = sources[0].cfg

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from awm_fast.commands.common import UsageError, build_policy, device_of, load_sources, load_weights, \
+from awm_fast.commands.common import UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
     weight_choices, weights_in
 from awm_fast.models.lora import POLICY, adapter_params
 from awm_fast.train.checkpoint import PREFIX
@@ -35,13 +35,14 @@ TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}  # relative max
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint's LoRA file, optionally a merged pipeline folder",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="run folder (newest checkpoint) or checkpoint folder")
+    p.add_argument("items", nargs="*", metavar="RUN|CKPT|section.key=value",
+                   help="a run folder (newest checkpoint) or checkpoint folder, and overrides on top of its config "
+                        "(e.g. run.device=cpu)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--weights", default="raw", help="raw | ema (the evaluation EMA); default raw")
     p.add_argument("--merged", action="store_true", help="also write the LoRA fused into the base model")
     p.add_argument("--tolerance", type=float, default=None, help="max relative velocity difference of the merged "
                                                                  "model (default per model.dtype)")
-    p.add_argument("overrides", nargs="*", help="section.key=value on top of the run's config, e.g. run.device=cpu")
 
 
 def write_lora(ckpt: Path, state: dict, policy, weights: str, folder: Path) -> Path:
@@ -120,7 +121,10 @@ def probe(policy, adapter):
 
 
 def run(args, log=print) -> int:
-    (source,) = load_sources([args.source], base=False, config=None, overrides=args.overrides)
+    paths, overrides = split_positionals(args.items)
+    if len(paths) != 1:
+        raise UsageError(f"give one run or checkpoint folder to export (got {len(paths)}: {' '.join(paths)})")
+    (source,) = load_sources(paths, base=False, config=None, overrides=overrides)
     cfg = source.cfg
     if cfg.train.finetune == "full":
         raise UsageError(f"checkpoint {source.ckpt} is a train.finetune=full one: {source.ckpt}/default already "

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from awm_fast.commands.common import UsageError, build_policy, device_of, load_sources, load_weights, \
+from awm_fast.commands.common import UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
     weight_choices, weights_in
 from awm_fast.train import report
 
@@ -24,7 +24,9 @@ SAMPLERS = ("ode", "euler_maruyama", "cps", "sa_solver")
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="images for given prompts from a checkpoint or the base model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", nargs="?", default=None, help="run folder (newest checkpoint) or checkpoint folder")
+    p.add_argument("items", nargs="*", metavar="RUN|CKPT|section.key=value",
+                   help="a run folder (newest checkpoint) or checkpoint folder, and overrides on top of its config "
+                        "(e.g. run.device=cpu)")
     p.add_argument("--base", action="store_true", help="sample the untrained model of --config")
     p.add_argument("--config", default=None, help="with --base: YAML file or preset name")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
@@ -38,7 +40,6 @@ def add_parser(sub) -> None:
     p.add_argument("--weights", default="raw", help="raw | ema (the evaluation EMA); default raw")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("overrides", nargs="*", help="section.key=value on top of the run's config, e.g. run.device=cpu")
 
 
 def read_prompts(args) -> list[str]:
@@ -66,8 +67,10 @@ def run(args, log=print) -> int:
         raise UsageError(f"--steps {args.steps} must be >= 1")
     prompts = read_prompts(args)
     preset = ["sample.prompt_file=(command line)"] if args.base else []  # sd3/flux configs require one; unused
-    (source,) = load_sources([args.source] if args.source else [], base=args.base, config=args.config,
-                             overrides=args.overrides, preset=preset)
+    paths, overrides = split_positionals(args.items)
+    if len(paths) > 1:
+        raise UsageError(f"give one run or checkpoint folder to sample from (got {len(paths)}: {' '.join(paths)})")
+    (source,) = load_sources(paths, base=args.base, config=args.config, overrides=overrides, preset=preset)
     cfg = source.cfg
     policy, null_cond, _ = build_policy(cfg, device_of(cfg), prompts, log=log)
     state = load_weights(policy, source)
