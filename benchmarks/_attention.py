@@ -58,8 +58,8 @@ def probe_backend(backend: str, device: torch.device, dtype: torch.dtype, heads:
     with torch.no_grad():
         ref = attention(q, k, v, "sdpa_math").double()
     err = float((out.detach().double() - ref).norm() / ref.norm())
-    if not torch.isfinite(out).all() or any(not torch.isfinite(a.grad).all() for a in ins):
-        raise ValueError(f"{backend}: non-finite output or gradient")
+    if not torch.isfinite(out).all() or any(a.grad is None or not torch.isfinite(a.grad).all() for a in ins):
+        raise ValueError(f"{backend}: non-finite output, or a missing or non-finite gradient")
     if err > MAX_REL_ERR:
         raise ValueError(f"{backend}: relative error {err:.2e} against sdpa_math exceeds {MAX_REL_ERR:g}")
     return err
