@@ -231,8 +231,13 @@ def check_cuda_graph_rollout(s: Setting) -> dict:
             graph.capture_begin()
             try:
                 out = step()
-            finally:
-                graph.capture_end()
+            except Exception:  # report what broke the capture, not capture_end's complaint about it
+                try:
+                    graph.capture_end()
+                except Exception:
+                    pass
+                raise
+            graph.capture_end()
             graph.replay()
     finally:
         torch.cuda.set_sync_debug_mode(0)
