@@ -8,11 +8,14 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool, history: list[dict] | None = None, wandb=None) -> None:
-        """wandb: a `train.wandb_logger.WandbRun` (or None)."""
+    def __init__(self, run_dir: Path, tensorboard: bool, history: list[dict] | None = None, wandb=None,
+                 evals: list[dict] | None = None) -> None:
+        """wandb: a `train.wandb_logger.WandbRun` (or None). evals: the trainer's list of evaluation rows, which
+        grows during the run; new rows are logged before the next step's row (wandb's steps only go forward)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.history: list[dict] = list(history or [])
         self.writer, self.wandb = None, wandb
+        self.evals, self.evals_logged = evals if evals is not None else [], 0
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -23,6 +26,7 @@ class MetricsLogger:
                 f.write(json.dumps(row) + "\n")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.flush_evals()
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self.history.append(row)
         with self.path.open("a") as f:
@@ -33,9 +37,10 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(step, row)
 
-    def log_evals(self, evals: list[dict]) -> None:
-        """Evaluation rows {"step", "weights", metric: value} as eval/<metric>/<weights> scalars."""
-        for e in evals:
+    def flush_evals(self) -> None:
+        """The evaluation rows {"step", "weights", metric: value} not logged yet, as eval/<metric>/<weights>."""
+        new, self.evals_logged = self.evals[self.evals_logged:], len(self.evals)
+        for e in new:
             scalars = {f"eval/{k}/{e['weights']}": float(v) for k, v in e.items() if k not in ("step", "weights")}
             if self.writer is not None:
                 for key, value in scalars.items():

@@ -213,7 +213,7 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
         before_images, train_seconds = state["before_images"], state["train_seconds"]
     else:
         _, before_images = run_eval(0)
-    logger = MetricsLogger(run_dir, cfg.run.tensorboard, history,
+    logger = MetricsLogger(run_dir, cfg.run.tensorboard, history, evals=evals,
                            wandb=open_wandb(cfg, run_dir, log) if cfg.run.wandb else None) if d.is_main else None
     grid = policy.time_grid(s.num_steps)
     nonfinite = NonFiniteGuard(t.max_nonfinite_steps)
@@ -272,7 +272,7 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
     report.plot_curves(logger.history, evals, run_dir / "curves.png")
     report.plot_grid(before_images, after_images, task.eval_prompts, run_dir / "samples_before_after.png")
     dump_config(cfg, run_dir / "config.yaml")
-    logger.log_evals(evals)
+    logger.flush_evals()
     logger.log_images({"curves": run_dir / "curves.png", "samples_before_after": run_dir / "samples_before_after.png"},
                       t.steps)
     logger.close()

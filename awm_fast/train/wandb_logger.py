@@ -9,6 +9,7 @@ is kept in <run>/wandb_id.txt.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from awm_fast.config import Config
@@ -42,7 +43,7 @@ def open_wandb(cfg: Config, run_dir: Path, log=print) -> WandbRun:
                           "(or set run.wandb=false)") from None
     run_dir = Path(run_dir)
     id_file = run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)  # wandb ids: [a-z0-9]
     id_file.write_text(run_id)
     r = cfg.run
     mode = os.environ.get("WANDB_MODE") or r.wandb_mode
