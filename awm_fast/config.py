@@ -97,7 +97,7 @@ class TrainConfig:
     ema_decay_rate: float = 0.001  # "ema" adapter decay d = min(ema_decay_cap, ema_decay_rate * step)
     ema_decay_cap: float = 0.3
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward (less memory)
-    shared_batch: bool = False  # one [policy; ref; ema] transformer call per micro-batch (models/shared_batch.py)
+    shared_batch: bool = False  # policy call + ONE no-grad [ref; ema] call per micro-batch (models/shared_batch.py)
     eval_ema: bool = True  # evaluation EMA of the LoRA weights, decay min((1 + n) / (10 + n), 0.99)
     grpo_clip_range: float = 1e-4  # flow_grpo: ratio clip c
     grpo_beta: float = 0.04  # flow_grpo: KL to the reference in mean space (0.04 GenEval/OCR, 0.01 PickScore)

@@ -4,7 +4,8 @@ For a micro-batch of B clean latents x0 with advantages A: draw T training times
 or per sample for timestep_sampling=uniform, as official),
 then for every (timestep k, sample b) row (timestep-major, row = k B + b) fresh eps, x_t = (1 - t) x0 + t eps
 and u = eps - x0. The same rows go to the policy ("default" adapter, with grad), the reference (adapters
-disabled) and the "ema" adapter (three calls, or one shared batch with `train.shared_batch`); as in the
+disabled) and the "ema" adapter (three calls, or with `train.shared_batch` the policy call and one no-grad call
+over the [ref; ema] rows: the same FLOPs in two calls); as in the
 official code, both KL terms run only when beta > 0 (`effective_ema_beta`);
 `awm_fast.ops.awm_loss` turns the three velocities into the loss.
 Gradients of all micro-batches are averaged into one AdamW step with grad-norm clipping.

@@ -63,8 +63,7 @@ class RetryingReward:
 
 
 MEMORY_KNOBS = ("train.micro_batch (fewer rows per backward)", "sample.batch_size (fewer images per rollout batch)",
-                "train.gradient_checkpointing=true", "train.shared_batch=true (no stored activations in the "
-                "3-way forward)", "model.dtype=bfloat16", "train.num_timesteps (rows = micro_batch x num_timesteps)",
+                "train.gradient_checkpointing=true", "model.dtype=bfloat16", "train.num_timesteps (rows = micro_batch x num_timesteps)",
                 "model.resolution")
 
 
