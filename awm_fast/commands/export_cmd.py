@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from awm_fast.commands.common import UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
     weight_choices, weights_in
-from awm_fast.models.lora import POLICY, adapter_params
+from awm_fast.models.lora import POLICY
 from awm_fast.train.checkpoint import PREFIX
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
