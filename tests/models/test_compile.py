@@ -52,6 +52,7 @@ def _outputs(policy, x, t, cond):
     return [v.detach(), v_ref, v_ema, v_roll, *[p.grad.clone() for p in params if p.grad is not None]]
 
 
+@pytest.mark.slow
 def test_compiled_blocks_equal_eager_and_do_not_recompile(policy):
     """With activation checkpointing, whose recompute passes the block inputs by position."""
     enable_checkpointing(policy.transformer)

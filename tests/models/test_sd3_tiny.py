@@ -21,6 +21,7 @@ def _cfg(tmp_path, model_path, *extra):
     return tiny_model_config(tmp_path, "sd3", model_path, prompts, *extra)
 
 
+@pytest.mark.slow
 def test_trainer_runs_on_tiny_sd3_and_exports_loadable_lora(tmp_path, tiny_sd3, monkeypatch):
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
     cfg = _cfg(tmp_path, tiny_sd3, "train.lr=0.05", "train.shared_batch=true", "model.attention_backend=sdpa_flash",

@@ -23,6 +23,7 @@ def _run(tmp_path, name, *extra):
     return summary, rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm,extra", [
     ("nft", ["train.lr=3e-3", "sample.num_steps=10", "sample.prompts_per_step=8", "sample.batch_size=64", "train.micro_batch=32"]),
 ])

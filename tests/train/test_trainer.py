@@ -112,6 +112,7 @@ def test_trainer_runs_on_the_fused_triton_ops(tmp_path, monkeypatch):
     assert 0 <= summary["eval_after"]["accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_two_rewards_with_weights_end_to_end(tmp_path):
     cfg = _cfg(tmp_path, "run.name=combo", "train.steps=2", "run.checkpoint_every=0",
                "reward.name=digits+jpeg_compressibility", "reward.weights=[1.0, 0.05]",
