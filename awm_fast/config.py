@@ -382,7 +382,8 @@ def validate(cfg: Config) -> None:
                           "0 <= min <= max <= 1")
     if t.algorithm == "flow_grpo" and s.sampler not in ("euler_maruyama", "cps"):
         raise ConfigError(f"train.algorithm=flow_grpo needs a stochastic sampler with log-probs "
-                          f"(sample.sampler=euler_maruyama or cps), got {s.sampler!r}")
+                          f"(sample.sampler=euler_maruyama or cps), got {s.sampler!r}; its official rollout: "
+                          f"sample.sampler=euler_maruyama sample.noise_level=0.7")
     if t.algorithm == "flow_grpo" and not (s.noise_level > 0 and t.grpo_sde_window <= s.num_steps // 2):
         raise ConfigError(f"train.algorithm=flow_grpo needs sample.noise_level > 0 and train.grpo_sde_window="
                           f"{t.grpo_sde_window} <= sample.num_steps // 2 = {s.num_steps // 2} (official: the window "

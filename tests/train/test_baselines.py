@@ -13,6 +13,7 @@ SMALL = ["run.tensorboard=false", "run.eval_every=0", "run.checkpoint_every=0", 
          "digits.eval_per_digit=8", "sample.eval_num_steps=10", "sample.num_steps=6", "sample.prompts_per_step=4",
          "sample.batch_size=32", "train.micro_batch=16", "train.num_timesteps=2", "train.eval_ema=false",
          "run.device=cpu"]  # thresholds tuned on CPU
+GRPO_SDE = ["sample.sampler=euler_maruyama", "sample.noise_level=0.7"]  # Flow-GRPO's rollout (the preset's is AWM's)
 
 
 def _run(tmp_path, name, *extra):
@@ -39,7 +40,7 @@ def test_flow_grpo_short_run_raises_the_digits_reward(tmp_path):
     optimizer steps per rollout) at the digits lr of the sweep (3e-3): 20 steps x 64 images. (train.seed 42 as
     here, 1, 2: reward +0.150, +0.080, +0.078. In the NFT test's 10 steps x 64 images with 10 sampling steps it
     gains only +0.006, where AWM gains +0.065.)"""
-    summary, rows = _run(tmp_path, "grpo", "train.algorithm=flow_grpo", "train.steps=20", "train.lr=3e-3",
+    summary, rows = _run(tmp_path, "grpo", "train.algorithm=flow_grpo", *GRPO_SDE, "train.steps=20", "train.lr=3e-3",
                          "sample.prompts_per_step=8", "sample.batch_size=64", "train.micro_batch=32")
     assert len(rows) == 20 and all(r["skipped"] == 0 and r["grad_norm"] > 0 for r in rows)
     # the first optimizer step of a rollout is on-policy (r == 1 within 1e-4: nothing clipped); by the second the
@@ -58,7 +59,7 @@ def test_flow_grpo_step_raises_the_advantage_weighted_log_prob(tmp_path):
     from awm_fast.rewards.async_scorer import AsyncRewardScorer
     from awm_fast.train.trainer import rollout_and_score
 
-    cfg = load_config(None, SMALL + [f"run.output_dir={tmp_path}", "train.algorithm=flow_grpo", "train.grpo_beta=0",
+    cfg = load_config(None, SMALL + [f"run.output_dir={tmp_path}", "train.algorithm=flow_grpo", *GRPO_SDE, "train.grpo_beta=0",
                                      "train.grpo_optimizer_steps=1"])
     torch.manual_seed(0)
     task = build_task(cfg, torch.device("cpu"), log=lambda *_: None)
@@ -112,16 +113,18 @@ def test_config_validation_for_the_baselines():
     with pytest.raises(ConfigError, match="stochastic sampler"):
         load_config(None, ["train.algorithm=flow_grpo", "sample.sampler=ode"])
     with pytest.raises(ConfigError, match="grpo_sde_window"):
-        load_config(None, ["train.algorithm=flow_grpo", "train.grpo_sde_window=10"])
+        load_config(None, ["train.algorithm=flow_grpo", *GRPO_SDE, "train.grpo_sde_window=10"])
     with pytest.raises(ConfigError, match="grpo_sde_window=6 <= sample.num_steps // 2 = 5"):
-        load_config(None, ["train.algorithm=flow_grpo", "sample.num_steps=10", "train.grpo_sde_window=6"])
+        load_config(None, ["train.algorithm=flow_grpo", *GRPO_SDE, "sample.num_steps=10", "train.grpo_sde_window=6"])
     with pytest.raises(ConfigError, match="train.nft_timestep_fraction"):
         load_config(None, ["train.algorithm=nft", "train.nft_timestep_fraction=1.5"])
     with pytest.raises(ConfigError, match="train.nft_sampler"):
         load_config(None, ["train.algorithm=nft", "train.nft_sampler=euler"])
     with pytest.raises(ConfigError, match="grpo_optimizer_steps=3 must divide the 2 training micro-batches"):
-        load_config(None, ["train.algorithm=flow_grpo", "train.grpo_optimizer_steps=3"])
-    assert load_config(None, ["train.algorithm=flow_grpo"]).train.grpo_optimizer_steps == 2
+        load_config(None, ["train.algorithm=flow_grpo", *GRPO_SDE, "train.grpo_optimizer_steps=3"])
+    assert load_config(None, ["train.algorithm=flow_grpo", *GRPO_SDE]).train.grpo_optimizer_steps == 2
+    with pytest.raises(ConfigError, match="official rollout"):  # the digits preset rolls AWM out with SA-Solver
+        load_config(None, ["train.algorithm=flow_grpo"])
     with pytest.raises(ConfigError, match="train.nft_beta"):
         load_config(None, ["train.algorithm=nft", "train.nft_beta=0"])
     with pytest.raises(ConfigError, match="nft_decay_cap"):
