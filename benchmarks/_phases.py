@@ -44,7 +44,7 @@ from awm_fast.models.flux import flux_call, set_flux_attention
 from awm_fast.models.lora import POLICY, adapter_params, add_adapters
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.routing import enable_checkpointing
-from awm_fast.models.sd3 import make_decoder
+from awm_fast.models.pipeline import make_decoder
 from awm_fast.models.shared_batch import separate_velocities, shared_velocities
 from awm_fast.ops import awm_loss
 from awm_fast.rewards.async_scorer import AsyncRewardScorer

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from benchmarks import _kernels, _merge, _models, _phases, _report, _telemetry, _timing, _variants  # noqa: E402
 from benchmarks._models import model_spec  # noqa: E402
 from benchmarks._variants import TOGGLES  # noqa: E402
-from awm_fast.models import load  # noqa: E402
+from awm_fast import env  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SECTIONS = ("kernels", "phases")
@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def pick_device(name: str) -> torch.device:
     try:
-        return load.pick_device(name, "--device")
+        return env.pick_device(name, "--device")
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
 

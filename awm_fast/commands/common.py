@@ -105,13 +105,17 @@ def build_policy(cfg: Config, device: torch.device, prompts: list[str], log=prin
 
     art = None
     if cfg.model.kind == "digits":
-        from awm_fast.tasks.digits import PROMPTS, prepare_digits
+        from awm_fast.env import DTYPES
+        from awm_fast.models.load import finish_policy
+        from awm_fast.tasks.digits import PROMPTS, digits_policy, prepare_digits
 
         bad = [p for p in prompts if p not in PROMPTS]
         if bad:
             raise UsageError(f"prompt {bad[0]!r}: the digits model knows the prompts {', '.join(PROMPTS)}")
         art = prepare_digits(cfg.digits, log=log)
-    policy = load_policy(cfg, device, digits_artifacts=art, prompts=list(prompts), log=log)
+        policy = finish_policy(digits_policy(cfg, device, DTYPES[cfg.model.dtype], art, log), cfg, device, log)
+    else:
+        policy = load_policy(cfg, device, prompts=list(prompts), log=log)
     return policy, policy.encode([""]), art
 
 
@@ -155,6 +159,6 @@ def weights_in(policy, state: dict | None, weights: str):
 
 
 def device_of(cfg: Config) -> torch.device:
-    from awm_fast.models.load import pick_device
+    from awm_fast.env import pick_device
 
     return pick_device(cfg.run.device)

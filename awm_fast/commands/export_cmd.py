@@ -69,7 +69,7 @@ def write_lora(ckpt: Path, state: dict, policy, weights: str, folder: Path) -> P
 
 def merge(cfg, lora_dir: Path, out: Path, art) -> Path:
     """Fuse the LoRA into the base weights and save them without LoRA layers; returns the folder to load."""
-    from awm_fast.models.load import DTYPES
+    from awm_fast.env import DTYPES
 
     dtype = DTYPES[cfg.model.dtype]
     if cfg.model.kind == "digits":
@@ -102,7 +102,7 @@ def check_plain(folder: Path, kind: str) -> None:
     else:
         from diffusers import DiffusionPipeline
 
-        from awm_fast.models.sd3 import from_pretrained
+        from awm_fast.models.pipeline import from_pretrained
 
         module = from_pretrained(DiffusionPipeline, kind, str(folder), torch.float32).transformer
     lora = [n for n, _ in module.named_parameters() if "lora" in n]
@@ -151,9 +151,13 @@ def run(args, log=print) -> int:
         stages.update()
         merged_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(merged)))
         if cfg.model.kind == "digits":
-            from awm_fast.models.load import load_policy
+            from awm_fast.env import DTYPES
+            from awm_fast.models.load import finish_policy
+            from awm_fast.tasks.digits import digits_policy
 
-            mp = load_policy(merged_cfg, device_of(cfg), digits_artifacts=dataclasses.replace(art, model_dir=merged))
+            device = device_of(cfg)
+            mp = finish_policy(digits_policy(merged_cfg, device, DTYPES[cfg.model.dtype],
+                                             dataclasses.replace(art, model_dir=merged), log), merged_cfg, device, log)
         else:
             mp, _, _ = build_policy(merged_cfg, device_of(cfg), probe_prompts, log=log)
         v_merged = probe(mp, None)  # the reference path: the merged base weights alone

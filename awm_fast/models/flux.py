@@ -14,6 +14,10 @@ import functools
 import torch
 
 from awm_fast.config import Config
+from awm_fast.models.adapt import freeze_and_adapt
+from awm_fast.models.attention import resolve_attention_backend
+from awm_fast.models.pipeline import (encode_all, from_pretrained, make_decoder, make_encoder, pipeline_sigmas,
+                                      prompt_cache_dir)
 from awm_fast.models.policy import Conditioning, FlowPolicy
 
 T5_TOKENS = 512
@@ -60,18 +64,12 @@ def set_flux_attention(transformer, backend: str, log=print) -> None:
 def load_flux_pipeline(path: str, dtype: torch.dtype):
     from diffusers import FluxPipeline
 
-    from awm_fast.models.sd3 import from_pretrained
-
     return from_pretrained(FluxPipeline, "FLUX", path, dtype)
 
 
-def load_flux_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:
+def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:
     """All `prompts` (and "") are encoded up front; the text encoders are then released. The time grid is the
     pipeline scheduler's, dynamically shifted for the packed image sequence length (side / 2)^2."""
-    from awm_fast.models.attention import resolve_attention_backend
-    from awm_fast.models.load import freeze_and_adapt
-    from awm_fast.models.sd3 import encode_all, make_decoder, make_encoder, pipeline_sigmas, prompt_cache_dir
-
     pipe = load_flux_pipeline(cfg.model.path, dtype)
     side = cfg.model.resolution // pipe.vae_scale_factor
     if side % 2:

@@ -17,6 +17,9 @@ import contextlib
 import torch
 from PIL import Image
 
+from awm_fast.env import hub_offline
+
+
 class Reward(Protocol):
     name: str
 
@@ -132,10 +135,6 @@ def require(module: str, reward: str, pip: str):
         raise ImportError(f"reward {reward!r} needs the package {module!r}: pip install {pip}") from None
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def hub_kwargs(source: str) -> dict:
     """from_pretrained kwargs: local_files_only for a local folder or when HF_HUB_OFFLINE=1."""
     return {"local_files_only": True} if Path(source).is_dir() or hub_offline() else {}
@@ -165,7 +164,3 @@ def load_pretrained(loader, source: str, *, reward: str, what: str, option: str)
             f"reward {reward!r}: cannot load the {what} {source!r} ({first}); download it {hint}") from None
 
 
-def pick_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from awm_fast.rewards.base import load_pretrained, pick_device, to_pil
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from awm_fast.env import DTYPES, pick_device
+from awm_fast.rewards.base import load_pretrained, to_pil
 
 
 def _features(out) -> torch.Tensor:
@@ -29,7 +28,7 @@ class ClipBackbone:
 
         if dtype not in DTYPES:
             raise ValueError(f"reward {reward!r}: dtype={dtype!r} is not one of {tuple(DTYPES)}")
-        self.device = pick_device(device)
+        self.device = pick_device(device, f"reward {reward!r} device")
         self.processor = load_pretrained(AutoProcessor, processor, reward=reward, what="CLIP processor",
                                          option=processor_option)
         model = load_pretrained(AutoModel, model, reward=reward, what="CLIP model", option=model_option)

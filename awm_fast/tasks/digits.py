@@ -175,6 +175,34 @@ def prepare_digits(cfg: DigitsConfig, *, log=print) -> DigitsArtifacts:
                            float(meta["classifier_accuracy"]))
 
 
+def digits_policy(cfg, device: torch.device, dtype: torch.dtype, art: DigitsArtifacts, log=print):
+    """The policy of the base model in `art.model_dir`: LoRA (or full fine-tuning) on the tiny SD3 transformer,
+    the fixed embedding table as prompt encoder, latents = images, the SD3 grid shifted by sample.shift."""
+    import functools
+
+    from diffusers import SD3Transformer2DModel
+
+    from awm_fast.algo.timesteps import sd3_grid
+    from awm_fast.models.adapt import freeze_and_adapt
+    from awm_fast.models.policy import Conditioning, FlowPolicy
+
+    text = art.text_encoder
+
+    def encode(prompts: list[str]) -> Conditioning:
+        c = text(prompts)
+        return Conditioning(c.embeds.to(device), c.pooled.to(device))
+
+    transformer = freeze_and_adapt(SD3Transformer2DModel.from_pretrained(art.model_dir), cfg, device, dtype, log=log)
+    return FlowPolicy(transformer, encode, decode_digits, (1, 8, 8), device, dtype,
+                      sigmas=functools.partial(sd3_grid, shift=cfg.sample.shift))
+
+
+def build_policy(cfg, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print):
+    """The model family of model.kind=digits (awm_fast.families): the prepared (cached) base model's policy;
+    every digits prompt is encodable, so `prompts` needs no encoding up front."""
+    return digits_policy(cfg, device, dtype, prepare_digits(cfg.digits, log=log), log)
+
+
 def decode_digits(latents: torch.Tensor) -> torch.Tensor:
     """Latents are the images themselves: [-1, 1] -> [0, 1]."""
     return ((latents.float() + 1) / 2).clamp(0, 1)

@@ -144,7 +144,7 @@ def init_distributed(device_name: str = "auto", backend: str = "auto", timeout_s
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
     MASTER_PORT); one process without it. The device is cuda:LOCAL_RANK on GPU nodes."""
     global _CURRENT
-    from awm_fast.models.load import pick_device
+    from awm_fast.env import pick_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))

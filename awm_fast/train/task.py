@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 import torch
 
 from awm_fast.config import Config
-from awm_fast.models.load import load_policy
+from awm_fast.env import DTYPES
+from awm_fast.models.load import finish_policy, load_policy
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.rewards import Reward, build_reward
 from awm_fast.rewards.prompts import load_prompt_set
@@ -25,11 +26,11 @@ class Task:
 
 def build_task(cfg: Config, device: torch.device, log=print) -> Task:
     if cfg.model.kind == "digits":
-        from awm_fast.tasks.digits import PROMPTS, prepare_digits
+        from awm_fast.tasks.digits import PROMPTS, digits_policy, prepare_digits
 
         art = prepare_digits(cfg.digits, log=log)
         log(f"[digits] classifier accuracy on the held-out split: {art.classifier_accuracy:.1%}")
-        policy = load_policy(cfg, device, digits_artifacts=art)
+        policy = finish_policy(digits_policy(cfg, device, DTYPES[cfg.model.dtype], art, log), cfg, device, log)
         reward = build_reward(cfg.reward.name, digits_classifier=art.classifier, weights=cfg.reward.weights,
                               **cfg.reward.options)
         eval_prompts = [p for _ in range(cfg.digits.eval_per_digit) for p in PROMPTS]
@@ -41,5 +42,5 @@ def build_task(cfg: Config, device: torch.device, log=print) -> Task:
     eval_prompts, eval_metadata = load_prompt_set(cfg.sample.eval_prompt_file or cfg.sample.prompt_file)
     n = cfg.sample.eval_prompts
     eval_prompts, eval_metadata = eval_prompts[:n], eval_metadata[:n]
-    policy = load_policy(cfg, device, prompts=prompts + eval_prompts)
+    policy = load_policy(cfg, device, prompts=prompts + eval_prompts, log=log)
     return Task(policy, reward, prompts, metadata, eval_prompts, eval_metadata, policy.encode([""]))

@@ -5,7 +5,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from awm_fast.config import ConfigError, load_config
-from awm_fast.models.load import make_full_models
+from awm_fast.models.adapt import make_full_models
 from awm_fast.models.lora import EMA, POLICY
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.tasks.digits import tiny_transformer_config

@@ -1,0 +1,102 @@
+"""What the diffusers families (sd3, flux) share: loading a pipeline, encoding every prompt once (cached on disk),
+the VAE decoder and the scheduler's time grid.
+
+    decode(z) = clamp(vae.decode(z / scaling + shift) / 2 + 1/2, 0, 1)
+    prompt cache: cache_root()/prompt_embeds/<sha256(model path | t5 tokens)>/<sha256(prompt)>.pt (atomic writes)
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from awm_fast.algo.timesteps import scheduler_grid
+from awm_fast.config import Config, cache_root
+from awm_fast.env import hub_offline
+from awm_fast.models.policy import Conditioning
+
+
+def from_pretrained(pipeline_cls, family: str, path: str, dtype: torch.dtype):
+    """A diffusers pipeline from a local folder or the hub cache; one clear line when it is missing."""
+    local_only = os.path.isdir(path) or hub_offline()
+    absent = {}  # components saved as null (e.g. SD3 without T5) must be passed as None explicitly
+    index = Path(path) / "model_index.json"
+    if index.is_file():
+        absent = {k: None for k, v in json.loads(index.read_text()).items() if v == [None, None]}
+    try:
+        return pipeline_cls.from_pretrained(path, torch_dtype=dtype, local_files_only=local_only, **absent)
+    except (OSError, ValueError) as exc:
+        where = "the folder" if os.path.isdir(path) else "the hub id (no network or not in the local cache)"
+        raise FileNotFoundError(f"cannot load {family} weights from model.path={path!r} via {where}: "
+                                f"{str(exc).splitlines()[0]}") from None
+
+
+def prompt_cache_dir(model_path: str, text_tokens: int) -> Path:
+    where = os.path.abspath(model_path) if os.path.isdir(model_path) else model_path
+    return cache_root() / "prompt_embeds" / hashlib.sha256(f"{where}|t5={text_tokens}".encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_all(encode_batch, prompts: list[str], cache_dir: Path, batch: int = 32) -> dict[str, Conditioning]:
+    """Encode every distinct prompt once with encode_batch(list) -> (embeds, pooled); cached in memory and on
+    disk (one file per prompt, keyed by model + prompt, written atomically)."""
+    cache: dict[str, Conditioning] = {}
+    todo = []
+    for p in dict.fromkeys(prompts):
+        file = cache_dir / f"{hashlib.sha256(p.encode()).hexdigest()}.pt"
+        if file.is_file():
+            saved = torch.load(file)
+            cache[p] = Conditioning(saved["embeds"], saved["pooled"])
+        else:
+            todo.append(p)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for start in tqdm(range(0, len(todo), batch), desc="encode prompts", unit="batch", leave=False, disable=None):
+        chunk = todo[start:start + batch]
+        embeds, pooled = encode_batch(chunk)
+        for i, p in enumerate(chunk):
+            cache[p] = Conditioning(embeds[i:i + 1].cpu(), pooled[i:i + 1].cpu())
+            tmp = cache_dir / f".{os.getpid()}.tmp"
+            torch.save({"embeds": cache[p].embeds, "pooled": cache[p].pooled}, tmp)
+            os.replace(tmp, cache_dir / f"{hashlib.sha256(p.encode()).hexdigest()}.pt")
+    return cache
+
+
+def make_encoder(cache: dict[str, Conditioning], device: torch.device):
+    def encode(batch_prompts: list[str]) -> Conditioning:
+        missing = [p for p in batch_prompts if p not in cache]
+        if missing:
+            raise ValueError(f"prompt {missing[0]!r} was not encoded up front (the text encoders are released)")
+        c = Conditioning.cat([cache[p] for p in batch_prompts])
+        return Conditioning(c.embeds.to(device), c.pooled.to(device))
+
+    return encode
+
+
+def make_decoder(vae, batch: int = 16):
+    """latents -> images in [0, 1]: x = vae.decode(z / scaling + shift), in batches."""
+    vae.requires_grad_(False)
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        out = []
+        for z in latents.split(batch):
+            z = z.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+            out.append((vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)
+
+    return decode
+
+
+def pipeline_sigmas(scheduler, cfg: Config, image_seq_len: int | None = None, log=print):
+    """sigmas(N) of the pipeline's own scheduler (algo.timesteps.scheduler_grid); says when sample.shift, which
+    then only shifts the continuous training timesteps, differs from the scheduler's shift."""
+    shift = scheduler.config.get("shift", 1.0)
+    if not scheduler.config.get("use_dynamic_shifting", False) and shift != cfg.sample.shift:
+        log(f"[grid] the rollout grid is the scheduler's (shift {shift}); sample.shift={cfg.sample.shift} only "
+            "shifts the uniform / logit_normal training timesteps")
+    return functools.partial(scheduler_grid, scheduler, image_seq_len=image_seq_len)
