@@ -167,38 +167,64 @@ class Config:
         return dataclasses.asdict(self)
 
 
-class _RewardNames(tuple):
+class _Owned:
+    """The choices of a setting, defined by their owner ("module:NAME", a tuple or a dict's keys) and imported
+    when first read: config imports no package above it (and stays importable without diffusers)."""
+
+    def __init__(self, where: str) -> None:
+        self.where, self._choices = where, None
+
+    def choices(self) -> tuple:
+        if self._choices is None:
+            import importlib
+
+            module, name = self.where.split(":")
+            self._choices = tuple(getattr(importlib.import_module(module), name))
+        return self._choices
+
+    def __contains__(self, value) -> bool:
+        return value in self.choices()
+
+    def __iter__(self):
+        return iter(self.choices())
+
+    def __len__(self) -> int:
+        return len(self.choices())
+
+    def __repr__(self) -> str:
+        return repr(self.choices())
+
+
+class _RewardNames(_Owned):
     """reward.name choices: a registered name, an import path "package.module:function", or several joined by "+"."""
 
     def __contains__(self, value) -> bool:
         import re
 
         return isinstance(value, str) and all(
-            tuple.__contains__(self, p) or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", p) is not None
+            p in self.choices() or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", p) is not None
             for p in value.split("+"))
 
     def __repr__(self) -> str:
-        return f"{tuple(self)!r}, 'package.module:function', or several joined by '+'"
+        return f"{self.choices()!r}, 'package.module:function', or several joined by '+'"
 
 
-CHOICES = {
-    "model.kind": ("digits", "sd3", "flux"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.lora_init": ("gaussian", "default"),
-    "model.attention_backend": ("auto", "flash3", "flash2", "xformers", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
-                                "sdpa_math"),
-    "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    "sample.sampler": ("euler_maruyama", "cps", "ode", "sa_solver"),
-    "train.algorithm": ("awm", "flow_grpo", "nft"),
-    "train.nft_sampler": ("dpm2", "ode"),
-    "train.finetune": ("lora", "full"),
+CHOICES = {  # each list lives with its owner
+    "model.kind": _Owned("awm_fast.families:MODEL_KINDS"),
+    "model.dtype": _Owned("awm_fast.env:DTYPES"),
+    "model.lora_init": _Owned("awm_fast.models.lora:LORA_INITS"),
+    "model.attention_backend": _Owned("awm_fast.models.attention:BACKENDS"),
+    "model.compile_mode": _Owned("awm_fast.models.compile:MODES"),
+    "sample.sampler": _Owned("awm_fast.sampling.rollout:SAMPLERS"),
+    "train.algorithm": _Owned("awm_fast.train.algorithms:ALGORITHMS"),
+    "train.nft_sampler": _Owned("awm_fast.train.algorithms:NFT_SAMPLERS"),
+    "train.finetune": _Owned("awm_fast.models.adapt:FINETUNE_MODES"),
     "train.timestep_sampling": TIMESTEP_MODES,
-    "train.weighting": ("ghuber", "uniform", "t", "t2", "huber"),
-    "train.ratio_mode": ("exp_first", "sum_first"),
-    "train.kl_weighting": ("uniform", "elbo"),
-    "reward.name": _RewardNames(("digits", "jpeg_compressibility", "jpeg_incompressibility", "pickscore", "clipscore",
-                                 "aesthetic", "ocr", "geneval", "http")),
-    "run.device": ("auto", "cpu", "cuda"),
+    "train.weighting": _Owned("awm_fast.ops.awm_loss_torch:WEIGHTINGS"),
+    "train.ratio_mode": _Owned("awm_fast.ops.awm_loss_torch:RATIO_MODES"),
+    "train.kl_weighting": _Owned("awm_fast.ops.awm_loss_torch:KL_WEIGHTINGS"),
+    "reward.name": _RewardNames("awm_fast.rewards:REWARDS"),
+    "run.device": _Owned("awm_fast.env:DEVICES"),
     "run.dist_backend": ("auto", "nccl", "gloo"),
     "run.wandb_mode": ("online", "offline", "disabled"),
 }

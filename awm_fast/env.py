@@ -10,6 +10,7 @@ import os
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")  # run.device
 
 
 def pick_device(name: str | torch.device | None, option: str = "run.device") -> torch.device:

@@ -16,6 +16,8 @@ from awm_fast.models.lora import EMA, POLICY, add_adapters
 from awm_fast.models.policy import FlowPolicy
 from awm_fast.models.routing import enable_checkpointing
 
+FINETUNE_MODES = ("lora", "full")  # train.finetune
+
 
 def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torch.dtype, log=print, attention=None):
     """Frozen base in `dtype` on `device`, the attention backend (`attention(transformer)`, default: our SD3

@@ -14,6 +14,8 @@ from peft import LoraConfig
 
 from awm_fast.models.routing import EMA, POLICY, enable_routing
 
+LORA_INITS = ("gaussian", "default")  # model.lora_init: peft's gaussian init of A, or its default (kaiming)
+
 
 def add_adapters(transformer, *, rank: int, alpha: int, init: str, targets: list[str]) -> None:
     """Attach "default" and "ema" (a copy of "default"), make "default" active and trainable, and switch the

@@ -7,6 +7,8 @@ from awm_fast.models.lora import POLICY
 from awm_fast.models.policy import Conditioning, FlowPolicy, GuidedVelocity
 from awm_fast.ops import sde_step
 
+SAMPLERS = ("euler_maruyama", "cps", "ode", "sa_solver")  # sample.sampler: sde_step's kinds, or the SA-Solver
+
 
 @torch.no_grad()
 def sample_latents(

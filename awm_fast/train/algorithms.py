@@ -38,6 +38,9 @@ from awm_fast.train.flow_grpo_update import flow_grpo_update
 from awm_fast.train.nft_update import nft_update
 
 
+NFT_SAMPLERS = ("dpm2", "ode")  # train.nft_sampler: the old policy's deterministic solver
+
+
 @dataclass(frozen=True)
 class Algorithm:
     """sample(policy, cond, grid, cfg, generator, null_cond) -> (x0 (B, ...), extras: dict of (B, ...) tensors);
