@@ -36,6 +36,7 @@ from awm_fast.train.algorithms import get_algorithm
 from awm_fast.train.task import build_task
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.train.trainer import rollout_and_score, train
+from awm_fast.train.update_parts import MicroBatchRNG
 
 # Each method's official recipe on the digits preset (10 steps on the SD3 grid with shift 3, 10 prompts x 8 images
 # per step): AWM rolls out with SA-Solver (noise 0.4 in [0.3, 0.9]), Flow-GRPO with the SDE (noise 0.7, clip 1e-4,
@@ -119,11 +120,10 @@ def gradient_variance(method: str, batches: int, args, workdir: Path) -> dict:
     grid = task.policy.time_grid(cfg.sample.num_steps)
     with AsyncRewardScorer(task.reward) as scorer:
         for k in range(batches):
-            gens = {"prompts": torch.Generator().manual_seed(10_000 + k),
-                    "rollout": torch.Generator().manual_seed(20_000 + k), "train": torch.Generator().manual_seed(30_000 + k)}
-            roll = rollout_and_score(task, cfg, grid, gens, algo, scorer)
-            adv = group_advantages(roll["rewards"], roll["groups"], cfg.train.adv_clip_max)
-            algo.update(task.policy, roll, adv, grid, cfg, gens["train"], capture, params, task.null_cond)
+            # the trainer's seeding: batch k is step k of a run seeded 10_000 (prompts, rollout noise, training rows)
+            roll = rollout_and_score(task, cfg, grid, 10_000, algo, scorer, step=k)
+            adv = group_advantages(roll.rewards, roll.groups, cfg.train.adv_clip_max)
+            algo.update(task.policy, roll, adv, grid, cfg, MicroBatchRNG(10_000, k), capture, params, task.null_cond)
     g = torch.stack(capture.grads)
     assert g.shape[0] == batches, "one gradient estimate per rollout batch"
     norms = g.norm(dim=1)

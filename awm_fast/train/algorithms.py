@@ -22,7 +22,7 @@ the loss of flow_grpo), (nft_decay_rate, nft_decay_cap) for nft, where that adap
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -38,13 +38,35 @@ from awm_fast.train.flow_grpo_update import flow_grpo_update
 from awm_fast.train.nft_update import nft_update
 
 
+@dataclass
+class Rollout:
+    """One step's rollout as the update sees it. Local to this rank: latents (n_local, ...) the clean samples,
+    cond their conditioning, trajectory what the algorithm's sampler kept per sample ((n_local, ...) tensors:
+    Flow-GRPO's xs, log_probs, sde_mask; empty otherwise). Gathered over all ranks (global order): rewards (n,)
+    float64, groups (n,) prompt-group ids; `local` = this rank's slice of them. reward_parts: the mean of each
+    reward part (combined rewards). Seconds: sampling, scoring (summed over the reward threads), waiting for
+    the last scores."""
+
+    latents: torch.Tensor
+    cond: Conditioning
+    rewards: torch.Tensor
+    groups: torch.Tensor
+    local: slice
+    reward_parts: dict[str, float] = field(default_factory=dict)
+    trajectory: dict[str, torch.Tensor] = field(default_factory=dict)
+    sample_s: float = 0.0
+    reward_s: float = 0.0
+    reward_wait_s: float = 0.0
+
+
 NFT_SAMPLERS = ("dpm2", "ode")  # train.nft_sampler: the old policy's deterministic solver
 
 
 @dataclass(frozen=True)
 class Algorithm:
     """sample(policy, cond, grid, cfg, generator, null_cond) -> (x0 (B, ...), extras: dict of (B, ...) tensors);
-    update(policy, roll, advantages, grid, cfg, generator, optimizer, params, null_cond) -> stats;
+    update(policy, roll: Rollout, advantages, grid, cfg, rng: MicroBatchRNG, optimizer, params, null_cond)
+        -> UpdateResult (train/update_parts.py);
     adapter_decay(train config) -> (rate, cap) of the "ema" adapter's move."""
 
     name: str
@@ -77,19 +99,17 @@ def _sample_old(policy: FlowPolicy, cond: Conditioning, grid, cfg: Config, gener
     return x, {}
 
 
-def _update_awm(policy, roll, advantages, grid, cfg, generator, optimizer, params, null_cond):
-    return awm_update(policy, roll["latents"], roll["cond"], advantages, grid, cfg.train, cfg.sample, generator,
-                      optimizer, params)
+def _update_awm(policy, roll: Rollout, advantages, grid, cfg, rng, optimizer, params, null_cond):
+    return awm_update(policy, roll.latents, roll.cond, advantages, grid, cfg.train, cfg.sample, rng, optimizer, params)
 
 
-def _update_flow_grpo(policy, roll, advantages, grid, cfg, generator, optimizer, params, null_cond):
-    return flow_grpo_update(policy, roll["extras"], roll["cond"], advantages, grid, cfg.train, cfg.sample,
-                            generator, optimizer, params, null_cond)
+def _update_flow_grpo(policy, roll: Rollout, advantages, grid, cfg, rng, optimizer, params, null_cond):
+    return flow_grpo_update(policy, roll.trajectory, roll.cond, advantages, grid, cfg.train, cfg.sample, rng,
+                            optimizer, params, null_cond)
 
 
-def _update_nft(policy, roll, advantages, grid, cfg, generator, optimizer, params, null_cond):
-    return nft_update(policy, roll["latents"], roll["cond"], advantages, grid, cfg.train, cfg.sample, generator,
-                      optimizer, params)
+def _update_nft(policy, roll: Rollout, advantages, grid, cfg, rng, optimizer, params, null_cond):
+    return nft_update(policy, roll.latents, roll.cond, advantages, grid, cfg.train, cfg.sample, rng, optimizer, params)
 
 
 ALGORITHMS = {

@@ -10,26 +10,25 @@ official code, both KL terms run only when beta > 0 (`effective_ema_beta`);
 `awm_fast.ops.awm_loss` turns the three velocities into the loss.
 Gradients of all micro-batches are averaged into one AdamW step with grad-norm clipping.
 
-Random numbers: with a `MicroBatchRNG` (the trainer) micro-batch i takes the rows [i mb, (i + 1) mb) in order
-(the trainer's sampler already shuffled the rollout) and draws its timesteps and noise from `micro(i)`, seeded
-by the global micro-batch index: the same rows, times and noise on 1 or N processes. Under DDP the gradient is
-all-reduced once, on the last micro-batch (`accumulate`); the loss is divided by the local micro-batch count,
-and DDP averages over ranks, which is the mean over all micro-batches of the step. With a plain generator the
-rows are permuted and everything is drawn from it in sequence.
+Random numbers (`update_parts.micro_batches`, the trainer's `MicroBatchRNG`): micro-batch i takes the rows
+[i mb, (i + 1) mb) in order (the trainer's sampler already shuffled the rollout) and draws its timesteps and
+noise from `micro(i)`, seeded by the global micro-batch index: the same rows, times and noise on 1 or N
+processes. Under DDP the gradient is all-reduced once, on the last micro-batch (`accumulate`); the loss is
+divided by the local micro-batch count, and DDP averages over ranks, which is the mean over all micro-batches
+of the step.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
 import torch
-from tqdm.auto import tqdm
 
 from awm_fast.algo.timesteps import sample_train_timesteps
 from awm_fast.config import SampleConfig, TrainConfig
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.shared_batch import separate_velocities, shared_velocities
 from awm_fast.ops import awm_loss
-from awm_fast.train.update_parts import MicroBatchRNG, accumulate, finish_step, micro_generator, noisy_rows
+from awm_fast.train.update_parts import MicroBatchRNG, UpdateResult, accumulate, finish_step, micro_batches, noisy_rows
 
 
 def effective_ema_beta(tcfg: TrainConfig) -> float:
@@ -39,20 +38,16 @@ def effective_ema_beta(tcfg: TrainConfig) -> float:
 
 
 def awm_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, advantages: torch.Tensor,
-               grid: torch.Tensor, tcfg: TrainConfig, scfg: SampleConfig, generator: torch.Generator,
-               optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, float]:
-    """Returns mean loss parts over micro-batches, grad_norm and skipped (1.0 when a non-finite step was dropped)."""
+               grid: torch.Tensor, tcfg: TrainConfig, scfg: SampleConfig, rng: MicroBatchRNG,
+               optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> UpdateResult:
+    """Mean loss parts over micro-batches, grad_norm and skipped (1.0 when a non-finite step was dropped)."""
     n, mb, T = latents.shape[0], tcfg.micro_batch, tcfg.num_timesteps
     num_micro = n // mb
-    perm = torch.arange(n, device=latents.device) if isinstance(generator, MicroBatchRNG) else \
-        torch.randperm(n, generator=generator, device=generator.device).to(latents.device)
     sums: dict[str, float] = defaultdict(float)
     velocities = shared_velocities if tcfg.shared_batch else separate_velocities
     ema_beta = effective_ema_beta(tcfg)
     optimizer.zero_grad(set_to_none=True)
-    for i in tqdm(range(num_micro), desc="train", unit="mb", leave=False, disable=None):
-        idx = perm[i * mb:(i + 1) * mb]
-        g = micro_generator(generator, i)
+    for i, idx, g in micro_batches(n, mb, rng, latents.device):
         t = sample_train_timesteps(tcfg.timestep_sampling, T, grid, shift=scfg.shift,
                                    fraction=tcfg.timestep_fraction, generator=g, batch=idx.numel())
         xt, target, t_rows = noisy_rows(latents[idx], t, g)
@@ -70,4 +65,5 @@ def awm_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, ad
                            ("kl", kl), ("kl_ema", kl_ema), ("clipfrac", out.clipfrac.item()),
                            ("mse", out.mse.mean().item()), ("log_prob", out.log_prob.mean().item())):
             sums[key] += value / num_micro
-    return {**sums, **finish_step(optimizer, params, tcfg.max_grad_norm, sums["loss"])}
+    grad_norm, skipped = finish_step(optimizer, params, tcfg.max_grad_norm, sums["loss"])
+    return UpdateResult(dict(sums), grad_norm, float(skipped))

@@ -14,7 +14,7 @@ As in the official code, the shuffled samples are split into `train.grpo_optimiz
 2: gradient accumulation over half the rollout's batches); each part's micro-batch gradients are averaged
 into one AdamW step with grad-norm clipping (a non-finite loss or gradient skips that step). From the second
 part on the policy has moved, so r != 1 and the 1e-4 ratio clip acts (`clipfrac_later` says how often).
-With the trainer's `MicroBatchRNG` the rows are taken in order (the trainer already shuffled the rollout);
+The rows are taken in order (`update_parts.micro_batches`; the trainer already shuffled the rollout);
 under DDP the gradient is all-reduced once per optimizer step, on its last micro-batch (`accumulate`).
 """
 from __future__ import annotations
@@ -22,21 +22,20 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from tqdm.auto import tqdm
 
 from awm_fast.algo.flow_grpo import flow_grpo_loss, kl_std
 from awm_fast.config import SampleConfig, TrainConfig
 from awm_fast.models.policy import Conditioning, FlowPolicy, GuidedVelocity
 from awm_fast.ops import sde_step
-from awm_fast.train.update_parts import MicroBatchRNG, accumulate, finish_step
+from awm_fast.train.update_parts import MicroBatchRNG, UpdateResult, accumulate, finish_step, micro_batches
 
 LOSS_KEYS = ("loss", "policy_loss", "kl", "clipfrac", "approx_kl", "log_prob")
 
 
 def flow_grpo_update(policy: FlowPolicy, trajectory: dict[str, torch.Tensor], cond: Conditioning,
                      advantages: torch.Tensor, grid: torch.Tensor, tcfg: TrainConfig, scfg: SampleConfig,
-                     generator: torch.Generator, optimizer: torch.optim.Optimizer,
-                     params: list[torch.nn.Parameter], null_cond: Conditioning | None = None) -> dict[str, float]:
+                     rng: MicroBatchRNG, optimizer: torch.optim.Optimizer,
+                     params: list[torch.nn.Parameter], null_cond: Conditioning | None = None) -> UpdateResult:
     """trajectory: xs (n, N + 1, ...), log_probs (n, N), sde_mask (n, N). Returns the loss parts averaged over
     every micro-batch, the clip fraction of the first optimizer step (`clipfrac_first`, on-policy: 0) and of the
     later ones (`clipfrac_later`; 0 with one step), the mean grad norm and the number of skipped optimizer steps."""
@@ -49,13 +48,10 @@ def flow_grpo_update(policy: FlowPolicy, trajectory: dict[str, torch.Tensor], co
     per_step = num_micro // steps
     adv_all = advantages.to(torch.float64) * tcfg.adv_clip_max
     sig = grid.to(xs.device, torch.float32)
-    perm = torch.arange(n, device=xs.device) if isinstance(generator, MicroBatchRNG) else \
-        torch.randperm(n, generator=generator, device=generator.device).to(xs.device)
     sums: dict[str, float] = defaultdict(float)
-    step_loss = 0.0
+    step_loss, grad_norm, skipped = 0.0, 0.0, 0.0
     optimizer.zero_grad(set_to_none=True)
-    for i in tqdm(range(num_micro), desc="train", unit="mb", leave=False, disable=None):
-        idx = perm[i * mb:(i + 1) * mb]
+    for i, idx, _ in micro_batches(n, mb, rng, xs.device):
         b, k = mask[idx].nonzero(as_tuple=True)
         rows = idx[b]
         x, x_next = xs[rows, k], xs[rows, k + 1]
@@ -85,8 +81,6 @@ def flow_grpo_update(policy: FlowPolicy, trajectory: dict[str, torch.Tensor], co
         else:
             sums["clipfrac_later"] += out.clipfrac.item() / (num_micro - per_step)
         if (i + 1) % per_step == 0:
-            done = finish_step(optimizer, params, tcfg.max_grad_norm, step_loss)
-            sums["grad_norm"] += done["grad_norm"] / steps
-            sums["skipped"] += done["skipped"]
-            step_loss = 0.0
-    return {"clipfrac_later": 0.0, **sums}
+            norm, bad = finish_step(optimizer, params, tcfg.max_grad_norm, step_loss)
+            grad_norm, skipped, step_loss = grad_norm + norm / steps, skipped + bad, 0.0
+    return UpdateResult({"clipfrac_later": 0.0, **sums}, grad_norm, skipped)

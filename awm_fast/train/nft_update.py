@@ -13,13 +13,12 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from tqdm.auto import tqdm
 
 from awm_fast.algo.nft import nft_loss, nft_timestep_indices
 from awm_fast.config import SampleConfig, TrainConfig
 from awm_fast.models.lora import EMA
 from awm_fast.models.policy import Conditioning, FlowPolicy
-from awm_fast.train.update_parts import MicroBatchRNG, accumulate, finish_step, micro_generator
+from awm_fast.train.update_parts import MicroBatchRNG, UpdateResult, accumulate, finish_step, micro_batches
 
 OLD = EMA  # the "old" policy of DiffusionNFT lives in the "ema" adapter slot
 
@@ -37,8 +36,8 @@ def nft_rows(x0: torch.Tensor, times: torch.Tensor, fraction: float, generator: 
 
 
 def nft_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, advantages: torch.Tensor,
-               grid: torch.Tensor, tcfg: TrainConfig, scfg: SampleConfig, generator: torch.Generator,
-               optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, float]:
+               grid: torch.Tensor, tcfg: TrainConfig, scfg: SampleConfig, rng: MicroBatchRNG,
+               optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> UpdateResult:
     """latents: (n, ...) clean x0; advantages: (n,) in [-1, 1]. Returns mean loss parts and grad stats."""
     n, mb = latents.shape[0], tcfg.micro_batch
     if advantages.shape != (n,) or n % mb:
@@ -46,13 +45,10 @@ def nft_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, ad
                          f"and micro_batch {mb} must divide {n}")
     num_micro = n // mb
     times = grid[:-1].to(latents.device, torch.float32)
-    perm = torch.arange(n, device=latents.device) if isinstance(generator, MicroBatchRNG) else \
-        torch.randperm(n, generator=generator, device=generator.device).to(latents.device)
     sums: dict[str, float] = defaultdict(float)
     optimizer.zero_grad(set_to_none=True)
-    for i in tqdm(range(num_micro), desc="train", unit="mb", leave=False, disable=None):
-        idx = perm[i * mb:(i + 1) * mb]
-        x_t, x0, t = nft_rows(latents[idx], times, tcfg.nft_timestep_fraction, micro_generator(generator, i))
+    for i, idx, g in micro_batches(n, mb, rng, latents.device):
+        x_t, x0, t = nft_rows(latents[idx], times, tcfg.nft_timestep_fraction, g)
         T = x0.shape[0] // mb
         c = cond[idx].repeat(T)
         with torch.no_grad():
@@ -66,4 +62,5 @@ def nft_update(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, ad
         for key, value in (("loss", out.loss.item()), ("policy_loss", out.policy_loss.item()), ("kl", out.kl.item()),
                            ("positive_loss", out.positive_loss.item()), ("negative_loss", out.negative_loss.item())):
             sums[key] += value / num_micro
-    return {**sums, **finish_step(optimizer, params, tcfg.max_grad_norm, sums["loss"])}
+    grad_norm, skipped = finish_step(optimizer, params, tcfg.max_grad_norm, sums["loss"])
+    return UpdateResult(dict(sums), grad_norm, float(skipped))

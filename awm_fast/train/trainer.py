@@ -25,7 +25,7 @@ from awm_fast.models.lora import EMA, POLICY, EvalEMA, adapter_params, update_em
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.train import checkpoint as ckpt
 from awm_fast.train import report
-from awm_fast.train.algorithms import Algorithm, get_algorithm, merge_extras
+from awm_fast.train.algorithms import Algorithm, Rollout, get_algorithm, merge_extras
 from awm_fast.train.distributed import Dist, current, init_distributed, shutdown, wrap_for_training
 from awm_fast.train.evaluate import evaluate
 from awm_fast.train.full_finetune import full_state, load_full_state, update_ema_model
@@ -34,9 +34,7 @@ from awm_fast.train.logger import MetricsLogger
 from awm_fast.train.resume import build_config, check_resumable, config_changes, dump_config, saved_config
 from awm_fast.train.wandb_logger import open_wandb
 from awm_fast.train.task import Task, build_task
-from awm_fast.train.update_parts import MicroBatchRNG, derived_seed
-
-NOT_AVERAGED = ("grad_norm", "skipped")  # already global after DDP's all-reduce
+from awm_fast.train.update_parts import MicroBatchRNG, UpdateResult, derived_seed
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -68,15 +66,13 @@ def plan_step(num_prompts: int, prompts_per_step: int, group_size: int, seed: in
     return pick.repeat_interleave(group_size)[perm], torch.arange(prompts_per_step).repeat_interleave(group_size)[perm]
 
 
-def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, seed, algo: Algorithm,
-                      scorer: AsyncRewardScorer, *, step: int = 0, dist: Dist | None = None) -> dict:
+def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, seed: int, algo: Algorithm,
+                      scorer: AsyncRewardScorer, *, step: int = 0, dist: Dist | None = None) -> Rollout:
     """This rank's share of the step's images, sampled with `algo.sample` in batches of sample.batch_size
     (each decoded batch is scored on the reward threads while the next one samples); rewards, reward parts and
-    group ids are gathered over all ranks (global order), latents/cond/extras stay local. `seed` is the run's
-    seed, or a dict of generators (older callers: a seed is drawn from its "prompts" generator)."""
+    group ids are gathered over all ranks (global order), latents/cond/trajectory stay local. `seed`: the run's
+    seed (train.seed)."""
     dist = dist or current()
-    if isinstance(seed, dict):
-        seed = int(torch.randint(0, 2**62, (1,), generator=seed["prompts"]))
     s = cfg.sample
     prompt_of, groups = plan_step(len(task.prompts), s.prompts_per_step, s.group_size, seed, step)
     n_local = len(prompt_of) // dist.world
@@ -99,19 +95,19 @@ def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, seed, algo: A
     keys = ["reward"] + sorted(k for k in outs[0] if k != "reward")
     table = torch.stack([torch.cat([o[k] for o in outs]) for k in keys], dim=1)  # (n_local, keys) float64
     table = dist.all_gather_cat(table, "gathering the rollout rewards")
-    return dict(latents=torch.cat(latents), cond=cond, rewards=table[:, 0], groups=groups,
-                local=slice(lo, lo + n_local), extra={k: float(table[:, i].mean()) for i, k in enumerate(keys) if i},
-                extras=merge_extras(extras), sample_s=t1 - t0, reward_s=sum(t.score_s for t in timings),
-                reward_wait_s=time.perf_counter() - t1)
+    return Rollout(torch.cat(latents), cond, table[:, 0], groups, slice(lo, lo + n_local),
+                   reward_parts={k: float(table[:, i].mean()) for i, k in enumerate(keys) if i},
+                   trajectory=merge_extras(extras), sample_s=t1 - t0, reward_s=sum(t.score_s for t in timings),
+                   reward_wait_s=time.perf_counter() - t1)
 
 
-def step_metrics(roll: dict, stats: dict, decay: float, step_s: float, train_s: float, mem: dict) -> dict:
+def step_metrics(roll: Rollout, result: UpdateResult, decay: float, step_s: float, train_s: float, mem: dict) -> dict:
     """What one step logs: reward stats and reward parts, loss parts, phase times, images/s, memory."""
-    r = roll["rewards"]
-    return {"reward_mean": r.mean().item(), "reward_std": r.std(unbiased=False).item(), **roll["extra"], **stats,
-            "flat_groups": count_flat_groups(r, roll["groups"]), "ema_decay": decay, "time_sample": roll["sample_s"],
-            "time_reward": roll["reward_s"], "time_reward_wait": roll["reward_wait_s"], "time_train": train_s,
-            "time_step": step_s, "images_per_s": len(r) / step_s, **mem}
+    r = roll.rewards
+    return {"reward_mean": r.mean().item(), "reward_std": r.std(unbiased=False).item(), **roll.reward_parts,
+            **result.metrics(), "flat_groups": count_flat_groups(r, roll.groups), "ema_decay": decay,
+            "time_sample": roll.sample_s, "time_reward": roll.reward_s, "time_reward_wait": roll.reward_wait_s,
+            "time_train": train_s, "time_step": step_s, "images_per_s": len(r) / step_s, **mem}
 
 
 def rng_state(device: torch.device) -> dict:
@@ -227,17 +223,16 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
             reset_peak_memory(device)
             with out_of_memory_stops("the rollout", device):
                 roll = rollout_and_score(task, cfg, grid, t.seed, algo, scorer, step=step, dist=d)
-            advantages = group_advantages(roll["rewards"], roll["groups"], t.adv_clip_max)[roll["local"]]
+            advantages = group_advantages(roll.rewards, roll.groups, t.adv_clip_max)[roll.local]
             mem = {"peak_mem_rollout_gb": peak_memory_gb(device)}
             t1 = time.perf_counter()
             reset_peak_memory(device)
             rng = MicroBatchRNG(t.seed, step, first_index=d.rank * micro_per_rank, device=device)
             with out_of_memory_stops("the update", device), d.guard("the update (DDP gradient all-reduce)", any_error=False):
-                stats = algo.update(train_policy, roll, advantages.to(device), grid, cfg, rng, optimizer, params,
-                                    task.null_cond)
+                result = algo.update(train_policy, roll, advantages.to(device), grid, cfg, rng, optimizer, params,
+                                     task.null_cond)
             pause_point("update", step + 1)
-            stats = {**d.mean({k: v for k, v in stats.items() if k not in NOT_AVERAGED}),
-                     **{k: v for k, v in stats.items() if k in NOT_AVERAGED}}
+            result.losses = d.mean(result.losses)  # grad_norm and skipped are already global
             mem["peak_mem_train_gb"] = peak_memory_gb(device)
             rate, cap = algo.adapter_decay(t)
             decay = update_ema_model(policy.models[EMA], policy.transformer, step + 1, rate=rate, cap=cap) if full \
@@ -246,11 +241,11 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
                 eval_ema.update(policy.transformer)
             dt = time.perf_counter() - t0
             train_seconds += dt
-            metrics = step_metrics(roll, stats, decay, dt, time.perf_counter() - t1, mem if device.type == "cuda" else {})
+            metrics = step_metrics(roll, result, decay, dt, time.perf_counter() - t1, mem if device.type == "cuda" else {})
             if logger is not None:
                 logger.log(step + 1, metrics)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{stats['loss']:.4f}", refresh=False)
-            nonfinite.update(step + 1, stats["skipped"] > 0, log)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{result.losses['loss']:.4f}", refresh=False)
+            nonfinite.update(step + 1, result.skipped > 0, log)
             if metrics["flat_groups"] == s.prompts_per_step:
                 log(f"[warn] step {step + 1}: every prompt group has identical rewards: zero advantages, no signal")
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < t.steps:

@@ -6,9 +6,12 @@ import contextlib
 import hashlib
 import math
 import os
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch.distributed.tensor import DTensor
+from tqdm.auto import tqdm
 
 
 def derived_seed(*parts) -> int:
@@ -37,9 +40,29 @@ class MicroBatchRNG(torch.Generator):
             derived_seed(self.seed, self.step, "train", self.first_index + i))
 
 
-def micro_generator(generator: torch.Generator, i: int) -> torch.Generator:
-    """The generator of micro-batch i: `MicroBatchRNG.micro(i)`, or a plain generator drawn in sequence."""
-    return generator.micro(i) if isinstance(generator, MicroBatchRNG) else generator
+def micro_batches(n: int, micro_batch: int, rng: MicroBatchRNG,
+                  device: torch.device | str) -> Iterator[tuple[int, torch.Tensor, torch.Generator]]:
+    """The skeleton of every update loop: (i, rows, gen) for the n // micro_batch local micro-batches, rows =
+    [i mb, (i + 1) mb) in order (the trainer's sampler already shuffled the rollout), gen = rng.micro(i), seeded
+    by the global micro-batch index: the same rows, timesteps and noise on 1 or N processes."""
+    if not isinstance(rng, MicroBatchRNG):
+        raise TypeError(f"the update needs the trainer's MicroBatchRNG(seed, step, first_index), got {type(rng).__name__}")
+    for i in tqdm(range(n // micro_batch), desc="train", unit="mb", leave=False, disable=None):
+        yield i, torch.arange(i * micro_batch, (i + 1) * micro_batch, device=device), rng.micro(i)
+
+
+@dataclass
+class UpdateResult:
+    """What one update returns: `losses`, the loss parts averaged over this rank's micro-batches (the trainer
+    averages them over ranks), and the already global grad_norm (mean over the update's optimizer steps) and
+    skipped (how many non-finite optimizer steps were dropped; every rank takes the same decision)."""
+
+    losses: dict[str, float] = field(default_factory=dict)
+    grad_norm: float = 0.0
+    skipped: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.losses, "grad_norm": self.grad_norm, "skipped": self.skipped}
 
 
 def accumulate(policy, last: bool):
@@ -86,9 +109,9 @@ def _dump_grads(params: list[torch.nn.Parameter]) -> None:
 
 
 def finish_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_grad_norm: float,
-                loss: float) -> dict[str, float]:
+                loss: float) -> tuple[float, bool]:
     """Clip, then step unless the loss or the gradient is non-finite on any rank (NaN never reaches the weights;
-    every rank takes the same decision); always leaves the grads cleared."""
+    every rank takes the same decision); always leaves the grads cleared. Returns (grad norm, skipped)."""
     _dump_grads(params)
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # of the whole gradient, also when sharded
     grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
@@ -100,4 +123,4 @@ def finish_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Paramete
     if not bad:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"grad_norm": grad_norm, "skipped": float(bad)}
+    return grad_norm, bad

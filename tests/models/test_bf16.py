@@ -17,6 +17,7 @@ from awm_fast.models.lora import EMA, POLICY, adapter_params
 from awm_fast.models.policy import Conditioning
 from awm_fast.models.tiny import build_tiny_flux, build_tiny_sd3
 from awm_fast.train.awm_update import awm_update
+from awm_fast.train.update_parts import MicroBatchRNG
 from tests.models.tiny_configs import tiny_model_config
 from tests.tolerances import MODEL_BF16
 
@@ -92,7 +93,7 @@ def _update(policy, cfg, cond, tmp_path, monkeypatch, name):
     params = _trained_params(policy)
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     metrics = awm_update(policy, latents, cond, advantages, policy.time_grid(4), cfg.train, cfg.sample,
-                         torch.Generator().manual_seed(5), optimizer, params)
+                         MicroBatchRNG(5, 0), optimizer, params).metrics()
     (dump,) = sorted(folder.glob("*.pt"))
     return metrics, torch.load(dump)
 

@@ -15,6 +15,7 @@ from awm_fast.sampling.trajectory import sample_trajectory
 from awm_fast.tasks.digits import POOLED_DIM, TEXT_DIM, tiny_transformer_config
 from awm_fast.train.flow_grpo_update import flow_grpo_update
 from awm_fast.train.nft_update import nft_update
+from awm_fast.train.update_parts import MicroBatchRNG
 from tests.tolerances import tol
 
 f64 = torch.float64
@@ -87,8 +88,8 @@ def test_flow_grpo_cfg_gradient_flows_through_the_conditional_branch_only():
                              TrainConfig(micro_batch=n, grpo_optimizer_steps=1, grpo_beta=0.0, grpo_clip_range=0.5,
                                          max_grad_norm=1e12),
                              SampleConfig(sampler="euler_maruyama", noise_level=a, guidance_scale=w),
-                             gen, torch.optim.SGD(params, lr=1.0), params, null)
-    assert stats["skipped"] == 0 and stats["clipfrac_first"] == 0.0
+                             MicroBatchRNG(1, 0), torch.optim.SGD(params, lr=1.0), params, null)
+    assert stats.skipped == 0 and stats.losses["clipfrac_first"] == 0.0
     got = -torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(params, before)])  # SGD lr 1: delta = -grad
     torch.testing.assert_close(got, ref, **tol(torch.float32))
 
@@ -108,8 +109,9 @@ def test_nft_trains_nine_distinct_rollout_timesteps_per_sample():
     latents = torch.randn(n, 1, 8, 8, generator=gen)
     params = list(adapter_params(policy.transformer, POLICY).values())
     stats = nft_update(policy, latents, _cond(n, gen), torch.rand(n, generator=gen) * 2 - 1, grid,
-                       TrainConfig(micro_batch=mb), SampleConfig(), gen, torch.optim.SGD(params, lr=0.1), params)
-    assert stats["skipped"] == 0 and stats["grad_norm"] > 0
+                       TrainConfig(micro_batch=mb), SampleConfig(), MicroBatchRNG(2, 0), torch.optim.SGD(params, lr=0.1),
+                       params)
+    assert stats.skipped == 0 and stats.grad_norm > 0
     assert [adapter for adapter, _ in seen] == [EMA, None, POLICY] * (n // mb)
     times = grid[:-1].float()
     missing = set()

@@ -58,31 +58,31 @@ def test_flow_grpo_step_raises_the_advantage_weighted_log_prob(tmp_path):
     from awm_fast.train.task import build_task
     from awm_fast.rewards.async_scorer import AsyncRewardScorer
     from awm_fast.train.trainer import rollout_and_score
+    from awm_fast.train.update_parts import MicroBatchRNG
 
     cfg = load_config(None, SMALL + [f"run.output_dir={tmp_path}", "train.algorithm=flow_grpo", *GRPO_SDE, "train.grpo_beta=0",
                                      "train.grpo_optimizer_steps=1"])
     torch.manual_seed(0)
     task = build_task(cfg, torch.device("cpu"), log=lambda *_: None)
     algo, grid = get_algorithm("flow_grpo"), time_grid(cfg.sample.num_steps, cfg.sample.shift)
-    gens = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("prompts", "rollout", "train"))}
     with AsyncRewardScorer(task.reward) as scorer:
-        roll = rollout_and_score(task, cfg, grid, gens, algo, scorer)
-    adv = group_advantages(roll["rewards"], roll["groups"])
-    xs, mask = roll["extras"]["xs"], roll["extras"]["sde_mask"]
+        roll = rollout_and_score(task, cfg, grid, cfg.train.seed, algo, scorer)
+    adv = group_advantages(roll.rewards, roll.groups)
+    xs, mask = roll.trajectory["xs"], roll.trajectory["sde_mask"]
 
     def surrogate():
         b, k = mask.nonzero(as_tuple=True)
         with torch.no_grad():
-            v = task.policy.velocity(xs[b, k], grid[k].float(), roll["cond"][b]).float()
+            v = task.policy.velocity(xs[b, k], grid[k].float(), roll.cond[b]).float()
             lp = sde_step(xs[b, k], v, grid[k].float(), grid[k + 1].float(), noise_level=cfg.sample.noise_level,
                           x_next=xs[b, k + 1]).log_prob
         return float((adv[b] * lp.double()).sum())
 
     params = list(adapter_params(task.policy.transformer, POLICY).values())
     before = surrogate()
-    stats = algo.update(task.policy, roll, adv, grid, cfg, gens["train"], torch.optim.SGD(params, lr=0.5), params,
-                        task.null_cond)
-    assert stats["skipped"] == 0 and stats["grad_norm"] > 0
+    stats = algo.update(task.policy, roll, adv, grid, cfg, MicroBatchRNG(cfg.train.seed, 0),
+                        torch.optim.SGD(params, lr=0.5), params, task.null_cond)
+    assert stats.skipped == 0 and stats.grad_norm > 0
     assert surrogate() > before
 
 
