@@ -5,13 +5,31 @@ Every LoRA linear layer computes, for row b of its input x (rows = the batch of 
     y[b] = W x[b] + sum_a  m[b, a] s_a B_a A_a x[b],      a in ("default", "ema"),  s_a = alpha / rank
 
 with the routing mask m of shape (rows, 2): (1, 0) policy rows, (0, 0) reference rows (the base model),
-(0, 1) EMA rows. Both adapters run as one rank-2r LoRA: h = x [A_default; A_ema]^T, h <- h * (m s)
-broadcast over each adapter's r columns, y += h [B_default, B_ema]^T.
+(0, 1) EMA rows. The adapters a call runs form one rank-(k r) LoRA: h = x [A_a; ...]^T, h <- h * (m s)
+broadcast over each adapter's r columns, y += h [B_a, ...]^T.
+
+Which adapters run is a static descriptor decided on the host when the mask is built (`routing_mask` attaches
+the adapters its rows use; `routed(mask, adapters=...)` may name them), so no layer reads the mask's values:
+    only policy rows (with or without reference rows)  -> the "default" product alone (rank r)
+    EMA and/or reference rows, no policy row            -> the "ema" product alone (rank r; reference-only calls
+                                                           share this graph, the mask zeroing its rows, so that
+                                                           a compiled [reference; ema] call and a reference call
+                                                           are one graph and the shared batch's frozen call costs
+                                                           no more than the separate reference and EMA calls)
+    policy and EMA rows, or a mask of unknown origin   -> both (rank 2r), right for any mask values
+and a call under grad mode always runs the "default" product (rows without it give it a zero gradient, and a
+loss over the output backpropagates as with peft's forward).
+A mask that is copied (`clone()`, `.to()`, CUDA graphs' static input buffers) loses the descriptor and runs
+both adapters: correct for whatever values are copied into it later.
+
+The per-layer scales s_a live on the device as the non-persistent buffer `routing_scales` (created by
+`enable_routing` from peft's `scaling`, moved by `.to()`, absent from state dicts and checkpoints; call
+`enable_routing` again after changing peft's scaling).
 
 Why a tensor and not peft's adapter state: `set_adapter`/`disable_adapters` and per-row `adapter_names`
 change Python attributes (and `requires_grad`) of every LoRA layer, which torch.compile guards on, so each
-switch between policy, reference and EMA calls recompiled the blocks. Here one compiled graph serves every
-mix: the mask is an ordinary input read from `ROUTING.mask` for the duration of one call (`routed`).
+switch between policy, reference and EMA calls recompiled the blocks. Here the mask is an ordinary input read
+from `ROUTING.mask` for the duration of one call (`routed`); torch.compile keeps one graph per descriptor.
 The "default" adapter stays peft's active, trainable adapter throughout; saving and loading are peft's.
 """
 from __future__ import annotations
@@ -25,15 +43,31 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 POLICY, EMA = "default", "ema"  # the trained adapter and the KL-anchor adapter
 ADAPTERS = (POLICY, EMA)
 BASE = None  # a row that uses no adapter: the reference model
+SCALES = "routing_scales"  # the per-layer (2,) buffer of s_a, in ADAPTERS order
+DESCRIPTOR = "awm_routing_adapters"  # attribute of a mask built by `routing_mask`: the adapters its rows use
 
 
 class _Routing:
-    """Holder of the mask of the transformer call in progress (None: peft's own forward)."""
+    """The mask of the transformer call in progress (None: peft's own forward) and the contiguous range
+    [first, last) of ADAPTERS whose products the layers run (see the module docstring)."""
 
     mask: torch.Tensor | None = None
+    products: tuple[int, int] = (0, len(ADAPTERS))
 
 
 ROUTING = _Routing()
+
+
+def products_for(adapters) -> tuple[int, int]:
+    """The [first, last) range of ADAPTERS run for a call whose rows use `adapters` (None: unknown, all)."""
+    if adapters is None:
+        return 0, len(ADAPTERS)
+    unknown = [a for a in adapters if a is not BASE and a not in ADAPTERS]
+    if unknown:
+        raise ValueError(f"adapters {unknown} are not in {ADAPTERS} or None (the reference model)")
+    if POLICY in adapters:
+        return (0, 2) if EMA in adapters else (0, 1)
+    return 1, 2  # EMA and/or reference rows only: the EMA product, zeroed on reference rows by the mask
 
 
 class RoutedLoraLinear(LoraLinear):
@@ -44,18 +78,23 @@ class RoutedLoraLinear(LoraLinear):
         if mask is None or kwargs.get("adapter_names") is not None:
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        a_weight = torch.cat([self.lora_A[a].weight for a in ADAPTERS])
-        b_weight = torch.cat([self.lora_B[a].weight for a in ADAPTERS], dim=1)
-        rank = self.lora_A[POLICY].weight.shape[0]
-        scale = mask * mask.new_tensor([self.scaling[a] for a in ADAPTERS])
-        scale = scale.repeat_interleave(rank, dim=1).view(x.shape[0], *(1,) * (x.dim() - 2), 2 * rank)
+        first, last = ROUTING.products
+        names = ADAPTERS[first:last]
+        if len(names) == 1:
+            a_weight, b_weight = self.lora_A[names[0]].weight, self.lora_B[names[0]].weight
+        else:
+            a_weight = torch.cat([self.lora_A[a].weight for a in names])
+            b_weight = torch.cat([self.lora_B[a].weight for a in names], dim=1)
+        rows, rank = x.shape[0], self.lora_A[POLICY].weight.shape[0]
+        scale = mask[:, first:last] * getattr(self, SCALES)[first:last]  # (rows, k): m[b, a] s_a
+        scale = scale.unsqueeze(-1).expand(rows, len(names), rank).reshape(rows, *(1,) * (x.dim() - 2), -1)
         h = torch.nn.functional.linear(x.to(a_weight.dtype), a_weight) * scale.to(a_weight.dtype)
         return (result + torch.nn.functional.linear(h, b_weight)).to(result.dtype)
 
 
 def enable_routing(transformer) -> int:
-    """Switch every peft LoRA Linear of `transformer` to `RoutedLoraLinear`; returns how many. Both adapters
-    must exist with the same rank and no dropout."""
+    """Switch every peft LoRA Linear of `transformer` to `RoutedLoraLinear` and (re)create its `routing_scales`
+    buffer from peft's scaling; returns how many. Both adapters must exist with the same rank and no dropout."""
     layers = [m for m in transformer.modules() if isinstance(m, LoraLinear)]
     for layer in layers:
         missing = [a for a in ADAPTERS if a not in layer.lora_A]
@@ -68,31 +107,43 @@ def enable_routing(transformer) -> int:
             raise ValueError("LoRA dropout is not supported with tensor routing (use lora_dropout=0)")
         if type(layer) is LoraLinear:
             layer.__class__ = RoutedLoraLinear
+        weight = layer.lora_A[POLICY].weight
+        scales = torch.tensor([float(layer.scaling[a]) for a in ADAPTERS], dtype=torch.float32)
+        layer.register_buffer(SCALES, scales.to(weight.device), persistent=False)
     return len(layers)
 
 
 def routing_mask(rows_per_adapter: list[tuple[str | None, int]], device, dtype=torch.float32) -> torch.Tensor:
-    """The (rows, 2) mask for consecutive row groups, e.g. [("default", R), (None, R), ("ema", R)]."""
-    parts = []
+    """The (rows, 2) mask for consecutive row groups, e.g. [("default", R), (None, R), ("ema", R)], carrying
+    the adapters it uses as its static descriptor (filled on the device: no tensor from Python data)."""
+    mask = torch.zeros(sum(rows for _, rows in rows_per_adapter), len(ADAPTERS), dtype=dtype, device=device)
+    start = 0
     for name, rows in rows_per_adapter:
         if name is not BASE and name not in ADAPTERS:
             raise ValueError(f"adapter={name!r} is not one of {ADAPTERS} or None (the reference model)")
-        onehot = torch.tensor([float(name == a) for a in ADAPTERS], dtype=dtype, device=device)
-        parts.append(onehot.expand(rows, len(ADAPTERS)))
-    return torch.cat(parts)
+        if name is not BASE:
+            mask[start:start + rows, ADAPTERS.index(name)] = 1.0
+        start += rows
+    setattr(mask, DESCRIPTOR, frozenset(name for name, rows in rows_per_adapter if rows > 0))
+    return mask
 
 
 @contextlib.contextmanager
-def routed(mask: torch.Tensor):
-    """Route the LoRA layers by `mask` (rows, 2) for the calls inside the block."""
+def routed(mask: torch.Tensor, adapters=None):
+    """Route the LoRA layers by `mask` (rows, 2) for the calls inside the block. `adapters`: the adapter names
+    (None for reference rows) that the mask's rows use; default: the mask's descriptor from `routing_mask`, or
+    both adapters for a mask without one. Naming fewer adapters than the rows use gives wrong values."""
     if mask.dim() != 2 or mask.shape[1] != len(ADAPTERS):
         raise ValueError(f"routing mask must have shape (rows, {len(ADAPTERS)}), got {tuple(mask.shape)}")
+    first, last = products_for(getattr(mask, DESCRIPTOR, None) if adapters is None else adapters)
+    products = (0, last) if torch.is_grad_enabled() else (first, last)  # a grad call keeps the policy product
     torch._dynamo.maybe_mark_dynamic(mask, 0)  # rows vary between calls: one compiled graph for all
-    previous, ROUTING.mask = ROUTING.mask, mask
+    previous = ROUTING.mask, ROUTING.products
+    ROUTING.mask, ROUTING.products = mask, products
     try:
         yield
     finally:
-        ROUTING.mask = previous
+        ROUTING.mask, ROUTING.products = previous
 
 
 def enable_checkpointing(transformer) -> None:
@@ -101,14 +152,15 @@ def enable_checkpointing(transformer) -> None:
     forward and fail the recompute check)."""
 
     def checkpoint_block(block, *args):
-        mask = ROUTING.mask
+        state = ROUTING.mask, ROUTING.products
 
         def run(*inner):
-            previous, ROUTING.mask = ROUTING.mask, mask
+            previous = ROUTING.mask, ROUTING.products
+            ROUTING.mask, ROUTING.products = state
             try:
                 return block(*inner)
             finally:
-                ROUTING.mask = previous
+                ROUTING.mask, ROUTING.products = previous
 
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 

@@ -2,10 +2,11 @@
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model_state_dict
+from torch.utils.flop_counter import FlopCounterMode
 
 from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
-from awm_fast.models.routing import RoutedLoraLinear, enable_routing, routed, routing_mask
+from awm_fast.models.routing import SCALES, RoutedLoraLinear, enable_routing, routed, routing_mask
 from awm_fast.tasks.digits import tiny_transformer_config
 from tests.tolerances import tol
 
@@ -115,3 +116,59 @@ def test_dropout_is_refused():
         m.add_adapter(LoraConfig(r=2, lora_alpha=2, lora_dropout=0.1, target_modules=["to_q"]), adapter_name=name)
     with pytest.raises(ValueError, match="dropout"):
         enable_routing(m)
+
+
+def _no_grad_flops(model, mask, inputs, adapters=None):
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter, routed(mask, adapters):
+        out = model(**inputs)[0]
+    return counter.get_total_flops(), out
+
+
+def test_calls_run_only_the_adapters_their_rows_use(model):
+    """A policy-only or EMA-only call runs one rank-r product per layer, a reference call no more than the
+    [reference; ema] call's per row; a mask without a descriptor (a copy) runs both; values are unchanged."""
+    inputs = _inputs(ROWS)
+    layers = [m for m in model.modules() if isinstance(m, RoutedLoraLinear)]
+    tokens = {id(m): [] for m in layers}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: tokens[id(mod)].append(args[0].shape[:-1].numel()))
+             for m in layers]
+    try:
+        _no_grad_flops(model, routing_mask([(POLICY, ROWS)], "cpu", torch.float64), inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    # one rank-r LoRA product (x A^T then h B^T) over every row of every layer, in FlopCounterMode's 2 m n k
+    rank_r = sum(2 * n * 4 * (m.in_features + m.out_features) for m in layers for n in tokens[id(m)])
+    for adapter in (POLICY, EMA, None):
+        mask = routing_mask([(adapter, ROWS)], "cpu", torch.float64)
+        one, got = _no_grad_flops(model, mask, inputs)
+        both, copied = _no_grad_flops(model, mask.clone(), inputs)  # clone(): no descriptor, both adapters
+        assert both - one == rank_r, adapter
+        torch.testing.assert_close(got, _peft_call(model, adapter, inputs), **tol(torch.float64))
+        torch.testing.assert_close(copied, got, **tol(torch.float64))
+    stacked = {k: torch.cat([v] * 2) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    shared, _ = _no_grad_flops(model, routing_mask([(None, ROWS), (EMA, ROWS)], "cpu", torch.float64), stacked)
+    ref, _ = _no_grad_flops(model, routing_mask([(None, ROWS)], "cpu", torch.float64), inputs)
+    ema, _ = _no_grad_flops(model, routing_mask([(EMA, ROWS)], "cpu", torch.float64), inputs)
+    assert shared == ref + ema
+    named, _ = _no_grad_flops(model, routing_mask([(EMA, ROWS)], "cpu", torch.float64).clone(), inputs, [EMA])
+    assert named == ema
+
+
+def test_adapters_named_by_the_caller_are_checked(model):
+    with pytest.raises(ValueError, match="'old'"):
+        with routed(routing_mask([(POLICY, ROWS)], "cpu"), adapters=["old"]):
+            pass
+
+
+def test_scales_are_a_device_buffer_outside_every_state_dict(model):
+    layer = next(m for m in model.modules() if isinstance(m, RoutedLoraLinear))
+    scales = getattr(layer, SCALES)
+    assert scales.dtype == torch.float64  # moved and cast with the module (the fixture's .double())
+    torch.testing.assert_close(scales, torch.tensor([layer.scaling[POLICY], layer.scaling[EMA]], dtype=torch.float64))
+    assert not any(SCALES in key for key in model.state_dict())
+    for name in (POLICY, EMA):
+        assert not any(SCALES in key for key in get_peft_model_state_dict(model, adapter_name=name))
+    model.float()
+    assert getattr(layer, SCALES).dtype == torch.float32
