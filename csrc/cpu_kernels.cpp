@@ -287,7 +287,7 @@ void awm_loss_cpu(const AwmLossArgs& a) {
   double loss = pol / B;
   if (a.has_ref) loss += a.beta * kl / R;
   if (a.has_ema) loss += a.ema_beta * kl_ema / R;
-  *a.loss = static_cast<float>(loss);
+  store_as<double>(a.loss, a.loss_dtype, 0, loss);
   *a.clipfrac = static_cast<float>(clipped / B);
   f64 ? awm_grad<double>(a) : awm_grad<float>(a);
 }

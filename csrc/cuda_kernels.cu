@@ -102,7 +102,7 @@ __global__ void awm_finalise_kernel(const AwmLossArgs a, const float* part, int6
     double loss = pol / B;
     if (a.has_ref) loss += a.beta * kl / R;
     if (a.has_ema) loss += a.ema_beta * kl_ema / R;
-    *a.loss = static_cast<float>(loss);
+    store_as<double>(a.loss, a.loss_dtype, 0, loss);
     *a.clipfrac = static_cast<float>(clipped / B);
   }
 }

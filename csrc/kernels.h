@@ -29,7 +29,8 @@ struct AwmLossArgs {
   const double* old_log_prob = nullptr;  // nullptr: on-policy
   double beta = 0, ema_beta = 0, ghuber_power = 0.25, clip_range = 1;
   // outputs
-  float* loss = nullptr;  // scalar
+  void* loss = nullptr;  // scalar, dtype loss_dtype (float64 for float64 v, else float32)
+  DType loss_dtype = DType::f32;
   float* clipfrac = nullptr;  // scalar
   float *log_prob = nullptr, *mse = nullptr, *kl = nullptr, *kl_ema = nullptr;
   void* coefs = nullptr;  // (3, R): c_u, c_ref, c_ema

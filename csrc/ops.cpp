@@ -131,12 +131,14 @@ Out8 awm_loss_native(const Tensor& v, const Tensor& target, const Tensor& t, con
   a.ghuber_power = ghuber_power;
   a.clip_range = clip_range;
   const auto f32 = v.options().dtype(at::kFloat);
-  Tensor loss = at::empty({}, f32), clipfrac = at::empty({}, f32);
-  Tensor lp = at::empty({R}, f32), mse = at::empty({R}, f32), kl = at::empty({R}, f32), kle = at::empty({R}, f32);
   const bool f64 = v.scalar_type() == at::kDouble;
+  // the loss in the inputs' precision: float64 for float64 v (computed in float64 either way), else float32
+  Tensor loss = at::empty({}, v.options().dtype(f64 ? at::kDouble : at::kFloat)), clipfrac = at::empty({}, f32);
+  Tensor lp = at::empty({R}, f32), mse = at::empty({R}, f32), kl = at::empty({R}, f32), kle = at::empty({R}, f32);
   Tensor coefs = at::empty({3, R}, v.options().dtype(f64 ? at::kDouble : at::kFloat));
   Tensor grad = at::empty(v.sizes(), v.options());
-  a.loss = loss.data_ptr<float>();
+  a.loss = loss.data_ptr();
+  a.loss_dtype = f64 ? DType::f64 : DType::f32;
   a.clipfrac = clipfrac.data_ptr<float>();
   a.log_prob = lp.data_ptr<float>();
   a.mse = mse.data_ptr<float>();

@@ -210,7 +210,7 @@ def launch_awm_loss(v, target, t, advantages, v_ref, v_ema, old_log_prob, beta, 
                                                      HAS_REF=has_ref, HAS_EMA=has_ema, BLOCK=block)
     steps = num_timesteps if ratio_mode == "sum_first" else 1
     samples = rows // steps
-    loss = empty((), v.device, f32)
+    loss = empty((), v.device, torch.float64 if v.dtype == torch.float64 else f32)  # stored as float64 for f64 v
     clipfrac = empty((), v.device, f32)
     stats = [empty((rows,), v.device, f32) for _ in range(4)]  # log_prob, mse, kl, kl_ema
     coefs = empty((3, rows), v.device, f32)

@@ -1,7 +1,17 @@
-"""Argument checks shared by the public ops: one clear ValueError/TypeError naming the argument."""
+"""Argument checks shared by the public ops: one clear ValueError/TypeError naming the argument.
+
+The checks read shapes, dtypes and devices only: never a tensor's values, which would copy them to the host and
+synchronise the stream on every call. Value checks (e.g. non-finite advantages) run only with the debug switch
+AWM_FAST_DEBUG_CHECKS=1 (outside torch.compile traces); without it a NaN input shows up as a NaN loss, which
+the trainer's non-finite guard catches.
+"""
 from __future__ import annotations
 
+import os
+
 import torch
+
+DEBUG_ENV = "AWM_FAST_DEBUG_CHECKS"
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -50,3 +60,14 @@ def as_per_row(name: str, value, rows: int, device: torch.device) -> torch.Tenso
     if isinstance(value, (int, float)):
         return torch.full((rows,), float(value), device=device, dtype=torch.float32)
     raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+
+
+def debug_checks() -> bool:
+    """The strict value checks are on: AWM_FAST_DEBUG_CHECKS=1 (read per call) and not inside a compile trace."""
+    return not torch.compiler.is_compiling() and os.environ.get(DEBUG_ENV, "").strip() == "1"
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """Under `debug_checks()` only (it syncs): x holds no NaN or inf."""
+    if debug_checks() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contain NaN or inf")

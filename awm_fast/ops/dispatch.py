@@ -4,6 +4,10 @@
 present: see AUTO_ORDER. The environment variable AWM_FAST_BACKEND (torch | triton | cpp | cuda) overrides
 "auto" for the whole process. "cpp" (CPU tensors) and "cuda" (CUDA tensors) are the native ops of csrc/
 (`awm_fast.ops.native_backend`), present when the extension awm_fast._C was built.
+
+Which backends are present is decided once, when this module is imported (the native library is loaded then,
+unless AWM_FAST_NO_EXT=1), into plain Python constants: `resolve_backend` reads only those and the environment,
+so it runs inside a torch.compile trace (fullgraph) from the very first call, before any eager call.
 """
 from __future__ import annotations
 
@@ -29,14 +33,23 @@ ENV_VAR = "AWM_FAST_BACKEND"
 AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
 
 
+def _probe() -> tuple[bool, dict[str, bool]]:
+    """(triton importable, {device type: native kernels loaded}), probed eagerly, outside any trace."""
+    from awm_fast.ops import native_backend
+
+    return importlib.util.find_spec("triton") is not None, {d: native_backend.available(d) for d in ("cpu", "cuda")}
+
+
+_TRITON, _NATIVE = _probe()
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def native_available(device_type: str) -> bool:
-    from awm_fast.ops import native_backend
-
-    return native_backend.available(device_type)
+    """Native kernels for "cpu" / "cuda" tensors are loaded (False for any other device type)."""
+    return _NATIVE.get(device_type, False)
 
 
 def backend_present(backend: str, device_type: str) -> bool:
@@ -64,7 +77,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         else:
             order = AUTO_ORDER.get(device.type, ("torch",))
             backend = next(b for b in order if backend_present(b, device.type))
-            if backend != order[0] and order[0] in ("cpp",):
+            if backend != order[0] and order[0] in ("cpp",) and not torch.compiler.is_compiling():
                 from awm_fast.ops import native_backend
 
                 native_backend.notice_fallback(device.type, backend)
@@ -81,7 +94,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != ("cpu" if backend == "cpp" else "cuda"):
             raise ValueError(f"backend={backend!r} runs on {'CPU' if backend == 'cpp' else 'CUDA'} tensors, "
                              f"got a {device.type} tensor")
-        if not native_backend.available(device.type):
+        if not native_available(device.type):
             why = native_backend.why_unavailable() or "the extension was built without CUDA"
             raise ValueError(f"backend={backend!r} needs the native extension awm_fast._C: {why}")
     return backend

@@ -13,11 +13,13 @@ dispatch key). The formulas are those of the Triton kernels: AWM loss with dLoss
 
 and the SDE step mean = a_x x + a_v v~, x' = mean + scale xi, with in-kernel noise xi_i = randn(seed, offset + i)
 (Philox 4x32-10 + Box-Muller, the integer stream of Triton's tl.randn). CPU: float32 math (float64 when every
-latent input is float64), float64 row sums, coefs in float64 for float64 v; CUDA: float32 math. Autograd
+latent input is float64), float64 row sums, coefs and the loss in float64 for float64 v; CUDA: float32 math
+(float64 finalisation, the loss returned as float64 for float64 v). Autograd
 and fake (meta) rules are registered here, in Python.
 
 The library is `awm_fast._C` (built by setup.py), or the file named by AWM_FAST_NATIVE_LIB (e.g. the CMake
-build's libawm_fast_ops.so). AWM_FAST_NO_EXT=1 disables it. `load()` is called on first use only.
+build's libawm_fast_ops.so). AWM_FAST_NO_EXT=1 disables it. `load()` runs once, when awm_fast.ops.dispatch is
+imported (which records `available(...)` for "cpu" and "cuda" there, outside any torch.compile trace).
 """
 from __future__ import annotations
 
@@ -145,7 +147,8 @@ def _register_python_rules() -> None:
 
 def awm_loss_native(v, target, t, advantages, v_ref, v_ema, old_log_prob, beta, ema_beta, weighting,
                     ghuber_power, clip_range, kl_weighting, ratio_mode, num_timesteps) -> tuple[Tensor, ...]:
-    """Same arguments and returned tuple as `awm_loss_torch` (loss is a float32 scalar here)."""
+    """Same arguments and returned tuple as `awm_loss_torch`; the loss is a scalar in `torch_ops.loss_dtype(v)`
+    (float64 for float64 v, computed in float64 on CPU and CUDA; float32 otherwise)."""
     out = torch.ops.awm_fast.awm_loss_native(v, target, t, advantages, v_ref, v_ema, old_log_prob, beta, ema_beta,
                                              weighting, ghuber_power, clip_range, kl_weighting, ratio_mode,
                                              num_timesteps)

@@ -2,7 +2,8 @@
 shared with the Triton op (`torch.ops.awm_fast.awm_loss_triton`). Needs torch only.
 
 Both ops return (loss, log_prob, mse, kl, kl_ema, clipfrac, grad_v, coefs): the first six as
-`awm_loss_torch` (loss as a float32 scalar), grad_v = dLoss/dv computed in the forward, and the per-row
+`awm_loss_torch`, except that the loss is a scalar in the inputs' precision (`loss_dtype`: float64 for float64 v,
+float32 otherwise; the rule of every fused backend: Triton, cpp, cuda), grad_v = dLoss/dv computed in the forward, and the per-row
 gradient coefficients coefs = (c_u, c_ref, c_ema) of shape (3, R) (float64 in the reference op, float32 in
 the Triton op) with
 
@@ -22,6 +23,12 @@ from awm_fast.ops.awm_loss_torch import MSE_EPS, awm_loss_torch, kl_weight, weig
 
 Tensor = torch.Tensor
 AWM_OUTPUTS = 8
+
+
+def loss_dtype(v: Tensor) -> torch.dtype:
+    """The dtype of the fused ops' loss: float64 for float64 v, float32 for float32 / float16 / bfloat16 v (their
+    float32 accumulation). The torch backend (`awm_loss_torch`) returns float64 for every input dtype."""
+    return torch.float64 if v.dtype == torch.float64 else torch.float32
 
 
 def dlog_prob_dmse(mse: Tensor, t: Tensor, weighting: str, ghuber_power: float) -> Tensor:
@@ -75,8 +82,7 @@ def awm_loss_ref(v: Tensor, target: Tensor, t: Tensor, advantages: Tensor, v_ref
             if other is not None:
                 coefs[i] = scale * w * 2 / (rows * dims)
                 grad += coefs[i, :, None] * (vd - other.reshape(rows, -1).to(f64))
-    f32 = torch.float32
-    return (loss.to(f32), log_prob, mse, kl, kl_ema, clipfrac, grad.to(v.dtype).reshape(v.shape), coefs)
+    return (loss.to(loss_dtype(v)), log_prob, mse, kl, kl_ema, clipfrac, grad.to(v.dtype).reshape(v.shape), coefs)
 
 
 @awm_loss_ref.register_fake
@@ -88,9 +94,8 @@ def _awm_loss_ref_fake(v, target, t, advantages, v_ref, v_ema, old_log_prob, bet
 def awm_outputs_like(v: Tensor, coef_dtype: torch.dtype) -> tuple[Tensor, ...]:
     """Empty outputs with the ops' shapes and dtypes (used by the fake implementation)."""
     rows, f32 = v.shape[0], torch.float32
-    scalar = lambda: v.new_empty((), dtype=f32)  # noqa: E731
     row = lambda: v.new_empty((rows,), dtype=f32)  # noqa: E731
-    return (scalar(), row(), row(), row(), row(), scalar(), torch.empty_like(v, memory_format=torch.contiguous_format),
+    return (v.new_empty((), dtype=loss_dtype(v)), row(), row(), row(), row(), v.new_empty((), dtype=f32), torch.empty_like(v, memory_format=torch.contiguous_format),
             v.new_empty((3, rows), dtype=coef_dtype))
 
 

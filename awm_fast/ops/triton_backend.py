@@ -33,7 +33,8 @@ _awm_loss_op.register_autograd(awm_backward, setup_context=awm_setup_context)
 
 def awm_loss_triton(v, target, t, advantages, v_ref, v_ema, old_log_prob, beta, ema_beta, weighting,
                     ghuber_power, clip_range, kl_weighting, ratio_mode, num_timesteps) -> tuple[Tensor, ...]:
-    """Same arguments and returned tuple as `awm_loss_torch` (loss is a float32 scalar here)."""
+    """Same arguments and returned tuple as `awm_loss_torch`; the loss is a scalar in `torch_ops.loss_dtype(v)`
+    (computed with float32 accumulation, returned as float64 for float64 v)."""
     out = torch.ops.awm_fast.awm_loss_triton(v, target, t, advantages, v_ref, v_ema, old_log_prob, beta,
                                              ema_beta, weighting, ghuber_power, clip_range, kl_weighting,
                                              ratio_mode, num_timesteps)

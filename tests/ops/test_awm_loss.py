@@ -125,12 +125,25 @@ def test_module_wrapper_matches_function(gen):
     (dict(backend="cuda_magic"), "backend='cuda_magic'"),
     (dict(num_timesteps=2), "num_timesteps=2"),
 ])
-def test_bad_input_raises_value_error(gen, change, match):
+def test_bad_input_raises_value_error(gen, change, match, monkeypatch):
+    monkeypatch.setenv("AWM_FAST_DEBUG_CHECKS", "1")  # the value check (NaN advantages) runs under the switch
     x = _inputs(gen, rows=5, shape=(3, 4), dtype=torch.float32)
     kwargs = dict(v=x["v"], target=x["target"], t=x["t"].float(), advantages=x["advantages"])
     kwargs.update(change)
     with pytest.raises(ValueError, match=match):
         awm_loss(**kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_nan_advantages_without_the_debug_switch_give_a_nan_loss(gen, monkeypatch, backend):
+    """Off the hot path: without AWM_FAST_DEBUG_CHECKS=1 no value is read back; the NaN reaches the loss (and the
+    trainer's non-finite guard)."""
+    monkeypatch.delenv("AWM_FAST_DEBUG_CHECKS", raising=False)
+    x = _inputs(gen, rows=5, shape=(3, 4), dtype=torch.float32)
+    adv = x["advantages"].clone()
+    adv[1] = float("nan")
+    out = awm_loss(x["v"], x["target"], x["t"].float(), adv, backend=backend)
+    assert torch.isnan(out.loss)
 
 
 def test_integer_input_raises_type_error():

@@ -1,0 +1,147 @@
+"""No host-device traffic on the hot path: a routed transformer call, `awm_loss` and `sde_step` neither read a
+tensor value back on the host (`.item()`, `bool(tensor)`, `.tolist()`: aten._local_scalar_dense) nor build a
+tensor from Python data (`torch.tensor`, `new_tensor`: aten.lift_fresh), either of which is a copy plus a stream
+sync on CUDA and illegal inside CUDA-graph capture. Checked on CPU, where the same calls are dispatched."""
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
+from awm_fast.models.routing import BASE, routed, routing_mask
+from awm_fast.ops import awm_loss, sde_step
+from awm_fast.ops.dispatch import backend_present
+from awm_fast.tasks.digits import tiny_transformer_config
+
+HOST_OPS = ("aten._local_scalar_dense", "aten.lift_fresh", "aten.lift_fresh_copy")
+PY_CALLS = (("torch", "tensor"), ("torch", "as_tensor"), ("Tensor", "new_tensor"), ("Tensor", "tolist"),
+            ("Tensor", "item"), ("Tensor", "numpy"))
+CPU_BACKENDS = [b for b in ("torch", "cpp") if backend_present(b, "cpu")]
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+ROWS = 2
+
+
+class HostTraffic(TorchDispatchMode):
+    """Records every dispatched op that reads a value back to the host or lifts Python data into a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
+        if name in HOST_OPS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_traffic(monkeypatch):
+    """A context manager recording host traffic: the dispatch mode above plus the Python entry points (patched,
+    so a call that a dispatch mode cannot see, e.g. tolist() on a CPU tensor, is recorded too)."""
+    monkeypatch.delenv("AWM_FAST_DEBUG_CHECKS", raising=False)  # the opt-in value checks do sync
+    mode = HostTraffic()
+    owners = {"torch": torch, "Tensor": torch.Tensor}
+    for owner, attr in PY_CALLS:
+        original = getattr(owners[owner], attr)
+
+        def spy(*args, _original=original, _name=f"{owner}.{attr}", **kwargs):
+            if mode.active:
+                mode.seen.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owners[owner], attr, spy)
+    mode.active = False
+
+    class Recording:
+        def __enter__(self):
+            mode.active = True
+            mode.__enter__()
+            return mode
+
+        def __exit__(self, *exc):
+            mode.active = False
+            return mode.__exit__(*exc)
+
+    return Recording
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = SD3Transformer2DModel(**tiny_transformer_config()).requires_grad_(False)
+    add_adapters(m, rank=4, alpha=8, init="gaussian", targets=TARGETS)
+    with torch.no_grad():
+        for name in (POLICY, EMA):
+            for p in adapter_params(m, name).values():
+                p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def _call(model, mask, rows):
+    gen = torch.Generator().manual_seed(1)
+    with routed(mask):
+        return model(hidden_states=torch.randn(rows, 1, 8, 8, generator=gen),
+                     encoder_hidden_states=torch.randn(rows, 2, 32, generator=gen),
+                     pooled_projections=torch.randn(rows, 32, generator=gen),
+                     timestep=torch.rand(rows, generator=gen) * 1000, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("groups", [[(POLICY, ROWS)], [(BASE, ROWS), (EMA, ROWS)], [(POLICY, 1), (BASE, 1), (EMA, 1)]],
+                         ids=["policy", "ref_ema", "mixed"])
+def test_routed_transformer_call_has_no_host_traffic(model, host_traffic, groups):
+    mask = routing_mask(groups, "cpu")  # built once on the host, outside the call (the policy caches it)
+    rows = sum(n for _, n in groups)
+    _call(model, mask, rows)  # first call outside the recording (lazy initialisation is allowed there)
+    with host_traffic() as seen:
+        out = _call(model, mask, rows)
+        if out.requires_grad:  # policy rows: the LoRA backward too
+            out.square().sum().backward()
+    assert seen.seen == [], f"host traffic in a routed call: {sorted(set(seen.seen))}"
+    assert torch.isfinite(out).all()
+
+
+def _loss_inputs(gen, rows=4):
+    mk = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    return dict(v=mk(rows, 3, 4).requires_grad_(), target=mk(rows, 3, 4), t=torch.rand(rows, generator=gen) * 0.9 + 0.05,
+                advantages=mk(rows), v_ref=mk(rows, 3, 4), v_ema=mk(rows, 3, 4), old_log_prob=-torch.rand(rows, generator=gen))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
+def test_awm_loss_forward_and_backward_have_no_host_traffic(gen, host_traffic, backend):
+    x = _loss_inputs(gen)
+    v, target, t, adv = x.pop("v"), x.pop("target"), x.pop("t"), x.pop("advantages")
+    awm_loss(v, target, t, adv, beta=0.1, ema_beta=0.2, backend=backend, **x)  # warm-up (extension load)
+    with host_traffic() as seen:
+        out = awm_loss(v, target, t, adv, beta=0.1, ema_beta=0.2, backend=backend, **x)
+        out.loss.backward()
+    assert seen.seen == [], f"host traffic in awm_loss(backend={backend!r}): {sorted(set(seen.seen))}"
+    assert v.grad is not None and torch.isfinite(v.grad).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
+@pytest.mark.parametrize("kind", ["euler_maruyama", "cps"])
+def test_sde_step_has_no_host_traffic(gen, host_traffic, backend, kind):
+    x, v = torch.randn(3, 2, 4, generator=gen), torch.randn(3, 2, 4, generator=gen).requires_grad_()
+    sigma, sigma_next = torch.tensor([0.9, 0.6, 0.3]), torch.tensor([0.8, 0.5, 0.0])
+    noise = torch.randn(3, 2, 4, generator=gen)
+    sde_step(x, v.detach(), sigma, sigma_next, noise=noise, kind=kind, backend=backend)  # warm-up
+    with host_traffic() as seen:
+        with torch.no_grad():
+            step = sde_step(x, v, sigma, sigma_next, noise=noise, kind=kind, backend=backend)
+            sde_step(x, v, 0.7, 0.6, noise=noise, kind=kind, backend=backend, out=torch.empty_like(x))
+        lp = sde_step(x, v, sigma, sigma_next, x_next=step.x_next, kind=kind, backend=backend).log_prob
+        lp.sum().backward()
+    assert seen.seen == [], f"host traffic in sde_step(backend={backend!r}): {sorted(set(seen.seen))}"
+    assert v.grad is not None and torch.isfinite(v.grad).all()
+
+
+def test_the_recorder_sees_host_traffic(host_traffic):
+    """The detector itself: each kind of host traffic is recorded."""
+    x = torch.randn(3)
+    with host_traffic() as seen:
+        x.new_tensor([1.0, 2.0])
+        bool(x.sum() > 0)
+        x.tolist()
+    assert "aten._local_scalar_dense" in seen.seen and "aten.lift_fresh" in seen.seen
+    assert "Tensor.new_tensor" in seen.seen and "Tensor.tolist" in seen.seen
