@@ -81,9 +81,9 @@ def awm_loss(
     ratio_mode="sum_first" needs rows ordered timestep-major and num_timesteps = T.
     backend="triton" (default for CUDA tensors) runs the fused kernels of `awm_fast.kernels.awm_loss` as the
     custom op `torch.ops.awm_fast.awm_loss_triton`: fp32 accumulation for any input dtypes, dLoss/dv written
-    during the forward, the loss as a float32 scalar (float64 for float64 v: every fused backend returns the loss in
-the inputs' precision, `torch_ops.loss_dtype`; the torch backend returns float64 for any input); gradients reach v, target, v_ref and v_ema, while t,
-    advantages and old_log_prob are constants. Works under torch.compile(fullgraph=True).
+    during the forward, the loss as a float32 scalar (float64 for float64 v: every fused backend returns the loss
+    in the inputs' precision, `torch_ops.loss_dtype`; the torch backend returns float64 for any input); gradients
+    reach v, target, v_ref and v_ema, while t, advantages and old_log_prob are constants. Works under torch.compile(fullgraph=True).
     backend="cpp" (CPU tensors; the "auto" choice on CPU when the extension is built) and "cuda" run the same
     algorithm as the native op `torch.ops.awm_fast.awm_loss_native` (csrc/, `awm_fast.ops.native_backend`).
     """

@@ -2,9 +2,9 @@
 shared with the Triton op (`torch.ops.awm_fast.awm_loss_triton`). Needs torch only.
 
 Both ops return (loss, log_prob, mse, kl, kl_ema, clipfrac, grad_v, coefs): the first six as
-`awm_loss_torch`, except that the loss is a scalar in the inputs' precision (`loss_dtype`: float64 for float64 v,
-float32 otherwise; the rule of every fused backend: Triton, cpp, cuda), grad_v = dLoss/dv computed in the forward, and the per-row
-gradient coefficients coefs = (c_u, c_ref, c_ema) of shape (3, R) (float64 in the reference op, float32 in
+`awm_loss_torch`, except that the loss is a scalar in the inputs' precision (`loss_dtype`: float64 for float64
+v, float32 otherwise; the rule of every fused backend: Triton, cpp, cuda), grad_v = dLoss/dv computed in the
+forward, and the per-row gradient coefficients coefs = (c_u, c_ref, c_ema) of shape (3, R) (float64 in the reference op, float32 in
 the Triton op) with
 
     dLoss/dv       = c_u (v - u) + c_ref (v - v_ref) + c_ema (v - v_ema)
@@ -95,8 +95,8 @@ def awm_outputs_like(v: Tensor, coef_dtype: torch.dtype) -> tuple[Tensor, ...]:
     """Empty outputs with the ops' shapes and dtypes (used by the fake implementation)."""
     rows, f32 = v.shape[0], torch.float32
     row = lambda: v.new_empty((rows,), dtype=f32)  # noqa: E731
-    return (v.new_empty((), dtype=loss_dtype(v)), row(), row(), row(), row(), v.new_empty((), dtype=f32), torch.empty_like(v, memory_format=torch.contiguous_format),
-            v.new_empty((3, rows), dtype=coef_dtype))
+    return (v.new_empty((), dtype=loss_dtype(v)), row(), row(), row(), row(), v.new_empty((), dtype=f32),
+            torch.empty_like(v, memory_format=torch.contiguous_format), v.new_empty((3, rows), dtype=coef_dtype))
 
 
 def awm_setup_context(ctx, inputs, output) -> None:

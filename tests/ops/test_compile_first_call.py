@@ -49,7 +49,8 @@ def log_prob_fn(x, v, sigma, sigma_next, x_next):
 leaf = v.clone().requires_grad_()
 loss = torch.compile(loss_fn, fullgraph=True, backend=recording)(leaf, target, t, adv, v_ref, v_ema)
 loss.backward()
-sigma, sigma_next, x, noise = torch.tensor([0.9, 0.7, 0.5, 0.4, 0.3, 0.2]), torch.full((6,), 0.1), mk(6, 2, 5), mk(6, 2, 5)
+sigma, sigma_next = torch.tensor([0.9, 0.7, 0.5, 0.4, 0.3, 0.2]), torch.full((6,), 0.1)
+x, noise = mk(6, 2, 5), mk(6, 2, 5)
 with torch.no_grad():
     x_next = torch.compile(step_fn, fullgraph=True, backend=recording)(x, v, sigma, sigma_next, noise)
 vl = v.clone().requires_grad_()

@@ -20,8 +20,8 @@ FUSED = (["cpp"] if native_backend.available("cpu") else []) + (
 
 def _inputs(gen, dtype, rows=4, shape=(3, 5)):
     mk = lambda: torch.randn(rows, *shape, generator=gen, dtype=F64).to(dtype)  # noqa: E731
-    return dict(v=mk(), target=mk(), t=torch.rand(rows, generator=gen) * 0.9 + 0.05, advantages=torch.randn(rows, generator=gen),
-                v_ref=mk(), v_ema=mk(), old_log_prob=-torch.rand(rows, generator=gen))
+    return dict(v=mk(), target=mk(), t=torch.rand(rows, generator=gen) * 0.9 + 0.05, v_ref=mk(), v_ema=mk(),
+                advantages=torch.randn(rows, generator=gen), old_log_prob=-torch.rand(rows, generator=gen))
 
 
 def test_the_rule():

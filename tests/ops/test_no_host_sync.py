@@ -103,8 +103,9 @@ def test_routed_transformer_call_has_no_host_traffic(model, host_traffic, groups
 
 def _loss_inputs(gen, rows=4):
     mk = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    return dict(v=mk(rows, 3, 4).requires_grad_(), target=mk(rows, 3, 4), t=torch.rand(rows, generator=gen) * 0.9 + 0.05,
-                advantages=mk(rows), v_ref=mk(rows, 3, 4), v_ema=mk(rows, 3, 4), old_log_prob=-torch.rand(rows, generator=gen))
+    return dict(v=mk(rows, 3, 4).requires_grad_(), target=mk(rows, 3, 4), advantages=mk(rows),
+                t=torch.rand(rows, generator=gen) * 0.9 + 0.05, v_ref=mk(rows, 3, 4), v_ema=mk(rows, 3, 4),
+                old_log_prob=-torch.rand(rows, generator=gen))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
