@@ -15,11 +15,9 @@ k = [need_ref] + [need_ema]:
     three calls:   F(R) + G(R) + k F(R)
     shared batch:  F(R) + G(R) + F(k R)  =  the same FLOPs,   in 1 + min(k, 1) transformer calls (not 1 + k)
 
-The LoRA products follow the routing layers: today each routed layer computes both adapters' rank-r products
-over every row of every call, so the two sides match term for term; a layer that skips the adapters absent
-from its call's mask saves the reference call's products in the three calls but not in the shared
-[reference; ema] call, whose mask holds the EMA adapter (a difference of one rank-r product over R rows per
-LoRA layer, ~r (d_in + d_out) / (d_in d_out) of that layer's matmul work).
+The LoRA products follow the routing descriptor (models.routing): a policy call runs the "default" product
+(rank r), and the reference-only, EMA-only and [reference; ema] calls run only the "ema" product (masked to zero on
+reference rows), so the two sides match term for term (tested with FlopCounterMode).
 """
 from __future__ import annotations
 
