@@ -1,0 +1,52 @@
+"""run.eval_every: evaluations between steps, of the weights of that step (what `awm-fast eval` of that step's
+checkpoint reproduces exactly), none repeated at the last step; and a reward failing once in a rollout is retried
+with the config's reward.retries / reward.retry_wait_s, the run going on."""
+import json
+import types
+
+import torch
+
+from awm_fast.cli import main
+from awm_fast.config import load_config
+from awm_fast.train import faults
+from awm_fast.train.trainer import train
+from tests.train.test_faults import TINY
+
+
+def test_eval_every_evaluates_each_steps_weights_and_a_flaky_reward_is_retried(tmp_path, monkeypatch):
+    from awm_fast.rewards.digits import DigitsReward
+
+    real, calls, waited = DigitsReward.__call__, [], []
+
+    def once_down(self, images, prompts, metadata):
+        calls.append(len(prompts))
+        if calls.count(8) == 2 and len(prompts) == 8:  # step 2's rollout batch (evaluation batches: 10 prompts)
+            calls.append("failed")
+            raise ConnectionError("reward server went away")
+        return real(self, images, prompts, metadata)
+
+    monkeypatch.setattr(DigitsReward, "__call__", once_down)
+    monkeypatch.setattr(faults, "time", types.SimpleNamespace(sleep=waited.append))
+    logs = []
+    cfg = load_config(None, TINY + [f"run.output_dir={tmp_path}", "run.name=r", "train.steps=3", "run.eval_every=1",
+                                    "run.checkpoint_every=1", "run.keep_checkpoints=3", "reward.retries=1", "reward.retry_wait_s=0.25"])
+    summary = json.loads(train(cfg, log=logs.append).read_text())
+    # evaluations at 0, 1, 2, 3 (raw, ema); rollouts of steps 1, 2 (failed once, then again), 3
+    assert calls == [10, 8, 10, 8, "failed", 8, 10, 8, 10, 10] and waited == [0.25]
+    assert "[warn] reward 'digits' failed (ConnectionError: reward server went away); retry 1/1 in 0.25 s" in logs
+    evals = [line.split(":")[0] for line in logs if line.startswith("[eval]")]
+    assert evals == ["[eval] step 0 (raw weights)", "[eval] step 1 (raw weights)", "[eval] step 2 (raw weights)",
+                     "[eval] step 3 (raw weights)", "[eval] step 3 (ema weights)"]  # step 3 once: the final one
+    run = tmp_path / "r"
+    saved = torch.load(run / "checkpoints" / "step_000003" / "state.pt", weights_only=False)["evals"]
+    assert [(e["step"], e["weights"]) for e in saved] == [(0, "raw"), (1, "raw"), (2, "raw")]
+    metrics = lambda e: {k: v for k, v in e.items() if k not in ("step", "weights")}
+    assert metrics(saved[0]) == summary["eval_before"]
+
+    out = tmp_path / "ev"
+    assert main(["eval", str(run), "--all-checkpoints", "--out", str(out)]) == 0
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    for e in saved[1:]:  # the evaluation at step k is of step k's weights: same seeds, prompts, batches: exact
+        assert results[f"r/step_{e['step']:06d}"]["raw"] == metrics(e)
+    assert results["r/step_000003"]["raw"] == summary["eval_after"]
+    assert metrics(saved[1]) != metrics(saved[2])  # the weights moved between the evaluations
