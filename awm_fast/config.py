@@ -218,7 +218,7 @@ CHOICES = {  # each list lives with its owner
     "sample.sampler": _Owned("awm_fast.sampling.rollout:SAMPLERS"),
     "train.algorithm": _Owned("awm_fast.train.algorithms:ALGORITHMS"),
     "train.nft_sampler": _Owned("awm_fast.train.algorithms:NFT_SAMPLERS"),
-    "train.finetune": _Owned("awm_fast.models.adapt:FINETUNE_MODES"),
+    "train.finetune": _Owned("awm_fast.models.finetune:FINETUNE_MODES"),
     "train.timestep_sampling": TIMESTEP_MODES,
     "train.weighting": _Owned("awm_fast.ops.awm_loss_torch:WEIGHTINGS"),
     "train.ratio_mode": _Owned("awm_fast.ops.awm_loss_torch:RATIO_MODES"),

@@ -123,14 +123,7 @@ def load_weights(policy, source: Source) -> dict | None:
     """Copy the checkpoint's trained weights into the policy; returns its training state (None for the base)."""
     if source.is_base:
         return None
-    if policy.models is not None:  # train.finetune=full: default/ holds the whole trained transformer
-        from safetensors.torch import load_file
-
-        from awm_fast.train.full_finetune import WEIGHTS
-
-        policy.transformer.load_state_dict(load_file(str(source.ckpt / "default" / WEIGHTS)))
-        return torch.load(source.ckpt / "state.pt", weights_only=False, map_location="cpu")
-    return ckpt_io.load_checkpoint(source.ckpt, policy.transformer)
+    return policy.finetune.load_trained(source.ckpt, policy)  # LoRA: both adapters; full: the trained transformer
 
 
 def weight_choices(state: dict | None, wanted: str) -> list[str]:

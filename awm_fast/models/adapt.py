@@ -12,11 +12,10 @@ import torch
 from awm_fast.config import Config
 from awm_fast.models.attention import resolve_attention_backend, use_attention_backend
 from awm_fast.models.compile import compile_blocks
+from awm_fast.models.finetune import FULL
 from awm_fast.models.lora import EMA, POLICY, add_adapters
 from awm_fast.models.policy import FlowPolicy
 from awm_fast.models.routing import enable_checkpointing
-
-FINETUNE_MODES = ("lora", "full")  # train.finetune
 
 
 def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torch.dtype, log=print, attention=None):
@@ -50,7 +49,8 @@ def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torc
 def make_full_models(policy: FlowPolicy, cfg: Config, log=print) -> FlowPolicy:
     """Full fine-tuning: the loaded transformer (model.dtype, frozen) becomes the reference; a copy of it in the
     same dtype the EMA (KL anchor, moved after each step); a float32 copy the trained model (master weights;
-    under autocast when model.dtype is a half type). policy.transformer = the trained model."""
+    under autocast when model.dtype is a half type). policy.transformer = the trained model; policy.finetune =
+    models.finetune.FULL."""
     reference = policy.transformer
     ema = copy.deepcopy(reference)
     trained = copy.deepcopy(reference).float().requires_grad_(True)
@@ -63,4 +63,5 @@ def make_full_models(policy: FlowPolicy, cfg: Config, log=print) -> FlowPolicy:
         log(f"[compile] {blocks} blocks of each of the trained, reference and EMA transformers compiled (mode "
             f"{m.compile_mode}, backend {m.compile_backend}); the first step compiles them")
     policy.transformer, policy.models = trained, {POLICY: trained, None: reference, EMA: ema}
+    policy.finetune = FULL
     return policy

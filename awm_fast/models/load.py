@@ -11,6 +11,7 @@ from awm_fast.env import DTYPES
 from awm_fast.families import policy_family
 from awm_fast.models.adapt import make_full_models
 from awm_fast.models.cuda_graphs import VelocityGraphs
+from awm_fast.models.finetune import FULL, get_finetune
 from awm_fast.models.policy import FlowPolicy
 
 
@@ -21,9 +22,10 @@ def load_policy(cfg: Config, device: torch.device, *, prompts: list[str] = (), l
 
 
 def finish_policy(policy: FlowPolicy, cfg: Config, device: torch.device, log=print) -> FlowPolicy:
-    """Full fine-tuning's model copies; with sample.cuda_graphs the no-grad transformer calls replay CUDA graphs
-    (models.cuda_graphs)."""
-    if cfg.train.finetune == "full":
+    """train.finetune's strategy (models.finetune: LoRA as built, or full fine-tuning's model copies); with
+    sample.cuda_graphs the no-grad transformer calls replay CUDA graphs (models.cuda_graphs)."""
+    policy.finetune = get_finetune(cfg.train.finetune)
+    if policy.finetune is FULL:
         policy = make_full_models(policy, cfg, log)
     if cfg.sample.cuda_graphs:
         if device.type == "cuda":

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from awm_fast.models.finetune import LORA, Finetune
 from awm_fast.models.lora import POLICY
 from awm_fast.models.routing import routed, routing_mask
 
@@ -35,8 +36,9 @@ class Conditioning:
 @dataclass
 class FlowPolicy:
     """transformer: a diffusers SD3-style transformer with "default" and "ema" LoRA adapters; or, for full
-    fine-tuning (`models` set), the trained transformer itself, `models` = {"default": it, None: the frozen
-    reference, "ema": the frozen EMA copy}: the adapter argument then picks the module (no routing mask).
+    fine-tuning (`finetune` = models.finetune.FULL), the trained transformer itself, `models` = {"default": it,
+    None: the frozen reference, "ema": the frozen EMA copy}: the adapter argument then picks the module (no
+    routing mask). `finetune` answers every question that differs between the two (models.finetune).
 
     encode(prompts) -> Conditioning; decode(latents) -> images in [0, 1], (B, C, H, W) float32.
     sigmas(N) -> the N + 1 sigmas (float64, 1 down to 0) of the model's own scheduler (algo.timesteps): the
@@ -52,6 +54,7 @@ class FlowPolicy:
     call: Callable | None = None  # call(transformer, x, t, cond) -> v; None: the SD3 call below
     graphs: Callable | None = None  # models.cuda_graphs.VelocityGraphs(self.forward): no-grad calls replayed
     models: dict | None = None  # full fine-tuning: {"default": trained, None: reference, "ema": EMA copy}
+    finetune: Finetune = LORA  # train.finetune's strategy (models.finetune), set by models.adapt.make_full_models
     sigmas: Callable[[int], torch.Tensor] | None = None  # the scheduler's grid for N steps (see above)
     _masks: dict = field(default_factory=dict, repr=False)  # routing masks by (adapter, rows, device)
 
@@ -63,10 +66,9 @@ class FlowPolicy:
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, adapter: str | None = POLICY) -> torch.Tensor:
         """v(x, t, c) with the given adapter ("default", "ema", or None for the reference = base model)."""
-        if self.models is not None:
-            if adapter not in self.models:
-                raise ValueError(f"adapter={adapter!r} is not one of {tuple(self.models)} (full fine-tuning models)")
-            return self.routed_velocity(x, t, cond, None, module=self.models[adapter])
+        module = self.finetune.module_for(self, adapter)
+        if module is not None:
+            return self.routed_velocity(x, t, cond, None, module=module)
         key = (adapter, x.shape[0], x.device)
         if key not in self._masks:
             self._masks[key] = routing_mask([(adapter, x.shape[0])], x.device)

@@ -22,12 +22,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from awm_fast.models.lora import EMA, POLICY, adapter_params
+from awm_fast.models.finetune import PREFIX, load_adapters
+from awm_fast.models.lora import EMA, POLICY
 from awm_fast.train.faults import pause_point
 
-PREFIX = "transformer."
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
@@ -74,7 +74,7 @@ def _remove(path: Path) -> None:
 
 def save_model(transformer, state_dict: dict, folder: Path) -> None:
     """Whole weights in the diffusers model layout (the config of `transformer`, a diffusers model)."""
-    from awm_fast.train.full_finetune import WEIGHTS
+    from awm_fast.models.full_finetune import WEIGHTS
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / WEIGHTS))
@@ -107,18 +107,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(ckpt: Path, transformer) -> dict:
-    """Copy both adapters' weights into the transformer; return the saved training state."""
-    for name in (POLICY, EMA):
-        path = ckpt / name / "pytorch_lora_weights.safetensors"
-        if not path.is_file():
-            raise ValueError(f"checkpoint {ckpt} has no {name}/{path.name}: not a LoRA checkpoint "
-                             "(a train.finetune=full one holds diffusion_pytorch_model.safetensors)")
-        weights = {k.removeprefix(PREFIX): v for k, v in load_file(str(path)).items()}
-        params = adapter_params(transformer, name)
-        missing = sorted(set(params) - set(weights))
-        if missing:
-            raise ValueError(f"checkpoint {ckpt} adapter {name!r} lacks {len(missing)} tensors, e.g. {missing[0]}")
-        with torch.no_grad():
-            for key, p in params.items():
-                p.copy_(weights[key])
+    """Copy both adapters' weights into the transformer (models.finetune.load_adapters); return the saved
+    training state."""
+    load_adapters(ckpt, transformer)
     return torch.load(ckpt / "state.pt", weights_only=False)

@@ -1,5 +1,5 @@
 """torch.distributed for the trainer: the process group from torchrun's environment, collectives with a
-timeout and a clear error, DDP of the LoRA transformer (FSDP2 for full fine-tuning: train/full_finetune.py).
+timeout and a clear error, DDP of the LoRA transformer (FSDP2 for full fine-tuning: models/full_finetune.py).
 
     torchrun --nproc_per_node 8 -m awm_fast.cli train --config geneval_sd35m ...     (one process per GPU)
 
@@ -190,17 +190,16 @@ class _DDP(DistributedDataParallel):
 def wrap_for_training(policy, d: Dist):
     """The policy whose transformer is DDP-wrapped (same parameters) for the update's forward/backward calls;
     the unwrapped policy stays in use for rollouts, evaluation, EMAs and checkpoints. On one process: `policy`.
-
-    Only the trainable LoRA parameters are bucketed and all-reduced; the frozen base weights (identical on every
-    rank: they are loaded from the same files) are not broadcast, the LoRA adapters are, from rank 0.
-    Full fine-tuning (policy.models set): the trained, reference and EMA transformers sharded in place with
-    FSDP2 (train.full_finetune.shard_full_models); the returned policy is `policy` itself."""
+    Full fine-tuning: the trained, reference and EMA transformers sharded in place with FSDP2
+    (models.full_finetune.shard_full_models); the returned policy is `policy` itself. policy.finetune decides."""
     if not d.enabled:
         return policy
-    if policy.models is not None:
-        from awm_fast.train.full_finetune import shard_full_models
+    return policy.finetune.distribute(policy, d, lambda p: _lora_ddp(p, d))
 
-        return shard_full_models(policy, d)
+
+def _lora_ddp(policy, d: Dist):
+    """Only the trainable LoRA parameters are bucketed and all-reduced; the frozen base weights (identical on every
+    rank: they are loaded from the same files) are not broadcast, the LoRA adapters are, from rank 0."""
     module = policy.transformer
     frozen = [n for n, _ in module.named_parameters() if "lora_" not in n] + [n for n, _ in module.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)

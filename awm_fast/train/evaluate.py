@@ -28,7 +28,7 @@ def evaluate(policy: FlowPolicy, reward: Reward, prompts: list[str], metadata: l
     starts = list(range(0, len(prompts), batch_size))
     # sharded full fine-tuning: every rank must make the same calls (each gathers weights from all ranks), so
     # a rank short of a batch samples a discarded one-prompt batch
-    lockstep = policy.models is not None and dist.enabled
+    lockstep = policy.finetune.lockstep_eval and dist.enabled
     rounds = -(-len(starts) // dist.world) * dist.world if lockstep else len(starts)
     for k in range(dist.rank, rounds, dist.world):
         if k >= len(starts):

@@ -6,7 +6,7 @@ the step's global batch; rank r rolls out its contiguous share. Rollout batch k 
 noise seeded by (seed, step, k) and training micro-batch i by (seed, step, i), so a sample's randomness never
 depends on the rank that produces it, and a 2-process run computes what a 1-process run computes with the
 same global batch. Rewards are gathered, so the advantage statistics (group mean, global std) are the
-1-process ones; DDP (LoRA) or FSDP2 (full fine-tuning, train/full_finetune.py) averages the gradients;
+1-process ones; DDP (LoRA) or FSDP2 (full fine-tuning, models/full_finetune.py) averages the gradients;
 evaluation is sharded and gathered; only rank 0 writes.
 """
 from __future__ import annotations
@@ -21,14 +21,13 @@ from tqdm.auto import tqdm
 
 from awm_fast.algo.advantages import count_flat_groups, group_advantages
 from awm_fast.config import Config
-from awm_fast.models.lora import EMA, POLICY, EvalEMA, adapter_params, update_ema_adapter
+from awm_fast.models.lora import EvalEMA
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.train import checkpoint as ckpt
 from awm_fast.train import report
 from awm_fast.train.algorithms import Algorithm, Rollout, get_algorithm, merge_extras
 from awm_fast.train.distributed import Dist, current, init_distributed, shutdown, wrap_for_training
 from awm_fast.train.evaluate import evaluate
-from awm_fast.train.full_finetune import full_state, load_full_state, update_ema_model
 from awm_fast.train.faults import NonFiniteGuard, RetryingReward, out_of_memory, pause_point
 from awm_fast.train.logger import MetricsLogger
 from awm_fast.train.resume import build_config, check_resumable, config_changes, dump_config, saved_config
@@ -127,12 +126,7 @@ def train(cfg: Config, *, resume: str | None = None, log=print) -> Path:
 def restore_state(ckpt_path: Path, policy, optimizer, eval_ema, d: Dist, log) -> dict:
     """Load a checkpoint into the weights, optimizer and evaluation EMA (and this rank's RNG when the world size
     is the one it was saved with); returns the saved training state (step, evals, history, ...)."""
-    if policy.models is not None:  # train.finetune=full
-        state = torch.load(ckpt_path / "state.pt", weights_only=False)
-        load_full_state(ckpt_path, policy, optimizer, state["optimizer"])
-    else:
-        state = ckpt.load_checkpoint(ckpt_path, policy.transformer)
-        optimizer.load_state_dict(state["optimizer"])
+    state = policy.finetune.load_checkpoint(ckpt_path, policy, optimizer)  # LoRA adapters or whole weights
     if eval_ema is not None:
         eval_ema.load_state_dict(state["eval_ema"])
     rngs = state.get("rng", [])
@@ -152,7 +146,7 @@ def save_state(run_dir: Path, step: int, cfg: Config, policy, optimizer, eval_em
     checkpoint atomically (train/checkpoint.py)."""
     rngs = d.all_gather_object(rng_state(d.device), "gathering RNG states for the checkpoint")
     with d.guard("gathering the full weights for the checkpoint"):
-        weights, optim = full_state(policy, optimizer) if policy.models is not None else (None, optimizer.state_dict())
+        weights, optim = policy.finetune.checkpoint_state(policy, optimizer)  # weights: None for LoRA
     if d.is_main:
         state = {"optimizer": optim, "eval_ema": eval_ema.state_dict() if eval_ema else None, "rng": rngs,
                  "sampler": {"seed": cfg.train.seed, "step": step, "world_size": d.world}, **progress,
@@ -186,8 +180,7 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
     policy = task.policy
     train_policy = wrap_for_training(policy, d)  # DDP (LoRA) or FSDP2 (full) on several processes
     algo = get_algorithm(t.algorithm)
-    full = policy.models is not None  # train.finetune=full
-    params = list(policy.transformer.parameters()) if full else list(adapter_params(policy.transformer, POLICY).values())
+    params = policy.finetune.trained_params(policy)  # the "default" adapter, or every trained weight
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
     eval_ema = EvalEMA(policy.transformer) if t.eval_ema else None
@@ -235,8 +228,7 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
             result.losses = d.mean(result.losses)  # grad_norm and skipped are already global
             mem["peak_mem_train_gb"] = peak_memory_gb(device)
             rate, cap = algo.adapter_decay(t)
-            decay = update_ema_model(policy.models[EMA], policy.transformer, step + 1, rate=rate, cap=cap) if full \
-                else update_ema_adapter(policy.transformer, step + 1, rate=rate, cap=cap)
+            decay = policy.finetune.update_ema(policy, step + 1, rate=rate, cap=cap)
             if eval_ema is not None:
                 eval_ema.update(policy.transformer)
             dt = time.perf_counter() - t0

@@ -98,7 +98,7 @@ def _dump_grads(params: list[torch.nn.Parameter]) -> None:
     folder = os.environ.get("AWM_FAST_GRAD_DUMP")
     if not folder:
         return
-    from awm_fast.train.full_finetune import full_grads
+    from awm_fast.models.full_finetune import full_grads
 
     grads = full_grads(params)  # every rank: FSDP2's sharded gradients are gathered
     if int(os.environ.get("RANK", "0")) != 0:

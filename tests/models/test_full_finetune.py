@@ -9,7 +9,7 @@ from awm_fast.models.adapt import make_full_models
 from awm_fast.models.lora import EMA, POLICY
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.tasks.digits import tiny_transformer_config
-from awm_fast.train.full_finetune import update_ema_model
+from awm_fast.models.full_finetune import update_ema_model
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Full fine-tuning (train.finetune=full): FSDP2 sharding, the EMA copy's move, checkpoint state.
 
-The policy holds three transformers (models.adapt.make_full_models): the trained one (float32 master weights),
+The policy holds three transformers (models.adapt.make_full_models; its strategy: models.finetune.Full): the trained one (float32 master weights),
 the frozen reference and the frozen EMA copy (model.dtype). Under torchrun all three are sharded with FSDP2
 (`fully_shard` on each transformer block, then on the root) over one mesh of all ranks: every rank keeps
 1/N of every weight, and each call all-gathers a block's weights just before it runs. The three share the
