@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import statistics
 import sys
@@ -52,9 +51,6 @@ METHODS = {
         "train.algorithm=nft", "train.nft_beta=1.0", "train.nft_kl_beta=1e-4", "train.nft_decay_rate=0.001",
         "train.nft_decay_cap=0.5"]},
 }
-EVAL_LINE = re.compile(r"\[eval\] step (\d+) \(raw weights\): (.*)")
-
-
 def base_overrides(args) -> list[str]:
     return ["run.tensorboard=false", f"run.eval_every={args.eval_every}", "run.checkpoint_every=0",
             f"train.steps={args.steps}", f"digits.eval_per_digit={args.eval_per_digit}", "train.eval_ema=false",
@@ -76,13 +72,9 @@ def run_one(method: str, lr: float, seed: int, args, workdir: Path) -> dict:
     for r in rows:
         seconds.append(seconds[-1] + r["time_step"])
     per_step = cfg.sample.prompts_per_step * cfg.sample.group_size
-    evals = []
-    for line in lines:
-        m = EVAL_LINE.match(line)
-        if m:
-            step = int(m.group(1))
-            vals = {k: float(v) for k, v in (kv.split(" ") for kv in m.group(2).split(", "))}
-            evals.append({"step": step, "images": step * per_step, "seconds": seconds[step], **vals})
+    evals = [{"step": e["step"], "images": e["step"] * per_step, "seconds": seconds[e["step"]], **e["metrics"]}
+             for e in map(json.loads, (workdir / name / "evals.jsonl").read_text().splitlines())
+             if e["weights"] == "raw"]
     evals = sorted({e["step"]: e for e in evals}.values(), key=lambda e: e["step"])
     reached = next((e for e in evals if e["accuracy"] >= args.target), None)
     return {"method": method, "lr": lr, "seed": seed, "evals": evals, "wall_s": wall, "images_per_step": per_step,

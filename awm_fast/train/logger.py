@@ -1,6 +1,7 @@
 """Per-step metrics to `metrics.jsonl`, TensorBoard and (run.wandb) Weights & Biases, built on rank 0 only: the
-other ranks write nothing. Evaluations and the end-of-run images go to TensorBoard and wandb (`log_evals`,
-`log_images`); metrics.jsonl holds the per-step rows only."""
+other ranks write nothing. Evaluations go to `evals.jsonl` (one line each: {"step", "weights": "raw" | "ema",
+"metrics": {name: value}}), TensorBoard and wandb; the end-of-run images to TensorBoard and wandb
+(`log_images`); metrics.jsonl holds the per-step rows only."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ class MetricsLogger:
         """wandb: a `train.wandb_logger.WandbRun` (or None). evals: the trainer's list of evaluation rows, which
         grows during the run; new rows are logged before the next step's row (wandb's steps only go forward)."""
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.evals_path = Path(run_dir) / "evals.jsonl"
         self.history: list[dict] = list(history or [])
         self.writer, self.wandb = None, wandb
         self.evals, self.evals_logged = evals if evals is not None else [], 0
@@ -20,10 +22,12 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        # On resume, rewrite the file to exactly the restored history (drops rows past the checkpoint).
+        # On resume, rewrite the file to exactly the restored history (drops rows past the checkpoint); the
+        # restored evaluations are written again by the first flush_evals.
         with self.path.open("w") as f:
             for row in self.history:
                 f.write(json.dumps(row) + "\n")
+        self.evals_path.write_text("")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.flush_evals()
@@ -38,10 +42,14 @@ class MetricsLogger:
             self.wandb.log(step, row)
 
     def flush_evals(self) -> None:
-        """The evaluation rows {"step", "weights", metric: value} not logged yet, as eval/<metric>/<weights>."""
+        """The evaluation rows {"step", "weights", metric: value} not logged yet: a line of evals.jsonl each, and
+        eval/<metric>/<weights> scalars."""
         new, self.evals_logged = self.evals[self.evals_logged:], len(self.evals)
         for e in new:
-            scalars = {f"eval/{k}/{e['weights']}": float(v) for k, v in e.items() if k not in ("step", "weights")}
+            values = {k: float(v) for k, v in e.items() if k not in ("step", "weights")}
+            with self.evals_path.open("a") as f:
+                f.write(json.dumps({"step": e["step"], "weights": e["weights"], "metrics": values}) + "\n")
+            scalars = {f"eval/{k}/{e['weights']}": v for k, v in values.items()}
             if self.writer is not None:
                 for key, value in scalars.items():
                     self.writer.add_scalar(key, value, e["step"])
