@@ -149,3 +149,27 @@ def test_nan_advantages_without_the_debug_switch_give_a_nan_loss(gen, monkeypatc
 def test_integer_input_raises_type_error():
     with pytest.raises(TypeError, match="v must be a floating tensor"):
         awm_loss(torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3), torch.ones(2), torch.ones(2))
+
+
+@pytest.mark.parametrize("ratio_mode", ["exp_first", "sum_first"])
+def test_gradcheck_through_the_clipped_branch(gen, ratio_mode):
+    """test_gradcheck_every_option's clip_range=10 never clips; here the old log-probs sit at log r = -d from the
+    current ones (d from -0.6 to 0.6; one timestep per sample, so a row is a ratio), so with c = 0.15 two rows are inside the clip range and six outside (well
+    away from the kinks): the gradient of max(-A r, -A clip(r)) is checked on both branches, and it differs from
+    the unclipped loss's gradient (the clip acts on it)."""
+    x = _inputs(gen, rows=8, shape=(3,))
+
+    def out(v, old, clip_range):
+        return awm_loss(v, x["target"], x["t"], x["advantages"], v_ref=x["v_ref"], v_ema=x["v_ema"],
+                        old_log_prob=old, beta=0.2, ema_beta=0.5, clip_range=clip_range, ratio_mode=ratio_mode,
+                        num_timesteps=1, backend="torch")
+
+    current = out(x["v"], torch.zeros(8, dtype=torch.float64), 10.0).log_prob.detach().double()
+    offsets = torch.linspace(-0.6, 0.6, 8, dtype=torch.float64)[torch.randperm(8, generator=gen)]
+    old = current + offsets
+    assert float(out(x["v"], old, 0.15).clipfrac) == 0.75
+    v = x["v"].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda w: out(w, old, 0.15).loss, (v,))
+    clipped = torch.autograd.grad(out(v, old, 0.15).loss, v)[0]
+    free = torch.autograd.grad(out(v, old, 10.0).loss, v)[0]
+    assert not torch.allclose(clipped, free)
