@@ -11,7 +11,9 @@ revision, 74db691, combines without it; the Fast recipe trains without CFG, so i
 A = clip(A_raw, -5, 5) (the trainer's advantages, which are divided by adv_clip_max, times adv_clip_max).
 
 As in the official code, the shuffled samples are split into `train.grpo_optimizer_steps` equal parts (official
-2: gradient accumulation over half the rollout's batches); each part's micro-batch gradients are averaged
+2: gradient accumulation over half the rollout's batches), part s = the micro-batches i with i mod steps = s
+(round robin: every rank holds a multiple of `steps` micro-batches, so the parts are the same global micro-batches
+on 1 or N processes); each part's micro-batch gradients are averaged
 into one AdamW step with grad-norm clipping (a non-finite loss or gradient skips that step). From the second
 part on the policy has moved, so r != 1 and the 1e-4 ratio clip acts (`clipfrac_later` says how often).
 The rows are taken in order (`update_parts.micro_batches`; the trainer already shuffled the rollout);
@@ -51,7 +53,9 @@ def flow_grpo_update(policy: FlowPolicy, trajectory: dict[str, torch.Tensor], co
     sums: dict[str, float] = defaultdict(float)
     step_loss, grad_norm, skipped = 0.0, 0.0, 0.0
     optimizer.zero_grad(set_to_none=True)
-    for i, idx, _ in micro_batches(n, mb, rng, xs.device):
+    batches = list(micro_batches(n, mb, rng, xs.device))
+    order = [j for part in range(steps) for j in range(part, num_micro, steps)]
+    for i, (_, idx, _) in enumerate(batches[j] for j in order):  # i: position; part i // per_step
         b, k = mask[idx].nonzero(as_tuple=True)
         rows = idx[b]
         x, x_next = xs[rows, k], xs[rows, k + 1]

@@ -5,9 +5,9 @@ The four 2-process runs share ONE torchrun launch (tests/train/dist_runs.py: one
 the 1-process references run in this process meanwhile. Tolerances as tests/train/test_distributed.py (step 1:
 the same rows, only the all-reduce's summation order differs; step 2: that rounding after one Adam step).
 
-Flow-GRPO runs with train.grpo_optimizer_steps=1: with 2 optimizer steps per rollout each rank splits ITS share
-of the micro-batches into the two steps, so the first step's gradient is over global micro-batches {0, 2} on 2
-processes and {0, 1} on 1 process, and the runs differ from step 1's grad norm on (measured 3e-3).
+Flow-GRPO runs with its default two optimizer steps per rollout: its parts are round robin over the micro-batches
+(part s = micro-batches i with i mod 2 = s), the same global micro-batches on 1 and 2 processes (a split of each
+rank's own share into halves gave {0, 2} | {1, 3} on 2 processes against {0, 1} | {2, 3} on 1).
 """
 import json
 import shutil
@@ -32,7 +32,7 @@ TINY = ["run.tensorboard=false", "run.eval_every=0", "run.threads=1", "run.devic
         "train.steps=2", "run.checkpoint_every=1", "run.keep_checkpoints=3"]
 RUNS = {
     "grpo": ["train.algorithm=flow_grpo", "sample.sampler=euler_maruyama", "sample.noise_level=0.7",
-             "train.grpo_optimizer_steps=1"],
+             "train.grpo_optimizer_steps=2"],
     "nft": ["train.algorithm=nft"],
     "shared": ["train.shared_batch=true"],
 }
