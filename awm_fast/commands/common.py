@@ -45,6 +45,17 @@ def resolve(path: str) -> Path:
         raise UsageError(str(exc)) from None
 
 
+def add_source_arguments(parser, what: str, *, several: bool = False, base: bool = True) -> None:
+    """The positional RUN|CKPT|section.key=value items every command takes, and --base/--config."""
+    folders = ("run folders (newest checkpoint) or checkpoint folders, and overrides on top of the run's config"
+               if several else "a run folder (newest checkpoint) or checkpoint folder, and overrides on top of its config")
+    parser.add_argument("items", nargs="*", metavar="RUN|CKPT|section.key=value",
+                        help=f"{folders} (e.g. run.device=cpu)")
+    if base:
+        parser.add_argument("--base", action="store_true", help=f"{what} the untrained model of --config")
+        parser.add_argument("--config", default=None, help="with --base: YAML file or preset name")
+
+
 def split_positionals(items: list[str]) -> tuple[list[str], list[str]]:
     """Command-line positionals -> (run/checkpoint folders, section.key=value overrides): an item with "=" whose
     part before it looks like section.key is an override."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from awm_fast.commands.common import (UsageError, build_policy, device_of, load_sources, load_weights,
+from awm_fast.commands.common import (add_source_arguments, UsageError, build_policy, device_of, load_sources, load_weights,
                                       split_positionals, weight_choices, weights_in)
 from awm_fast.rewards import build_reward, check_reward_output
 from awm_fast.train import report
@@ -25,11 +25,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate runs, checkpoints or the base model: metrics JSON, per-prompt CSV, "
                                     "image grids, a table and a plot over checkpoints",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("items", nargs="*", metavar="RUN|CKPT|section.key=value",
-                   help="run folders (newest checkpoint) or checkpoint folders, and overrides on top of the run's "
-                        "config (e.g. run.device=cpu)")
-    p.add_argument("--base", action="store_true", help="evaluate the untrained model of --config")
-    p.add_argument("--config", default=None, help="with --base: YAML file or preset name")
+    add_source_arguments(p, "evaluate", several=True)
     p.add_argument("--all-checkpoints", action="store_true", help="every checkpoint of each run folder")
     p.add_argument("--prompts", default=None, help="prompt file (.txt, metadata in a .jsonl beside it); default: "
                                                     "the run's evaluation prompts")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from awm_fast.commands.common import UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
+from awm_fast.commands.common import add_source_arguments, UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
     weight_choices, weights_in
 from awm_fast.models.lora import POLICY
 from awm_fast.train.checkpoint import PREFIX
@@ -35,9 +35,7 @@ TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}  # relative max
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint's LoRA file, optionally a merged pipeline folder",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("items", nargs="*", metavar="RUN|CKPT|section.key=value",
-                   help="a run folder (newest checkpoint) or checkpoint folder, and overrides on top of its config "
-                        "(e.g. run.device=cpu)")
+    add_source_arguments(p, "export", base=False)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--weights", default="raw", help="raw | ema (the evaluation EMA); default raw")
     p.add_argument("--merged", action="store_true", help="also write the LoRA fused into the base model")

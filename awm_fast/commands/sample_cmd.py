@@ -14,21 +14,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from awm_fast.commands.common import UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
+from awm_fast.commands.common import add_source_arguments, UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
     weight_choices, weights_in
+from awm_fast.sampling.rollout import SAMPLERS
 from awm_fast.train import report
 
-SAMPLERS = ("ode", "euler_maruyama", "cps", "sa_solver")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="images for given prompts from a checkpoint or the base model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("items", nargs="*", metavar="RUN|CKPT|section.key=value",
-                   help="a run folder (newest checkpoint) or checkpoint folder, and overrides on top of its config "
-                        "(e.g. run.device=cpu)")
-    p.add_argument("--base", action="store_true", help="sample the untrained model of --config")
-    p.add_argument("--config", default=None, help="with --base: YAML file or preset name")
+    add_source_arguments(p, "sample")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompt-file", default=None, help="one prompt per line")
     p.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt (default 1)")
