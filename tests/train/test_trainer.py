@@ -111,6 +111,14 @@ def test_trainer_runs_on_the_fused_triton_ops(tmp_path, monkeypatch):
     rows = [json.loads(x) for x in (tmp_path / "fused" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["skipped"] == 0 and r["grad_norm"] > 0 for r in rows)
     assert 0 <= summary["eval_after"]["accuracy"] <= 1
+    # the same run on the torch ops: the same losses and gradients (fused kernels = the reference formulas)
+    monkeypatch.setenv("AWM_FAST_BACKEND", "torch")
+    cfg.run.name = "torch_ops"
+    train(cfg, log=lambda *_: None)
+    ref = [json.loads(x) for x in (tmp_path / "torch_ops" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "kl", "kl_ema", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in rows]), torch.tensor([r[key] for r in ref]),
+                                   rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.slow
