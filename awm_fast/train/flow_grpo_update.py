@@ -53,9 +53,8 @@ def flow_grpo_update(policy: FlowPolicy, trajectory: dict[str, torch.Tensor], co
     sums: dict[str, float] = defaultdict(float)
     step_loss, grad_norm, skipped = 0.0, 0.0, 0.0
     optimizer.zero_grad(set_to_none=True)
-    batches = list(micro_batches(n, mb, rng, xs.device))
     order = [j for part in range(steps) for j in range(part, num_micro, steps)]
-    for i, (_, idx, _) in enumerate(batches[j] for j in order):  # i: position; part i // per_step
+    for i, (_, idx, _) in enumerate(micro_batches(n, mb, rng, xs.device, order)):  # i: position; part i // per_step
         b, k = mask[idx].nonzero(as_tuple=True)
         rows = idx[b]
         x, x_next = xs[rows, k], xs[rows, k + 1]

@@ -7,7 +7,7 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -40,14 +40,16 @@ class MicroBatchRNG(torch.Generator):
             derived_seed(self.seed, self.step, "train", self.first_index + i))
 
 
-def micro_batches(n: int, micro_batch: int, rng: MicroBatchRNG,
-                  device: torch.device | str) -> Iterator[tuple[int, torch.Tensor, torch.Generator]]:
+def micro_batches(n: int, micro_batch: int, rng: MicroBatchRNG, device: torch.device | str,
+                  order: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Generator]]:
     """The skeleton of every update loop: (i, rows, gen) for the n // micro_batch local micro-batches, rows =
-    [i mb, (i + 1) mb) in order (the trainer's sampler already shuffled the rollout), gen = rng.micro(i), seeded
-    by the global micro-batch index: the same rows, timesteps and noise on 1 or N processes."""
+    [i mb, (i + 1) mb) in order (the trainer's sampler already shuffled the rollout) or in the given `order` of
+    micro-batch indices, gen = rng.micro(i), seeded by the global micro-batch index: the same rows, timesteps and
+    noise on 1 or N processes."""
     if not isinstance(rng, MicroBatchRNG):
         raise TypeError(f"the update needs the trainer's MicroBatchRNG(seed, step, first_index), got {type(rng).__name__}")
-    for i in tqdm(range(n // micro_batch), desc="train", unit="mb", leave=False, disable=None):
+    for i in tqdm(range(n // micro_batch) if order is None else order, desc="train", unit="mb", leave=False,
+                  disable=None):
         yield i, torch.arange(i * micro_batch, (i + 1) * micro_batch, device=device), rng.micro(i)
 
 
