@@ -1,32 +1,21 @@
 """CUDA-graph replay of the no-grad transformer calls: equal to the direct calls; clear errors off CUDA."""
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
 
 from awm_fast.algo.timesteps import time_grid
 from awm_fast.config import ConfigError, load_config
 from awm_fast.models.cuda_graphs import VelocityGraphs
-from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
-from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.models.lora import EMA, POLICY
+from awm_fast.models.policy import Conditioning
 from awm_fast.sampling.rollout import sample_latents
-from awm_fast.tasks.digits import tiny_transformer_config
+from tests.models.tiny_configs import tiny_lora_policy
 from tests.tolerances import tol
-
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_graphed_rollout_equals_direct_calls():
-    torch.manual_seed(0)
     device = torch.device("cuda")
-    m = SD3Transformer2DModel(**tiny_transformer_config()).requires_grad_(False)
-    add_adapters(m, rank=4, alpha=8, init="gaussian", targets=TARGETS)
-    m.to(device)
-    with torch.no_grad():
-        for name in (POLICY, EMA):
-            for p in adapter_params(m, name).values():
-                p.add_(0.05 * torch.randn_like(p))
-    policy = FlowPolicy(m, None, None, (1, 8, 8), device)
+    policy = tiny_lora_policy(device)
     gen = torch.Generator().manual_seed(1)
     batches = [Conditioning(torch.randn(4, 2, 32, generator=gen).to(device), torch.randn(4, 32, generator=gen).to(device))
                for _ in range(2)]

@@ -1,5 +1,29 @@
 """The small training config the tiny SD3 / FLUX pipeline tests share (2 steps, 16 px, LoRA rank 4)."""
+import torch
+
 from awm_fast.config import Config, load_config
+
+BARE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def tiny_lora_policy(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """The digits transformer (seed 0) on `device` in `dtype` with distinct non-zero "default" and "ema" LoRA
+    weights (rank 4, the bare target names: also attn2.* of its dual-attention block)."""
+    from diffusers import SD3Transformer2DModel
+
+    from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
+    from awm_fast.models.policy import FlowPolicy
+    from awm_fast.tasks.digits import tiny_transformer_config
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**tiny_transformer_config()).requires_grad_(False)
+    add_adapters(model, rank=4, alpha=8, init="gaussian", targets=BARE_TARGETS)
+    model.to(device, dtype)
+    with torch.no_grad():
+        for name in (POLICY, EMA):
+            for p in adapter_params(model, name).values():
+                p.add_(0.05 * torch.randn_like(p))
+    return FlowPolicy(model, encode=None, decode=None, latent_shape=(1, 8, 8), device=torch.device(device), dtype=dtype)
 
 
 def tiny_model_config(tmp_path, kind: str, model_path, prompts: list[str], *extra: str) -> Config:

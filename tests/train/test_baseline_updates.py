@@ -5,34 +5,23 @@ import contextlib
 import math
 
 import torch
-from diffusers import SD3Transformer2DModel
 
 from awm_fast.algo.timesteps import time_grid
 from awm_fast.config import SampleConfig, TrainConfig
-from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
+from awm_fast.models.lora import EMA, POLICY, adapter_params
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.sampling.trajectory import sample_trajectory
-from awm_fast.tasks.digits import POOLED_DIM, TEXT_DIM, tiny_transformer_config
+from awm_fast.tasks.digits import POOLED_DIM, TEXT_DIM
 from awm_fast.train.flow_grpo_update import flow_grpo_update
 from awm_fast.train.nft_update import nft_update
 from awm_fast.train.update_parts import MicroBatchRNG
+from tests.models.tiny_configs import tiny_lora_policy
 from tests.tolerances import tol
 
 f64 = torch.float64
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
-
 def _lora_policy() -> FlowPolicy:
     """The digits transformer in float64 with distinct non-zero "default" and "ema" LoRA weights."""
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(**tiny_transformer_config()).requires_grad_(False)
-    add_adapters(model, rank=4, alpha=8, init="gaussian", targets=TARGETS)
-    model.to(f64)
-    with torch.no_grad():
-        for name in (POLICY, EMA):
-            for p in adapter_params(model, name).values():
-                p.add_(0.05 * torch.randn_like(p))
-    return FlowPolicy(model, encode=None, decode=None, latent_shape=(1, 8, 8), device=torch.device("cpu"), dtype=f64)
+    return tiny_lora_policy(dtype=f64)
 
 
 def _cond(n: int, gen: torch.Generator) -> Conditioning:
