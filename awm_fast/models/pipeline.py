@@ -43,7 +43,8 @@ def prompt_cache_dir(model_path: str, text_tokens: int) -> Path:
 
 @torch.no_grad()
 def encode_all(encode_batch, prompts: list[str], cache_dir: Path, batch: int = 32) -> dict[str, Conditioning]:
-    """Encode every distinct prompt once with encode_batch(list) -> (embeds, pooled); cached in memory and on
+    """Encode every distinct prompt once with encode_batch(list) -> (embeds, pooled) or a Conditioning with a
+    token mask (each prompt is then kept at its own length; Conditioning.cat pads); cached in memory and on
     disk (one file per prompt, keyed by model + prompt, written atomically)."""
     cache: dict[str, Conditioning] = {}
     todo = []
@@ -51,19 +52,29 @@ def encode_all(encode_batch, prompts: list[str], cache_dir: Path, batch: int = 3
         file = cache_dir / f"{hashlib.sha256(p.encode()).hexdigest()}.pt"
         if file.is_file():
             saved = torch.load(file)
-            cache[p] = Conditioning(saved["embeds"], saved["pooled"])
+            cache[p] = Conditioning(saved["embeds"], saved["pooled"], saved.get("mask"))
         else:
             todo.append(p)
     cache_dir.mkdir(parents=True, exist_ok=True)
     for start in tqdm(range(0, len(todo), batch), desc="encode prompts", unit="batch", leave=False, disable=None):
         chunk = todo[start:start + batch]
-        embeds, pooled = encode_batch(chunk)
+        encoded = encode_batch(chunk)
         for i, p in enumerate(chunk):
-            cache[p] = Conditioning(embeds[i:i + 1].cpu(), pooled[i:i + 1].cpu())
+            cache[p] = _one_prompt(encoded, i)
             tmp = cache_dir / f".{os.getpid()}.tmp"
-            torch.save({"embeds": cache[p].embeds, "pooled": cache[p].pooled}, tmp)
+            torch.save({"embeds": cache[p].embeds, "pooled": cache[p].pooled, "mask": cache[p].mask}, tmp)
             os.replace(tmp, cache_dir / f"{hashlib.sha256(p.encode()).hexdigest()}.pt")
     return cache
+
+
+def _one_prompt(encoded, i: int) -> Conditioning:
+    """Row i of encode_batch's output, (embeds, pooled) or a Conditioning; padding tokens (mask False) cut off."""
+    c = encoded if isinstance(encoded, Conditioning) else Conditioning(*encoded)
+    embeds, pooled = c.embeds[i:i + 1].cpu(), c.pooled[i:i + 1].cpu()
+    if c.mask is None:
+        return Conditioning(embeds, pooled)
+    length = int(c.mask[i].sum())
+    return Conditioning(embeds[:, :length], pooled, torch.ones(1, length, dtype=torch.bool))
 
 
 def make_encoder(cache: dict[str, Conditioning], device: torch.device):
@@ -71,8 +82,7 @@ def make_encoder(cache: dict[str, Conditioning], device: torch.device):
         missing = [p for p in batch_prompts if p not in cache]
         if missing:
             raise ValueError(f"prompt {missing[0]!r} was not encoded up front (the text encoders are released)")
-        c = Conditioning.cat([cache[p] for p in batch_prompts])
-        return Conditioning(c.embeds.to(device), c.pooled.to(device))
+        return Conditioning.cat([cache[p] for p in batch_prompts]).to(device)
 
     return encode
 

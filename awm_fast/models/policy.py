@@ -17,20 +17,40 @@ from awm_fast.models.routing import routed, routing_mask
 
 @dataclass
 class Conditioning:
-    """Encoded prompts: token embeddings (B, L, D) and pooled embeddings (B, P)."""
+    """Encoded prompts: token embeddings (B, L, D), pooled embeddings (B, P) (P = 0 for families without one)
+    and, for families whose prompts have different lengths (Qwen-Image, Z-Image), the token mask (B, L) bool,
+    True on real tokens (None: every token is real)."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor
+    mask: torch.Tensor | None = None
 
     def __getitem__(self, idx) -> "Conditioning":
-        return Conditioning(self.embeds[idx], self.pooled[idx])
+        return Conditioning(self.embeds[idx], self.pooled[idx], None if self.mask is None else self.mask[idx])
 
     def repeat(self, times: int) -> "Conditioning":
-        return Conditioning(self.embeds.repeat(times, 1, 1), self.pooled.repeat(times, 1))
+        mask = None if self.mask is None else self.mask.repeat(times, 1)
+        return Conditioning(self.embeds.repeat(times, 1, 1), self.pooled.repeat(times, 1), mask)
+
+    def to(self, device=None, dtype=None) -> "Conditioning":
+        """embeds and pooled to `device` / `dtype`; the mask (bool) to `device` only."""
+        mask = None if self.mask is None else self.mask.to(device)
+        return Conditioning(self.embeds.to(device, dtype), self.pooled.to(device, dtype), mask)
 
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":
-        return Conditioning(torch.cat([c.embeds for c in items]), torch.cat([c.pooled for c in items]))
+        """Concatenated along the batch; token lengths that differ are right-padded with zeros (mask False)."""
+        length = max(c.embeds.shape[1] for c in items)
+        if all(c.mask is None and c.embeds.shape[1] == length for c in items):
+            return Conditioning(torch.cat([c.embeds for c in items]), torch.cat([c.pooled for c in items]))
+        embeds, masks = [], []
+        for c in items:
+            pad = length - c.embeds.shape[1]
+            mask = c.mask if c.mask is not None else torch.ones(c.embeds.shape[:2], dtype=torch.bool,
+                                                                 device=c.embeds.device)
+            embeds.append(torch.nn.functional.pad(c.embeds, (0, 0, 0, pad)))
+            masks.append(torch.nn.functional.pad(mask.bool(), (0, pad), value=False))
+        return Conditioning(torch.cat(embeds), torch.cat([c.pooled for c in items]), torch.cat(masks))
 
 
 @dataclass
@@ -81,21 +101,24 @@ class FlowPolicy:
         CUDA graphs when `graphs` is set. `module` (full fine-tuning, mask None): the module to call."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        x, cond = x.to(self.dtype), Conditioning(cond.embeds.to(self.dtype), cond.pooled.to(self.dtype))
+        x, cond = x.to(self.dtype), cond.to(dtype=self.dtype)
         if self.graphs is not None and module is None and not torch.is_grad_enabled():
-            return self.graphs(x, t, cond.embeds, cond.pooled, mask)
-        return self.forward(x, t, cond.embeds, cond.pooled, mask, module)
+            token_mask = () if cond.mask is None else (cond.mask,)
+            return self.graphs(x, t, cond.embeds, cond.pooled, mask, *token_mask)
+        return self.forward(x, t, cond.embeds, cond.pooled, mask, cond.mask, module=module)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
-                mask: torch.Tensor | None, module: torch.nn.Module | None = None) -> torch.Tensor:
-        """The transformer call itself (inputs already in the transformer's dtype, t per row in [0, 1]). The
+                mask: torch.Tensor | None, token_mask: torch.Tensor | None = None,
+                module: torch.nn.Module | None = None) -> torch.Tensor:
+        """The transformer call itself (inputs already in the transformer's dtype, t per row in [0, 1]; `mask`
+        the LoRA routing mask, `token_mask` the conditioning's, models with one only). The
         timestep goes in float32, as the official code passes it (1000 t in bf16 would turn 973.06 into 972)."""
         half = self.dtype in (torch.bfloat16, torch.float16)
         module = self.transformer if module is None else module
         with routed(mask) if mask is not None else contextlib.nullcontext(), \
                 torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
             if self.call is not None:
-                return self.call(module, x, t.float(), Conditioning(embeds, pooled))
+                return self.call(module, x, t.float(), Conditioning(embeds, pooled, token_mask))
             return module(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
                           timestep=t.float() * 1000, return_dict=False)[0]
 

@@ -53,7 +53,7 @@ def frozen_velocities(policy: FlowPolicy, x: torch.Tensor, t: torch.Tensor, cond
             key = ("shared", rows, x.device)
             if key not in policy._masks:
                 policy._masks[key] = routing_mask([(g, rows) for g in groups], x.device)
-            both = Conditioning(torch.cat([cond.embeds] * 2), torch.cat([cond.pooled] * 2))
+            both = Conditioning.cat([cond, cond])
             out = list(policy.routed_velocity(torch.cat([x, x]), torch.cat([t, t]), both,
                                               policy._masks[key]).split(rows))
     return (out.pop(0) if need_ref else None), (out.pop(0) if need_ema else None)
