@@ -6,7 +6,7 @@
     awm-fast sample RUN|CKPT | --base --prompt TEXT --out DIR       images for given prompts
     awm-fast export RUN|CKPT --out DIR [--merged]                   LoRA file, merged pipeline folder
     awm-fast serve-reward NAME [--port P]                           a reward over HTTP (reward.name=http)
-    awm-fast check-config | presets | tiny-sd3 PATH | tiny-flux PATH
+    awm-fast check-config | presets | tiny-KIND PATH (KIND: a family with a diffusers pipeline, sd3, flux, ...)
 
 Bad input (a path, an override, a reward, a resume that changes a non-resumable key) stops with one line and
 exit code 2; a failure while working with one line and exit code 1. Several processes: `torchrun
@@ -20,6 +20,7 @@ import os
 import sys
 
 from awm_fast.config import ConfigError, list_presets, load_config
+from awm_fast.families import PIPELINE_KINDS
 
 COMMANDS = {"eval": "eval_cmd", "sample": "sample_cmd", "export": "export_cmd", "serve-reward": "serve_reward"}
 
@@ -39,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--config", default=None)
     cv.add_argument("overrides", nargs="*")
     sub.add_parser("presets", help="list the bundled presets")
-    for kind in ("sd3", "flux"):
+    for kind in PIPELINE_KINDS:
         tiny = sub.add_parser(f"tiny-{kind}", help=f"write a tiny random-weight {kind.upper()} pipeline (smoke tests "
                                                    f"of the {kind.upper()} path)")
         tiny.add_argument("path")
@@ -103,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "presets":
         print("\n".join(list_presets()))
         return 0
-    if args.command in ("tiny-sd3", "tiny-flux"):
-        from awm_fast.models.tiny import build_tiny_flux, build_tiny_sd3
+    if args.command.startswith("tiny-"):
+        from awm_fast.families import pipeline_family
 
-        print((build_tiny_sd3 if args.command == "tiny-sd3" else build_tiny_flux)(args.path))
+        print(pipeline_family(args.command.removeprefix("tiny-")).build_tiny(args.path))
         return 0
     if args.command not in ("train", "check-config"):
         from diffusers.utils import logging as diffusers_logging

@@ -6,9 +6,17 @@ Each family module defines
 
 (the transformer made trainable with models.adapt.freeze_and_adapt, its prompt encoder with every prompt of
 `prompts` encodable, its decoder and its scheduler's time grid); models.load.load_policy adds what every
-family shares (full fine-tuning's model copies, CUDA graphs). Adding a family is one module plus its entry here.
-The table names modules instead of importing them: config validates model.kind against its keys without
-loading diffusers, and no package below the families (models/) imports the one above (tasks/).
+family shares (full fine-tuning's model copies, CUDA graphs). A family with a diffusers pipeline (every one
+but digits) also defines
+
+    load_pipeline(path, dtype) -> the diffusers pipeline (hub id or local folder)
+    build_tiny(path) -> path   a tiny random-weight pipeline saved there (tests, `awm-fast tiny-<kind>`)
+    TRANSFORMER_CLASS, LORA_LOADER   the diffusers transformer class name and the LoRA loader mixin
+                                     (diffusers.loaders) whose format `pipeline.load_lora_weights` reads
+
+Adding a family is one module plus its entry here. The table names modules instead of importing them: config
+validates model.kind against its keys without loading diffusers, and no package below the families (models/)
+imports the one above (tasks/).
 """
 from __future__ import annotations
 
@@ -16,6 +24,8 @@ import importlib
 from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from awm_fast.config import Config
@@ -27,6 +37,7 @@ FAMILIES = {
     "flux": "awm_fast.models.flux",  # FLUX.1 diffusers pipelines
 }
 MODEL_KINDS = tuple(FAMILIES)
+PIPELINE_KINDS = tuple(k for k in FAMILIES if k != "digits")  # the families loaded from a diffusers pipeline
 
 
 class PolicyFamily(Protocol):
@@ -34,8 +45,35 @@ class PolicyFamily(Protocol):
                      log: Callable[[str], None]) -> FlowPolicy: ...
 
 
+class PipelineFamily(PolicyFamily, Protocol):
+    TRANSFORMER_CLASS: str
+    LORA_LOADER: str
+
+    def load_pipeline(self, path: str, dtype: torch.dtype): ...
+
+    def build_tiny(self, path: str | Path) -> Path: ...
+
+
 def policy_family(kind: str) -> PolicyFamily:
     """The module of model.kind=`kind`."""
     if kind not in FAMILIES:
         raise ValueError(f"model.kind={kind!r} is not one of {MODEL_KINDS}")
     return importlib.import_module(FAMILIES[kind])
+
+
+def pipeline_family(kind: str) -> PipelineFamily:
+    """The module of a family with a diffusers pipeline (model.kind != digits)."""
+    if kind not in PIPELINE_KINDS:
+        raise ValueError(f"model.kind={kind!r} has no diffusers pipeline; these do: {PIPELINE_KINDS}")
+    return importlib.import_module(FAMILIES[kind])
+
+
+def family_of_transformer(transformer) -> PipelineFamily:
+    """The pipeline family whose TRANSFORMER_CLASS `transformer` is (FSDP2's wrapper class name accepted);
+    SD3 for any other (the digits task's SD3 transformer)."""
+    name = type(transformer).__name__.removeprefix("FSDP")
+    for kind in PIPELINE_KINDS:
+        family = pipeline_family(kind)
+        if family.TRANSFORMER_CLASS == name:
+            return family
+    return pipeline_family("sd3")

@@ -79,11 +79,9 @@ def merge(cfg, lora_dir: Path, out: Path, art) -> Path:
         model.unload_lora()
         model.save_pretrained(out / "transformer")
         return out / "transformer"
-    if cfg.model.kind == "flux":
-        from awm_fast.models.flux import load_flux_pipeline as load
-    else:
-        from awm_fast.models.sd3 import load_pipeline as load
-    pipe = load(cfg.model.path, dtype)
+    from awm_fast.families import pipeline_family
+
+    pipe = pipeline_family(cfg.model.kind).load_pipeline(cfg.model.path, dtype)
     pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE)
     pipe.fuse_lora()
     pipe.unload_lora_weights()

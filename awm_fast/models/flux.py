@@ -20,6 +20,7 @@ from awm_fast.models.pipeline import (encode_all, from_pretrained, make_decoder,
                                       prompt_cache_dir)
 from awm_fast.models.policy import Conditioning, FlowPolicy
 
+TRANSFORMER_CLASS, LORA_LOADER = "FluxTransformer2DModel", "FluxLoraLoaderMixin"
 T5_TOKENS = 512
 # Our names -> diffusers' attention dispatch names; flash3 there is forward-only (no training).
 DIFFUSERS_BACKENDS = {"flash2": "flash", "xformers": "xformers", "sdpa_cudnn": "_native_cudnn",
@@ -61,16 +62,25 @@ def set_flux_attention(transformer, backend: str, log=print) -> None:
     transformer.set_attention_backend(DIFFUSERS_BACKENDS[backend])
 
 
-def load_flux_pipeline(path: str, dtype: torch.dtype):
+def load_pipeline(path: str, dtype: torch.dtype):
     from diffusers import FluxPipeline
 
     return from_pretrained(FluxPipeline, "FLUX", path, dtype)
 
 
+load_flux_pipeline = load_pipeline
+
+
+def build_tiny(path):
+    from awm_fast.models.tiny import build_tiny_flux
+
+    return build_tiny_flux(path)
+
+
 def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:
     """All `prompts` (and "") are encoded up front; the text encoders are then released. The time grid is the
     pipeline scheduler's, dynamically shifted for the packed image sequence length (side / 2)^2."""
-    pipe = load_flux_pipeline(cfg.model.path, dtype)
+    pipe = load_pipeline(cfg.model.path, dtype)
     side = cfg.model.resolution // pipe.vae_scale_factor
     if side % 2:
         raise ValueError(f"model.resolution={cfg.model.resolution} gives odd latents ({side}); FLUX packs 2x2 patches")

@@ -14,10 +14,19 @@ from awm_fast.models.pipeline import (encode_all, from_pretrained, make_decoder,
 from awm_fast.models.policy import FlowPolicy
 
 
+TRANSFORMER_CLASS, LORA_LOADER = "SD3Transformer2DModel", "SD3LoraLoaderMixin"
+
+
 def load_pipeline(path: str, dtype: torch.dtype):
     from diffusers import StableDiffusion3Pipeline
 
     return from_pretrained(StableDiffusion3Pipeline, "SD3", path, dtype)
+
+
+def build_tiny(path):
+    from awm_fast.models.tiny import build_tiny_sd3
+
+    return build_tiny_sd3(path)
 
 
 def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:

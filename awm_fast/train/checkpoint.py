@@ -85,11 +85,13 @@ def save_model(transformer, state_dict: dict, folder: Path) -> None:
 
 
 def save_lora(transformer, adapter: str, folder: Path) -> None:
-    """One adapter in the diffusers pipeline LoRA format of its model family (FluxPipeline or SD3)."""
-    from diffusers.loaders import FluxLoraLoaderMixin, SD3LoraLoaderMixin  # the pipelines' LoRA (de)serialisers
+    """One adapter in the diffusers pipeline LoRA format of its model family (awm_fast.families: LORA_LOADER)."""
+    import diffusers.loaders
     from peft.utils import get_peft_model_state_dict
 
-    mixin = FluxLoraLoaderMixin if type(transformer).__name__.startswith("Flux") else SD3LoraLoaderMixin
+    from awm_fast.families import family_of_transformer
+
+    mixin = getattr(diffusers.loaders, family_of_transformer(transformer).LORA_LOADER)
     layers = get_peft_model_state_dict(transformer, adapter_name=adapter)
     mixin.save_lora_weights(folder, transformer_lora_layers=layers,
                                transformer_lora_adapter_metadata=transformer.peft_config[adapter].to_dict())
