@@ -9,6 +9,7 @@ Sampling grid = the model's own scheduler grid, diffusers' `FlowMatchEulerDiscre
 - dynamic shifting (FLUX): sigma_i = e^mu / (e^mu + (1 / u_i - 1)), u = linspace(1, 1 / N, N), then 0, with
   mu = m L + b from the image sequence length L (the pipeline's calculate_shift over the scheduler config's
   base/max sequence lengths and shifts).
+- static shift on the pipeline's own input sigmas (Z-Image): sigma_i = shift(linspace(1, 1 / N, N)_i), then 0.
 `scheduler_grid` reads the grid off a loaded pipeline's scheduler (the source of truth); `sd3_grid` and
 `dynamic_grid` are the float64 transcriptions.
 
@@ -68,10 +69,11 @@ def dynamic_grid(num_steps: int, mu: float, dtype: torch.dtype = torch.float64) 
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
 
 
-def scheduler_grid(scheduler, num_steps: int, image_seq_len: int | None = None) -> torch.Tensor:
+def scheduler_grid(scheduler, num_steps: int, image_seq_len: int | None = None, input_sigmas=None) -> torch.Tensor:
     """The N + 1 sigmas (float64) that `scheduler.set_timesteps(N)` builds, as the diffusers pipeline calls it:
     with dynamic shifting (FLUX), sigmas = linspace(1, 1/N, N) and mu from `image_seq_len` and the config.
-    The scheduler itself is not modified (a copy is set)."""
+    `input_sigmas(N)`: the sigmas the pipeline itself passes to set_timesteps, with or without dynamic shifting
+    (Z-Image: linspace(1, 1/N, N) under a static shift). The scheduler itself is not modified (a copy is set)."""
     _check_steps(num_steps)
     sched = copy.deepcopy(scheduler)
     config = sched.config
@@ -81,7 +83,9 @@ def scheduler_grid(scheduler, num_steps: int, image_seq_len: int | None = None) 
         mu = flux_mu(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
                      config.get("base_shift", 0.5), config.get("max_shift", 1.15))
         u = torch.linspace(1, 1 / num_steps, num_steps, dtype=torch.float64).tolist()
-        sched.set_timesteps(num_steps, sigmas=u, mu=mu)
+        sched.set_timesteps(num_steps, sigmas=list(input_sigmas(num_steps)) if input_sigmas else u, mu=mu)
+    elif input_sigmas is not None:
+        sched.set_timesteps(num_steps, sigmas=list(input_sigmas(num_steps)))
     else:
         sched.set_timesteps(num_steps)
     sigmas = sched.sigmas.to(torch.float64).cpu()
