@@ -105,7 +105,7 @@ install() {
     fi
     "$PY" -c "import setuptools, sys; v = setuptools.__version__; print('setuptools', v, setuptools.__file__); \
 sys.exit(int(v.split('.')[0]) < 77)" || { echo "device.sh: setuptools >= 77 is needed (carry it in .whl)"; return 1; }
-    # the package metadata and the awm_fast.kernels -> kernels/ mapping; no CUDA extension build in this call
+    # the package metadata (entry point, awm_fast.kernels); no CUDA extension build in this call
     AWM_FAST_NO_EXT=1 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
         || { echo "device.sh: pip install -e . failed"; return 1; }
     "$PY" -c "import torch, diffusers, peft, awm_fast.kernels, awm_fast.ops, benchmarks.step_time; \
