@@ -10,6 +10,9 @@ Sampling grid = the model's own scheduler grid, diffusers' `FlowMatchEulerDiscre
   mu = m L + b from the image sequence length L (the pipeline's calculate_shift over the scheduler config's
   base/max sequence lengths and shifts).
 - static shift on the pipeline's own input sigmas (Z-Image): sigma_i = shift(linspace(1, 1 / N, N)_i), then 0.
+- flow sigmas (UniPCMultistepScheduler / DPMSolverMultistepScheduler with use_flow_sigmas: Wan), flow_shift s:
+  sigma_i = shift(linspace(1, 1 / 1000, N + 1)_i) for i < N, then 0; the scheduler nudges sigma_0 to 1 - 1e-6
+  (its multistep update takes log sigma), read here as 1, where every rollout starts.
 `scheduler_grid` reads the grid off a loaded pipeline's scheduler (the source of truth); `sd3_grid` and
 `dynamic_grid` are the float64 transcriptions.
 
@@ -31,6 +34,7 @@ import torch
 
 TIMESTEP_MODES = ("discrete_wo_init", "discrete", "uniform", "logit_normal")
 NUM_TRAIN_TIMESTEPS = 1000  # diffusers' FlowMatchEulerDiscreteScheduler default, the SD3 / FLUX schedulers'
+FLOW_SIGMA_NUDGE = 1e-5  # how far below 1 a `use_flow_sigmas` scheduler may start (float32 1 - 1e-6) and read as 1
 
 
 def shift_time(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -89,6 +93,8 @@ def scheduler_grid(scheduler, num_steps: int, image_seq_len: int | None = None, 
     else:
         sched.set_timesteps(num_steps)
     sigmas = sched.sigmas.to(torch.float64).cpu()
+    if config.get("use_flow_sigmas", False) and abs(float(sigmas[0]) - 1) < FLOW_SIGMA_NUDGE:
+        sigmas[0] = 1.0  # UniPC / DPM-Solver flow sigmas start at 1 - 1e-6 (their own update takes log sigma)
     if sigmas.numel() != num_steps + 1 or sigmas[0] != 1 or sigmas[-1] != 0:
         raise ValueError(f"scheduler {type(scheduler).__name__} gave sigmas {sigmas.tolist()} for {num_steps} steps: "
                          "expected N + 1 values from 1 down to 0")
