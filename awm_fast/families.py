@@ -35,6 +35,7 @@ FAMILIES = {
     "digits": "awm_fast.tasks.digits",  # the embedded task's tiny SD3 transformer (CPU)
     "sd3": "awm_fast.models.sd3",  # SD3 / SD3.5 diffusers pipelines
     "flux": "awm_fast.models.flux",  # FLUX.1 diffusers pipelines
+    "wan": "awm_fast.models.wan",  # Wan 2.1 / 2.2 text-to-video (one transformer) diffusers pipelines
 }
 MODEL_KINDS = tuple(FAMILIES)
 PIPELINE_KINDS = tuple(k for k in FAMILIES if k != "digits")  # the families loaded from a diffusers pipeline
