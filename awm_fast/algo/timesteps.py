@@ -73,19 +73,22 @@ def dynamic_grid(num_steps: int, mu: float, dtype: torch.dtype = torch.float64) 
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
 
 
-def scheduler_grid(scheduler, num_steps: int, image_seq_len: int | None = None, input_sigmas=None) -> torch.Tensor:
+def scheduler_grid(scheduler, num_steps: int, image_seq_len: int | None = None, input_sigmas=None,
+                   mu: float | None = None) -> torch.Tensor:
     """The N + 1 sigmas (float64) that `scheduler.set_timesteps(N)` builds, as the diffusers pipeline calls it:
-    with dynamic shifting (FLUX), sigmas = linspace(1, 1/N, N) and mu from `image_seq_len` and the config.
+    with dynamic shifting (FLUX), sigmas = linspace(1, 1/N, N) and mu from `image_seq_len` and the config, or
+    `mu` as given (FLUX.2: models.flux2.empirical_mu, which depends on N too).
     `input_sigmas(N)`: the sigmas the pipeline itself passes to set_timesteps, with or without dynamic shifting
     (Z-Image: linspace(1, 1/N, N) under a static shift). The scheduler itself is not modified (a copy is set)."""
     _check_steps(num_steps)
     sched = copy.deepcopy(scheduler)
     config = sched.config
     if config.get("use_dynamic_shifting", False):
-        if image_seq_len is None:
+        if image_seq_len is None and mu is None:
             raise ValueError("a dynamically shifted scheduler (FLUX) needs the image sequence length for mu")
-        mu = flux_mu(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                     config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        if mu is None:
+            mu = flux_mu(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
         u = torch.linspace(1, 1 / num_steps, num_steps, dtype=torch.float64).tolist()
         sched.set_timesteps(num_steps, sigmas=list(input_sigmas(num_steps)) if input_sigmas else u, mu=mu)
     elif input_sigmas is not None:
