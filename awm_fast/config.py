@@ -42,6 +42,7 @@ class ModelConfig:
     lora_init: str = "gaussian"
     lora_targets: list[str] = field(default_factory=lambda: list(SD3_LORA_TARGETS))
     resolution: int = 512
+    frames: int = 1  # video frames per sample (model.kind=wan: frames - 1 divisible by 4, e.g. 33, 81); 1 = images
     text_tokens: int = 128  # T5 tokens per prompt (128 as the official SD3 RL code; FLUX presets use 512)
     guidance: float = 3.5  # FLUX guidance-embedding value (ignored by models without one)
     attention_backend: str = "auto"  # auto | flash3 | flash2 | xformers | sdpa_cudnn | sdpa_flash | sdpa_efficient | sdpa_math
@@ -228,16 +229,18 @@ CHOICES = {  # each list lives with its owner
     "run.dist_backend": ("auto", "nccl", "gloo"),
     "run.wandb_mode": ("online", "offline", "disabled"),
 }
+VIDEO_KINDS = {"wan": 4}  # model.kind -> its VAE's temporal compression (model.frames = 4 k + 1)
 # Keys a resumed run (`awm-fast train --resume`) may not change: the weights' shapes (model, LoRA), what the
 # optimizer and EMA states belong to, and the step's batch geometry and seeds (the sampler's position means a
 # given prompt plan). A key ending in "." is a whole section; see awm_fast/train/resume.py.
 NON_RESUMABLE = ("model.kind", "model.path", "model.dtype", "model.lora_rank", "model.lora_alpha", "model.lora_init",
-                 "model.lora_targets", "model.resolution", "model.text_tokens", "model.guidance",
+                 "model.lora_targets", "model.resolution", "model.frames", "model.text_tokens", "model.guidance",
                  "sample.prompts_per_step", "sample.group_size", "sample.batch_size", "sample.num_steps",
                  "train.micro_batch", "train.num_timesteps", "train.algorithm", "train.finetune", "train.seed",
                  "train.eval_ema", "digits.")
 POSITIVE = ["model.text_tokens", "model.lora_rank", "model.lora_alpha", "model.resolution", "sample.num_steps", "sample.shift",
             "sample.prompts_per_step", "sample.batch_size", "sample.eval_num_steps", "sample.eval_prompts", "train.steps",
+            "model.frames",
             "train.micro_batch", "train.num_timesteps", "train.ghuber_power", "train.clip_range",
             "train.adv_clip_max", "train.grpo_clip_range", "train.grpo_optimizer_steps", "train.nft_beta",
             "train.nft_timestep_fraction", "train.lr", "train.adam_eps", "train.max_grad_norm",
@@ -421,6 +424,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.adam_beta1/adam_beta2=({t.adam_beta1}, {t.adam_beta2}) must be in [0, 1)")
     if m.kind != "digits" and not s.prompt_file:
         raise ConfigError(f"sample.prompt_file is empty: model.kind={m.kind} trains on prompts from a text file")
+    if m.frames != 1 and m.kind not in VIDEO_KINDS:
+        raise ConfigError(f"model.frames={m.frames}: model.kind={m.kind} generates images (frames 1); video kinds: "
+                          f"{', '.join(VIDEO_KINDS)}")
+    if m.kind in VIDEO_KINDS and (m.frames - 1) % VIDEO_KINDS[m.kind]:
+        raise ConfigError(f"model.frames={m.frames}: {m.kind}'s VAE compresses time by {VIDEO_KINDS[m.kind]}, so "
+                          f"frames - 1 must be a multiple of it (e.g. 33 or 81)")
     if m.kind != "digits" and not m.path:
         raise ConfigError(f"model.path is empty: give a diffusers folder or hub id for model.kind={m.kind}")
     parts = [p.strip() for p in cfg.reward.name.split("+")]
