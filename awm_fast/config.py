@@ -73,7 +73,7 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
-    algorithm: str = "awm"  # awm | flow_grpo | nft (baselines: awm_fast/train/algorithms.py)
+    algorithm: str = "awm"  # awm | flow_grpo | nft (awm_fast/algorithms/: one module each, its keys in its section)
     finetune: str = "lora"  # lora (DDP under torchrun) | full (every transformer weight; FSDP2 under torchrun)
     steps: int = 200
     micro_batch: int = 3  # images per training micro-batch (rows = micro_batch * num_timesteps)
@@ -100,18 +100,30 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward (less memory)
     shared_batch: bool = False  # policy call + ONE no-grad [ref; ema] call per micro-batch (models/shared_batch.py)
     eval_ema: bool = True  # evaluation EMA of the LoRA weights, decay min((1 + n) / (10 + n), 0.99)
-    grpo_clip_range: float = 1e-4  # flow_grpo: ratio clip c
-    grpo_beta: float = 0.04  # flow_grpo: KL to the reference in mean space (0.04 GenEval/OCR, 0.01 PickScore)
-    grpo_sde_window: int = 0  # flow_grpo: 0 = SDE at every step; k = "Fast": SDE (and training) on k steps only
-    grpo_optimizer_steps: int = 2  # flow_grpo: optimizer steps per rollout (official 2; the ratio clip acts from the 2nd)
-    nft_beta: float = 1.0  # nft: b in v+- (implicit positive / negative policies)
-    nft_kl_beta: float = 1e-4  # nft: weight of mean (v - v_ref)^2
-    nft_decay_rate: float = 0.001  # nft: "old" (the "ema" adapter) decay d = min(nft_decay_cap, rate * step)
-    nft_decay_cap: float = 0.5
-    nft_timestep_fraction: float = 0.99  # nft: each sample trains int(num_steps * this) rollout timesteps (official: 9 of 10)
-    nft_sampler: str = "dpm2"  # nft: rollout of the "old" policy: dpm2 (official, sampling/dpm_solver.py) | ode (Euler)
     max_nonfinite_steps: int = 3  # stop after this many steps in a row with a non-finite loss/grad (0: never)
     seed: int = 42
+
+
+@dataclass
+class FlowGRPOConfig:
+    """train.algorithm=flow_grpo (awm_fast/algorithms/flow_grpo.py); official yifan123/flow_grpo geneval_sd3."""
+
+    clip_range: float = 1e-4  # ratio clip c
+    beta: float = 0.04  # KL to the reference in mean space (0.04 GenEval/OCR, 0.01 PickScore)
+    sde_window: int = 0  # 0 = SDE at every step; k = "Fast": SDE (and training) on k steps only
+    optimizer_steps: int = 2  # optimizer steps per rollout (official 2; the ratio clip acts from the 2nd)
+
+
+@dataclass
+class NFTConfig:
+    """train.algorithm=nft (awm_fast/algorithms/nft.py); official NVlabs/DiffusionNFT config/nft.py."""
+
+    beta: float = 1.0  # b in v+- (implicit positive / negative policies)
+    kl_beta: float = 1e-4  # weight of mean (v - v_ref)^2
+    decay_rate: float = 0.001  # "old" policy (the "ema" adapter) decay d = min(decay_cap, decay_rate * step)
+    decay_cap: float = 0.5
+    timestep_fraction: float = 0.99  # each sample trains int(num_steps * this) rollout timesteps (official: 9 of 10)
+    sampler: str = "dpm2"  # rollout of the "old" policy: dpm2 (official, sampling/dpm_solver.py) | ode (Euler)
 
 
 @dataclass
@@ -160,6 +172,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    flow_grpo: FlowGRPOConfig = field(default_factory=FlowGRPOConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     digits: DigitsConfig = field(default_factory=DigitsConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -217,8 +231,8 @@ CHOICES = {  # each list lives with its owner
     "model.attention_backend": _Owned("awm_fast.models.attention:BACKENDS"),
     "model.compile_mode": _Owned("awm_fast.models.compile:MODES"),
     "sample.sampler": _Owned("awm_fast.sampling.rollout:SAMPLERS"),
-    "train.algorithm": _Owned("awm_fast.train.algorithms:ALGORITHMS"),
-    "train.nft_sampler": _Owned("awm_fast.train.algorithms:NFT_SAMPLERS"),
+    "train.algorithm": _Owned("awm_fast.algorithms:ALGORITHM_NAMES"),
+    "nft.sampler": _Owned("awm_fast.algorithms.nft:NFT_SAMPLERS"),
     "train.finetune": _Owned("awm_fast.models.finetune:FINETUNE_MODES"),
     "train.timestep_sampling": TIMESTEP_MODES,
     "train.weighting": _Owned("awm_fast.ops.awm_loss_torch:WEIGHTINGS"),
@@ -242,13 +256,13 @@ POSITIVE = ["model.text_tokens", "model.lora_rank", "model.lora_alpha", "model.r
             "sample.prompts_per_step", "sample.batch_size", "sample.eval_num_steps", "sample.eval_prompts", "train.steps",
             "model.frames",
             "train.micro_batch", "train.num_timesteps", "train.ghuber_power", "train.clip_range",
-            "train.adv_clip_max", "train.grpo_clip_range", "train.grpo_optimizer_steps", "train.nft_beta",
-            "train.nft_timestep_fraction", "train.lr", "train.adam_eps", "train.max_grad_norm",
+            "train.adv_clip_max", "flow_grpo.clip_range", "flow_grpo.optimizer_steps", "nft.beta",
+            "nft.timestep_fraction", "train.lr", "train.adam_eps", "train.max_grad_norm",
             "digits.pretrain_batch", "digits.pretrain_lr", "digits.eval_per_digit", "run.keep_checkpoints",
             "run.dist_timeout_s"]
 NON_NEGATIVE = ["reward.num_workers", "sample.noise_level", "train.beta", "train.ema_beta", "train.weight_decay", "train.ema_decay_rate",
-                "train.ema_decay_cap", "train.grpo_beta", "train.grpo_sde_window", "train.nft_kl_beta",
-                "train.nft_decay_rate", "train.nft_decay_cap", "digits.pretrain_steps", "digits.classifier_steps", "run.eval_every",
+                "train.ema_decay_cap", "flow_grpo.beta", "flow_grpo.sde_window", "nft.kl_beta",
+                "nft.decay_rate", "nft.decay_cap", "digits.pretrain_steps", "digits.classifier_steps", "run.eval_every",
                 "run.checkpoint_every", "run.threads", "train.max_nonfinite_steps", "reward.retries",
                 "reward.retry_wait_s"]
 
@@ -305,8 +319,16 @@ def _merge(cfg: Config, data: dict, source: str) -> None:
             set_value(cfg, f"{section}.{key}", value)
 
 
+# Keys that moved (the algorithms' own sections, 2026-12): the old names still set the new keys, so older
+# YAML files and the configs saved in older checkpoints load unchanged.
+RENAMED_KEYS = {f"train.grpo_{k}": f"flow_grpo.{k}" for k in ("clip_range", "beta", "sde_window", "optimizer_steps")}
+RENAMED_KEYS |= {f"train.nft_{k}": f"nft.{k}" for k in ("beta", "kl_beta", "decay_rate", "decay_cap",
+                                                        "timestep_fraction", "sampler")}
+
+
 def set_value(cfg: Config, dotted: str, value) -> None:
     """Set `section.key` with type checking; raises ConfigError for an unknown key or a wrong type."""
+    dotted = RENAMED_KEYS.get(dotted, dotted)
     parts = dotted.split(".")
     if len(parts) != 2:
         raise ConfigError(f"{dotted!r}: keys have the form section.key (e.g. train.lr)")
@@ -401,10 +423,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.num_timesteps={t.num_timesteps} with sample.num_steps={s.num_steps}: {exc}") from None
     if t.ema_decay_cap >= 1:
         raise ConfigError(f"train.ema_decay_cap={t.ema_decay_cap} must be < 1")
-    if t.nft_decay_cap >= 1:
-        raise ConfigError(f"train.nft_decay_cap={t.nft_decay_cap} must be < 1")
-    if t.nft_timestep_fraction > 1 or int(s.num_steps * t.nft_timestep_fraction) < 1:
-        raise ConfigError(f"train.nft_timestep_fraction={t.nft_timestep_fraction} must be <= 1 and leave "
+    if cfg.nft.decay_cap >= 1:
+        raise ConfigError(f"nft.decay_cap={cfg.nft.decay_cap} must be < 1")
+    if cfg.nft.timestep_fraction > 1 or int(s.num_steps * cfg.nft.timestep_fraction) < 1:
+        raise ConfigError(f"nft.timestep_fraction={cfg.nft.timestep_fraction} must be <= 1 and leave "
                           f"int(sample.num_steps {s.num_steps} * it) >= 1 training timesteps")
     if not 0 <= s.sa_noise_t_min <= s.sa_noise_t_max <= 1:
         raise ConfigError(f"sample.sa_noise_t_min/sa_noise_t_max=({s.sa_noise_t_min}, {s.sa_noise_t_max}) must satisfy "
@@ -413,12 +435,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.algorithm=flow_grpo needs a stochastic sampler with log-probs "
                           f"(sample.sampler=euler_maruyama or cps), got {s.sampler!r}; its official rollout: "
                           f"sample.sampler=euler_maruyama sample.noise_level=0.7")
-    if t.algorithm == "flow_grpo" and not (s.noise_level > 0 and t.grpo_sde_window <= s.num_steps // 2):
-        raise ConfigError(f"train.algorithm=flow_grpo needs sample.noise_level > 0 and train.grpo_sde_window="
-                          f"{t.grpo_sde_window} <= sample.num_steps // 2 = {s.num_steps // 2} (official: the window "
+    g = cfg.flow_grpo
+    if t.algorithm == "flow_grpo" and not (s.noise_level > 0 and g.sde_window <= s.num_steps // 2):
+        raise ConfigError(f"train.algorithm=flow_grpo needs sample.noise_level > 0 and flow_grpo.sde_window="
+                          f"{g.sde_window} <= sample.num_steps // 2 = {s.num_steps // 2} (official: the window "
                           "starts in {0, ..., num_steps // 2 - window})")
-    if t.algorithm == "flow_grpo" and (images // t.micro_batch) % t.grpo_optimizer_steps:
-        raise ConfigError(f"train.grpo_optimizer_steps={t.grpo_optimizer_steps} must divide the {images // t.micro_batch} "
+    if t.algorithm == "flow_grpo" and (images // t.micro_batch) % g.optimizer_steps:
+        raise ConfigError(f"flow_grpo.optimizer_steps={g.optimizer_steps} must divide the {images // t.micro_batch} "
                           f"training micro-batches per step ({images} images / train.micro_batch {t.micro_batch})")
     if not 0 <= t.adam_beta1 < 1 or not 0 <= t.adam_beta2 < 1:
         raise ConfigError(f"train.adam_beta1/adam_beta2=({t.adam_beta1}, {t.adam_beta2}) must be in [0, 1)")

@@ -31,11 +31,12 @@ import torch
 from awm_fast.algo.advantages import group_advantages
 from awm_fast.config import load_config
 from awm_fast.models.lora import POLICY, adapter_params
-from awm_fast.train.algorithms import get_algorithm
+from awm_fast.algorithms import get_algorithm
+from awm_fast.algorithms.base import UpdateContext
 from awm_fast.train.task import build_task
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.train.trainer import rollout_and_score, train
-from awm_fast.train.update_parts import MicroBatchRNG
+from awm_fast.algorithms.update_loop import MicroBatchRNG
 
 # Each method's official recipe on the digits preset (10 steps on the SD3 grid with shift 3, 10 prompts x 8 images
 # per step): AWM rolls out with SA-Solver (noise 0.4 in [0.3, 0.9]), Flow-GRPO with the SDE (noise 0.7, clip 1e-4,
@@ -46,10 +47,10 @@ METHODS = {
         "train.ema_beta=1.0", "train.num_timesteps=4"]},
     "flow_grpo": {"label": "Flow-GRPO", "lrs": [1e-3, 3e-3, 1e-2], "overrides": [
         "train.algorithm=flow_grpo", "sample.sampler=euler_maruyama", "sample.noise_level=0.7",
-        "train.grpo_beta=0.04", "train.grpo_clip_range=1e-4", "train.grpo_sde_window=0", "train.grpo_optimizer_steps=2"]},
+        "flow_grpo.beta=0.04", "flow_grpo.clip_range=1e-4", "flow_grpo.sde_window=0", "flow_grpo.optimizer_steps=2"]},
     "nft": {"label": "DiffusionNFT", "lrs": [1e-3, 3e-3, 1e-2], "overrides": [
-        "train.algorithm=nft", "train.nft_beta=1.0", "train.nft_kl_beta=1e-4", "train.nft_decay_rate=0.001",
-        "train.nft_decay_cap=0.5"]},
+        "train.algorithm=nft", "nft.beta=1.0", "nft.kl_beta=1e-4", "nft.decay_rate=0.001",
+        "nft.decay_cap=0.5"]},
 }
 def base_overrides(args) -> list[str]:
     return ["run.tensorboard=false", f"run.eval_every={args.eval_every}", "run.checkpoint_every=0",
@@ -101,12 +102,12 @@ class _CaptureGrad:
 
 def gradient_variance(method: str, batches: int, args, workdir: Path) -> dict:
     """K gradient estimates at the base model with fresh adapters, one per independent rollout batch."""
-    one_step = ["train.grpo_optimizer_steps=1"] if method == "flow_grpo" else []
+    one_step = ["flow_grpo.optimizer_steps=1"] if method == "flow_grpo" else []
     cfg = load_config(None, base_overrides(args) + METHODS[method]["overrides"] + one_step + [
         f"train.lr={METHODS[method]['lrs'][0]}", f"run.output_dir={workdir}", "train.max_grad_norm=1e30"])
     torch.manual_seed(0)
     task = build_task(cfg, torch.device("cpu"), log=lambda *_: None)
-    algo = get_algorithm(method)
+    algo = get_algorithm(cfg)
     params = list(adapter_params(task.policy.transformer, POLICY).values())
     capture = _CaptureGrad(params)
     grid = task.policy.time_grid(cfg.sample.num_steps)
@@ -115,7 +116,8 @@ def gradient_variance(method: str, batches: int, args, workdir: Path) -> dict:
             # the trainer's seeding: batch k is step k of a run seeded 10_000 (prompts, rollout noise, training rows)
             roll = rollout_and_score(task, cfg, grid, 10_000, algo, scorer, step=k)
             adv = group_advantages(roll.rewards, roll.groups, cfg.train.adv_clip_max)
-            algo.update(task.policy, roll, adv, grid, cfg, MicroBatchRNG(10_000, k), capture, params, task.null_cond)
+            algo.update(UpdateContext(task.policy, grid, MicroBatchRNG(10_000, k), capture, params, task.null_cond),
+                        roll, adv)
     g = torch.stack(capture.grads)
     assert g.shape[0] == batches, "one gradient estimate per rollout batch"
     norms = g.norm(dim=1)

@@ -23,11 +23,13 @@ def test_choices_are_the_owners_lists():
     from awm_fast.ops.awm_loss_torch import KL_WEIGHTINGS, RATIO_MODES, WEIGHTINGS
     from awm_fast.rewards import REWARDS
     from awm_fast.sampling.rollout import SAMPLERS
-    from awm_fast.train.algorithms import ALGORITHMS
+    from awm_fast.algorithms import ALGORITHMS
+    from awm_fast.algorithms.nft import NFT_SAMPLERS
 
     owners = {"model.kind": MODEL_KINDS, "model.attention_backend": BACKENDS, "model.compile_mode": MODES,
               "train.weighting": WEIGHTINGS, "train.ratio_mode": RATIO_MODES, "train.kl_weighting": KL_WEIGHTINGS,
-              "reward.name": tuple(REWARDS), "sample.sampler": SAMPLERS, "train.algorithm": tuple(ALGORITHMS)}
+              "reward.name": tuple(REWARDS), "sample.sampler": SAMPLERS, "train.algorithm": tuple(ALGORITHMS),
+              "nft.sampler": NFT_SAMPLERS}
     for dotted, owned in owners.items():
         assert tuple(CHOICES[dotted]) == tuple(owned), dotted
     for dotted, choices in CHOICES.items():

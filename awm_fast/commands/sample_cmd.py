@@ -52,7 +52,7 @@ def read_prompts(args) -> list[str]:
 
 def run(args, log=print) -> int:
     from awm_fast.sampling.rollout import sample_latents
-    from awm_fast.train.update_parts import derived_seed
+    from awm_fast.algorithms.update_loop import derived_seed
 
     if args.sampler not in SAMPLERS:
         raise UsageError(f"--sampler {args.sampler!r} is not one of {', '.join(SAMPLERS)}")

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from awm_fast.models.finetune import PREFIX, load_adapters
 from awm_fast.models.lora import EMA, POLICY
-from awm_fast.train.faults import pause_point
+from awm_fast.train.faults import run_event
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -52,7 +52,7 @@ def save_checkpoint(run_dir: Path, step: int, transformer, state: dict, keep: in
             save_lora(transformer, name, tmp / name)
         else:
             save_model(transformer, weights[name], tmp / name)
-    pause_point("checkpoint", step)  # test hook: a SIGKILL here must leave the earlier checkpoints usable
+    run_event("checkpoint", step)  # a SIGKILL here must leave the earlier checkpoints usable
     torch.save({**state, "step": step}, tmp / "state.pt")
     if isinstance(state.get("config"), dict):  # the config it was trained with, readable (`--resume` takes it)
         import yaml

@@ -13,7 +13,7 @@ from awm_fast.rewards import Reward, check_reward_output
 from awm_fast.rewards.base import evaluation_mode
 from awm_fast.sampling.rollout import sample_latents
 from awm_fast.train.distributed import Dist, current
-from awm_fast.train.update_parts import derived_seed
+from awm_fast.algorithms.update_loop import derived_seed
 
 
 @torch.no_grad()

@@ -3,15 +3,14 @@
 - a reward that raises (a flaky server, a network file system) is retried `reward.retries` times, then the run
   stops naming the reward and the last error (ValueError/TypeError are bugs or bad input: never retried);
 - `train.max_nonfinite_steps` steps in a row with a non-finite loss or gradient stop the run (each one alone
-  is skipped with a warning: update_parts.finish_step);
+  is skipped with a warning: algorithms.update_loop.finish_step);
 - CUDA out-of-memory stops with the config keys that reduce memory;
-- `pause_point`: a test hook that parks the process at a named point so that a test can SIGKILL it there.
+- `run_event`: named points of a run (EVENT_HOOKS) where observers, e.g. a test that SIGKILLs there, hook in.
 """
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -92,16 +91,12 @@ class NonFiniteGuard:
                                  "reward and the model dtype, or resume from the last checkpoint")
 
 
-def pause_point(name: str, step: int) -> None:
-    """Test hook: with $AWM_FAST_PAUSE_AT = "<name>:<step>" (e.g. "update:3", "checkpoint:2") and this process's
-    rank in $AWM_FAST_PAUSE_RANKS (default all), write $AWM_FAST_PAUSE_MARKER (if set) and sleep there."""
-    spec = os.environ.get("AWM_FAST_PAUSE_AT")
-    if not spec or spec != f"{name}:{step}":
-        return
-    ranks = os.environ.get("AWM_FAST_PAUSE_RANKS")
-    if ranks and os.environ.get("RANK", "0") not in ranks.split(","):
-        return
-    marker = os.environ.get("AWM_FAST_PAUSE_MARKER")
-    if marker:
-        Path(marker).write_text(str(os.getpid()))
-    time.sleep(float(os.environ.get("AWM_FAST_PAUSE_SECONDS", "3600")))
+EVENT_HOOKS: list[Callable[[str, int], None]] = []  # hook(event, step): "update" (a step's update and EMA
+# done, before its bookkeeping), "checkpoint" (a checkpoint's files written, before it is published). Empty by
+# default; e.g. tests/train/hooked_cli.py parks a process there for a SIGKILL.
+
+
+def run_event(name: str, step: int) -> None:
+    """Call every EVENT_HOOKS entry with (name, step)."""
+    for hook in EVENT_HOOKS:
+        hook(name, step)

@@ -1,4 +1,4 @@
-"""The RL loop: rollout -> rewards -> group advantages -> update (AWM, or a baseline: train/algorithms.py).
+"""The RL loop: rollout -> rewards -> group advantages -> update -> EMA (AWM, or a baseline: awm_fast/algorithms/).
 
 One process, or N under torchrun (train/distributed.py). Each step's prompt groups come from a sampler seeded
 by (seed, step) that every rank draws identically: prompts_per_step prompts x group_size copies, shuffled over
@@ -20,29 +20,21 @@ import torch
 from tqdm.auto import tqdm
 
 from awm_fast.algo.advantages import count_flat_groups, group_advantages
+from awm_fast.algorithms import get_algorithm
+from awm_fast.algorithms.base import Algorithm, Rollout, UpdateContext
+from awm_fast.algorithms.update_loop import MicroBatchRNG, UpdateResult, derived_seed
 from awm_fast.config import Config
 from awm_fast.models.lora import EvalEMA
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.train import checkpoint as ckpt
 from awm_fast.train import report
-from awm_fast.train.algorithms import Algorithm, Rollout, get_algorithm, merge_extras
 from awm_fast.train.distributed import Dist, current, init_distributed, shutdown, wrap_for_training
 from awm_fast.train.evaluate import evaluate
-from awm_fast.train.faults import NonFiniteGuard, RetryingReward, out_of_memory, pause_point
+from awm_fast.train.faults import NonFiniteGuard, RetryingReward, out_of_memory, run_event
 from awm_fast.train.logger import MetricsLogger
 from awm_fast.train.resume import build_config, check_resumable, config_changes, dump_config, saved_config
 from awm_fast.train.wandb_logger import open_wandb
 from awm_fast.train.task import Task, build_task
-from awm_fast.train.update_parts import MicroBatchRNG, UpdateResult, derived_seed
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
 @contextlib.contextmanager
@@ -80,33 +72,56 @@ def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, seed: int, al
     meta = [task.metadata[k] for k in prompt_of[lo:lo + n_local].tolist()]
     cond = task.policy.encode(prompts)
     t0 = time.perf_counter()
-    latents, extras = [], []
+    batches = []
     for b in tqdm(range(0, n_local, s.batch_size), desc="sample", unit="batch", leave=False, disable=None):
         gen = torch.Generator(device=task.policy.device).manual_seed(
             derived_seed(seed, step, "rollout", (lo + b) // s.batch_size))
-        x, extra = algo.sample(task.policy, cond[b:b + s.batch_size], grid, cfg, gen, task.null_cond)
-        scorer.submit(task.policy.decode(x), prompts[b:b + s.batch_size], meta[b:b + s.batch_size])
-        latents.append(x)
-        extras.append(extra)
+        batches.append(algo.sample(task.policy, cond[b:b + s.batch_size], grid, gen, task.null_cond))
+        scorer.submit(task.policy.decode(batches[-1].latents), prompts[b:b + s.batch_size], meta[b:b + s.batch_size])
     t1 = time.perf_counter()
     outs = scorer.gather()
     timings = scorer.timings[-len(outs):]
     keys = ["reward"] + sorted(k for k in outs[0] if k != "reward")
     table = torch.stack([torch.cat([o[k] for o in outs]) for k in keys], dim=1)  # (n_local, keys) float64
     table = dist.all_gather_cat(table, "gathering the rollout rewards")
-    return Rollout(torch.cat(latents), cond, table[:, 0], groups, slice(lo, lo + n_local),
+    latents, kept = Rollout.merge(batches)
+    return Rollout(latents, cond, table[:, 0], groups, slice(lo, lo + n_local),
                    reward_parts={k: float(table[:, i].mean()) for i, k in enumerate(keys) if i},
-                   trajectory=merge_extras(extras), sample_s=t1 - t0, reward_s=sum(t.score_s for t in timings),
+                   kept=kept, sample_s=t1 - t0, reward_s=sum(t.score_s for t in timings),
                    reward_wait_s=time.perf_counter() - t1)
 
 
-def step_metrics(roll: Rollout, result: UpdateResult, decay: float, step_s: float, train_s: float, mem: dict) -> dict:
-    """What one step logs: reward stats and reward parts, loss parts, phase times, images/s, memory."""
-    r = roll.rewards
+class StepClock:
+    """Seconds and (CUDA) peak memory of each phase of one step; the step's seconds from creation to `stop`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.start, self.end, self.times, self.memory = device, time.perf_counter(), None, {}, {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        yield
+        self.times[name] = time.perf_counter() - t0
+        if self.device.type == "cuda":
+            self.memory[f"peak_mem_{name}_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+
+    def stop(self) -> float:
+        self.end = time.perf_counter()
+        return self.seconds()
+
+    def seconds(self) -> float:
+        return (self.end if self.end is not None else time.perf_counter()) - self.start
+
+
+def step_metrics(roll: Rollout, result: UpdateResult, decay: float, clock: StepClock) -> dict:
+    """What one step logs: reward stats and reward parts, loss parts, phase times, images/s, memory (CUDA)."""
+    r, step_s = roll.rewards, clock.seconds()
     return {"reward_mean": r.mean().item(), "reward_std": r.std(unbiased=False).item(), **roll.reward_parts,
             **result.metrics(), "flat_groups": count_flat_groups(r, roll.groups), "ema_decay": decay,
             "time_sample": roll.sample_s, "time_reward": roll.reward_s, "time_reward_wait": roll.reward_wait_s,
-            "time_train": train_s, "time_step": step_s, "images_per_s": len(r) / step_s, **mem}
+            "time_train": clock.times["train"], "time_step": step_s, "images_per_s": len(r) / step_s, **clock.memory}
 
 
 def rng_state(device: torch.device) -> dict:
@@ -179,7 +194,7 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
     task.reward = RetryingReward(task.reward, cfg.reward.retries, cfg.reward.retry_wait_s, log=log)
     policy = task.policy
     train_policy = wrap_for_training(policy, d)  # DDP (LoRA) or FSDP2 (full) on several processes
-    algo = get_algorithm(t.algorithm)
+    algo = get_algorithm(cfg)
     params = policy.finetune.trained_params(policy)  # the "default" adapter, or every trained weight
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
@@ -206,46 +221,48 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
                            wandb=open_wandb(cfg, run_dir, log) if cfg.run.wandb else None) if d.is_main else None
     grid = policy.time_grid(s.num_steps)
     nonfinite = NonFiniteGuard(t.max_nonfinite_steps)
+
+    def after_step(done: int, roll: Rollout, result: UpdateResult, decay: float, clock: StepClock) -> float:
+        """The bookkeeping of step `done` (1-based): metrics averaged over ranks and logged, the non-finite
+        guard, warnings, periodic evaluation and checkpoint. Returns the step's seconds (up to the bookkeeping)."""
+        step_s = clock.stop()
+        run_event("update", done)
+        result.losses = d.mean(result.losses)  # grad_norm and skipped are already global
+        metrics = step_metrics(roll, result, decay, clock)
+        if logger is not None:
+            logger.log(done, metrics)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{result.losses['loss']:.4f}", refresh=False)
+        nonfinite.update(done, result.skipped > 0, log)
+        if metrics["flat_groups"] == s.prompts_per_step:
+            log(f"[warn] step {done}: every prompt group has identical rewards: zero advantages, no signal")
+        if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < t.steps:
+            run_eval(done)
+        if (cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0) or done == t.steps:
+            save_state(run_dir, done, cfg, policy, optimizer, eval_ema, d, {
+                "evals": evals, "history": logger.history if logger else None, "before_images": before_images,
+                "train_seconds": train_seconds + step_s})
+        return step_s
+
     micro_per_rank = images_per_step // d.world // t.micro_batch
     scorer = AsyncRewardScorer(task.reward, cfg.reward.num_workers)
     with scorer:
         bar = tqdm(range(start, t.steps), desc=t.algorithm, unit="step", initial=start, total=t.steps, mininterval=1.0,
                    disable=not d.is_main or None)
         for step in bar:
-            t0 = time.perf_counter()
-            reset_peak_memory(device)
-            with out_of_memory_stops("the rollout", device):
-                roll = rollout_and_score(task, cfg, grid, t.seed, algo, scorer, step=step, dist=d)
-            advantages = group_advantages(roll.rewards, roll.groups, t.adv_clip_max)[roll.local]
-            mem = {"peak_mem_rollout_gb": peak_memory_gb(device)}
-            t1 = time.perf_counter()
-            reset_peak_memory(device)
-            rng = MicroBatchRNG(t.seed, step, first_index=d.rank * micro_per_rank, device=device)
-            with out_of_memory_stops("the update", device), d.guard("the update (DDP gradient all-reduce)", any_error=False):
-                result = algo.update(train_policy, roll, advantages.to(device), grid, cfg, rng, optimizer, params,
-                                     task.null_cond)
-            pause_point("update", step + 1)
-            result.losses = d.mean(result.losses)  # grad_norm and skipped are already global
-            mem["peak_mem_train_gb"] = peak_memory_gb(device)
-            rate, cap = algo.adapter_decay(t)
+            clock = StepClock(device)
+            with clock.phase("rollout"), out_of_memory_stops("the rollout", device):
+                roll = rollout_and_score(task, cfg, grid, t.seed, algo, scorer, step=step, dist=d)  # + rewards
+            advantages = group_advantages(roll.rewards, roll.groups, t.adv_clip_max)[roll.local].to(device)
+            ctx = UpdateContext(train_policy, grid, MicroBatchRNG(t.seed, step, d.rank * micro_per_rank, device),
+                                optimizer, params, task.null_cond, agree=d.any)
+            with clock.phase("train"), out_of_memory_stops("the update", device), \
+                    d.guard("the update (DDP gradient all-reduce)", any_error=False):
+                result = algo.update(ctx, roll, advantages)
+            rate, cap = algo.adapter_decay()
             decay = policy.finetune.update_ema(policy, step + 1, rate=rate, cap=cap)
             if eval_ema is not None:
                 eval_ema.update(policy.transformer)
-            dt = time.perf_counter() - t0
-            train_seconds += dt
-            metrics = step_metrics(roll, result, decay, dt, time.perf_counter() - t1, mem if device.type == "cuda" else {})
-            if logger is not None:
-                logger.log(step + 1, metrics)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{result.losses['loss']:.4f}", refresh=False)
-            nonfinite.update(step + 1, result.skipped > 0, log)
-            if metrics["flat_groups"] == s.prompts_per_step:
-                log(f"[warn] step {step + 1}: every prompt group has identical rewards: zero advantages, no signal")
-            if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < t.steps:
-                run_eval(step + 1)
-            if (cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0) or step + 1 == t.steps:
-                save_state(run_dir, step + 1, cfg, policy, optimizer, eval_ema, d, {
-                    "evals": evals, "history": logger.history if logger else None, "before_images": before_images,
-                    "train_seconds": train_seconds})
+            train_seconds += after_step(step + 1, roll, result, decay, clock)
         bar.close()
     after, after_images = run_eval(t.steps)
     after_ema = run_eval(t.steps, "ema")[0] if eval_ema is not None else None

@@ -16,10 +16,12 @@ from awm_fast.models.load import load_policy
 from awm_fast.models.lora import EMA, POLICY, adapter_params
 from awm_fast.models.policy import Conditioning
 from awm_fast.models.tiny import build_tiny_flux, build_tiny_sd3
-from awm_fast.train.awm_update import awm_update
-from awm_fast.train.update_parts import MicroBatchRNG
+from awm_fast.algorithms import update_loop
+from awm_fast.algorithms.update_loop import MicroBatchRNG
 from tests.models.tiny_configs import tiny_model_config
 from tests.tolerances import MODEL_BF16
+from tests.train.hooked_cli import grad_dump_hook
+from tests.algorithms.updates import update_on
 
 PROMPTS = ["a red cube", "two green balls", "a cat"]
 KINDS = ["sd3", "flux"]
@@ -84,16 +86,16 @@ def _trained_params(policy):
 
 
 def _update(policy, cfg, cond, tmp_path, monkeypatch, name):
-    """One awm_update (3 velocities, the AWM loss, backward, AdamW step) on fixed rows (4 latents, `cond`);
+    """One AWM update (3 velocities, the AWM loss, backward, AdamW step) on fixed rows (4 latents, `cond`);
     returns (metrics, the step's gradients as dumped before clipping)."""
     folder = tmp_path / f"grads_{name}"
-    monkeypatch.setenv("AWM_FAST_GRAD_DUMP", str(folder))
+    monkeypatch.setattr(update_loop, "GRADIENT_HOOKS", [grad_dump_hook(str(folder))])
     latents = torch.randn(4, *policy.latent_shape, generator=torch.Generator().manual_seed(11))
     advantages = torch.tensor([1.0, 0.5, 0.7, 1.2])
     params = _trained_params(policy)
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    metrics = awm_update(policy, latents, cond, advantages, policy.time_grid(4), cfg.train, cfg.sample,
-                         MicroBatchRNG(5, 0), optimizer, params).metrics()
+    metrics = update_on(cfg, policy, latents, cond, advantages, policy.time_grid(4), MicroBatchRNG(5, 0), optimizer,
+                        params).metrics()
     (dump,) = sorted(folder.glob("*.pt"))
     return metrics, torch.load(dump)
 

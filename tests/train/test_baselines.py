@@ -6,7 +6,8 @@ import torch
 
 from awm_fast.config import ConfigError, load_config
 from awm_fast.models.lora import EMA, POLICY, adapter_params
-from awm_fast.train.algorithms import ALGORITHMS, get_algorithm
+from awm_fast.algorithms import ALGORITHMS, get_algorithm
+from awm_fast.algorithms.base import UpdateContext
 from awm_fast.train.trainer import train
 
 SMALL = ["run.tensorboard=false", "run.eval_every=0", "run.checkpoint_every=0", "run.threads=1",
@@ -58,17 +59,17 @@ def test_flow_grpo_step_raises_the_advantage_weighted_log_prob(tmp_path):
     from awm_fast.train.task import build_task
     from awm_fast.rewards.async_scorer import AsyncRewardScorer
     from awm_fast.train.trainer import rollout_and_score
-    from awm_fast.train.update_parts import MicroBatchRNG
+    from awm_fast.algorithms.update_loop import MicroBatchRNG
 
-    cfg = load_config(None, SMALL + [f"run.output_dir={tmp_path}", "train.algorithm=flow_grpo", *GRPO_SDE, "train.grpo_beta=0",
-                                     "train.grpo_optimizer_steps=1"])
+    cfg = load_config(None, SMALL + [f"run.output_dir={tmp_path}", "train.algorithm=flow_grpo", *GRPO_SDE, "flow_grpo.beta=0",
+                                     "flow_grpo.optimizer_steps=1"])
     torch.manual_seed(0)
     task = build_task(cfg, torch.device("cpu"), log=lambda *_: None)
-    algo, grid = get_algorithm("flow_grpo"), time_grid(cfg.sample.num_steps, cfg.sample.shift)
+    algo, grid = get_algorithm(cfg), time_grid(cfg.sample.num_steps, cfg.sample.shift)
     with AsyncRewardScorer(task.reward) as scorer:
         roll = rollout_and_score(task, cfg, grid, cfg.train.seed, algo, scorer)
     adv = group_advantages(roll.rewards, roll.groups)
-    xs, mask = roll.trajectory["xs"], roll.trajectory["sde_mask"]
+    xs, mask = roll.kept.xs, roll.kept.sde_mask
 
     def surrogate():
         b, k = mask.nonzero(as_tuple=True)
@@ -80,15 +81,16 @@ def test_flow_grpo_step_raises_the_advantage_weighted_log_prob(tmp_path):
 
     params = list(adapter_params(task.policy.transformer, POLICY).values())
     before = surrogate()
-    stats = algo.update(task.policy, roll, adv, grid, cfg, MicroBatchRNG(cfg.train.seed, 0),
-                        torch.optim.SGD(params, lr=0.5), params, task.null_cond)
+    ctx = UpdateContext(task.policy, grid, MicroBatchRNG(cfg.train.seed, 0), torch.optim.SGD(params, lr=0.5), params,
+                        task.null_cond)
+    stats = algo.update(ctx, roll, adv)
     assert stats.skipped == 0 and stats.grad_norm > 0
     assert surrogate() > before
 
 
 def test_flow_grpo_fast_variant_trains_only_the_window(tmp_path):
     summary, rows = _run(tmp_path, "fast", "train.algorithm=flow_grpo", "sample.sampler=cps", "sample.noise_level=0.8",
-                         "train.grpo_sde_window=3", "train.steps=2")
+                         "flow_grpo.sde_window=3", "train.steps=2")
     assert len(rows) == 2 and all(r["kl"] >= 0 and r["grad_norm"] > 0 for r in rows)
     # the policy starts at the reference (LoRA B = 0) and moves away: its KL in mean space is > 0 and grows
     # (measured 2.1e-4, then 4.1e-4); a KL against itself or of the wrong sign would fail
@@ -100,8 +102,8 @@ def test_nft_moves_the_old_adapter_with_its_own_decay(tmp_path):
     from awm_fast.train.task import build_task
 
     cfg = load_config(None, SMALL + [f"run.output_dir={tmp_path}", "train.algorithm=nft"])
-    assert get_algorithm("nft").adapter_decay(cfg.train) == (0.001, 0.5)
-    assert get_algorithm("awm").adapter_decay(cfg.train) == (0.001, 0.3)
+    assert get_algorithm(cfg).adapter_decay() == (0.001, 0.5)
+    assert get_algorithm(load_config(None, SMALL)).adapter_decay() == (0.001, 0.3)
     task = build_task(cfg, torch.device("cpu"), log=lambda *_: None)
     old = {k: p.detach().clone() for k, p in adapter_params(task.policy.transformer, EMA).items()}
     policy = adapter_params(task.policy.transformer, POLICY)
@@ -115,23 +117,23 @@ def test_config_validation_for_the_baselines():
         load_config(None, ["train.algorithm=ppo"])
     with pytest.raises(ConfigError, match="stochastic sampler"):
         load_config(None, ["train.algorithm=flow_grpo", "sample.sampler=ode"])
-    with pytest.raises(ConfigError, match="grpo_sde_window"):
-        load_config(None, ["train.algorithm=flow_grpo", *GRPO_SDE, "train.grpo_sde_window=10"])
-    with pytest.raises(ConfigError, match="grpo_sde_window=6 <= sample.num_steps // 2 = 5"):
-        load_config(None, ["train.algorithm=flow_grpo", *GRPO_SDE, "sample.num_steps=10", "train.grpo_sde_window=6"])
-    with pytest.raises(ConfigError, match="train.nft_timestep_fraction"):
-        load_config(None, ["train.algorithm=nft", "train.nft_timestep_fraction=1.5"])
-    with pytest.raises(ConfigError, match="train.nft_sampler"):
-        load_config(None, ["train.algorithm=nft", "train.nft_sampler=euler"])
-    with pytest.raises(ConfigError, match="grpo_optimizer_steps=3 must divide the 2 training micro-batches"):
-        load_config(None, ["train.algorithm=flow_grpo", *GRPO_SDE, "train.grpo_optimizer_steps=3"])
-    assert load_config(None, ["train.algorithm=flow_grpo", *GRPO_SDE]).train.grpo_optimizer_steps == 2
+    with pytest.raises(ConfigError, match="flow_grpo.sde_window"):
+        load_config(None, ["train.algorithm=flow_grpo", *GRPO_SDE, "flow_grpo.sde_window=10"])
+    with pytest.raises(ConfigError, match="flow_grpo.sde_window=6 <= sample.num_steps // 2 = 5"):
+        load_config(None, ["train.algorithm=flow_grpo", *GRPO_SDE, "sample.num_steps=10", "flow_grpo.sde_window=6"])
+    with pytest.raises(ConfigError, match="nft.timestep_fraction"):
+        load_config(None, ["train.algorithm=nft", "nft.timestep_fraction=1.5"])
+    with pytest.raises(ConfigError, match="nft.sampler"):
+        load_config(None, ["train.algorithm=nft", "nft.sampler=euler"])
+    with pytest.raises(ConfigError, match="flow_grpo.optimizer_steps=3 must divide the 2 training micro-batches"):
+        load_config(None, ["train.algorithm=flow_grpo", *GRPO_SDE, "flow_grpo.optimizer_steps=3"])
+    assert load_config(None, ["train.algorithm=flow_grpo", *GRPO_SDE]).flow_grpo.optimizer_steps == 2
     with pytest.raises(ConfigError, match="official rollout"):  # the digits preset rolls AWM out with SA-Solver
         load_config(None, ["train.algorithm=flow_grpo"])
-    with pytest.raises(ConfigError, match="train.nft_beta"):
-        load_config(None, ["train.algorithm=nft", "train.nft_beta=0"])
-    with pytest.raises(ConfigError, match="nft_decay_cap"):
-        load_config(None, ["train.nft_decay_cap=1.0"])
+    with pytest.raises(ConfigError, match="nft.beta"):
+        load_config(None, ["train.algorithm=nft", "nft.beta=0"])
+    with pytest.raises(ConfigError, match="nft.decay_cap"):
+        load_config(None, ["nft.decay_cap=1.0"])
     with pytest.raises(ConfigError, match="sa_noise_t_min"):
         load_config(None, ["sample.sampler=sa_solver", "sample.sa_noise_t_min=0.95"])
     cfg = load_config(None, ["sample.sampler=sa_solver", "sample.noise_level=0.4"])
@@ -145,6 +147,7 @@ def test_flow_grpo_fast_preset_is_the_official_recipe():
     s, t = cfg.sample, cfg.train
     assert (t.algorithm, s.sampler, s.noise_level, s.num_steps, s.guidance_scale, s.eval_guidance_scale) == \
         ("flow_grpo", "cps", 0.8, 10, 1.0, 1.0)
-    assert (t.grpo_sde_window, t.grpo_clip_range, t.grpo_beta, t.grpo_optimizer_steps) == (3, 1e-5, 0.0, 2)
+    g = cfg.flow_grpo
+    assert (g.sde_window, g.clip_range, g.beta, g.optimizer_steps) == (3, 1e-5, 0.0, 2)
     assert (s.prompts_per_step, s.group_size, s.batch_size, t.micro_batch, t.lr) == (48, 24, 9, 9, 3e-4)
     assert cfg.model.lora_targets[0] == "attn.to_q" and len(cfg.model.lora_targets) == 8

@@ -18,12 +18,14 @@ import torch
 from torch.distributed import TCPStore
 
 from tests.tolerances import tol
+from tests.train.hooked_cli import HOOKED_CLI, hooked_env
 
 # The module's runs start in the first test's setup (3 trainers on 2 cores): a longer limit than the suite's.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 BIN = Path(sys.executable).parent
 TORCHRUN = [str(BIN / "torchrun"), "--standalone"]
+
 TIMING = {"time_sample", "time_reward", "time_reward_wait", "time_train", "time_step", "images_per_s"}
 # 16 images per step in rollout batches of 8 (one per rank on 2 ranks), micro-batches of 4; 130 evaluation
 # prompts = 3 evaluation batches (sharded over the ranks).
@@ -39,11 +41,11 @@ LAUNCHED: list[subprocess.Popen] = []  # every process _launch started; the fixt
 def _launch(out: Path, name: str, nproc: int | None, *extra, env=None) -> subprocess.Popen:
     """nproc None: one plain process (`python -m awm_fast.cli train`), else torchrun with nproc processes. Each
     launch leads its own process group (torchrun's workers included), so that `_kill` ends all of it."""
-    head = [sys.executable, "-m", "awm_fast.cli"] if nproc is None else \
-        TORCHRUN + ["--nproc_per_node", str(nproc), "-m", "awm_fast.cli"]
+    head = [sys.executable, "-m", HOOKED_CLI] if nproc is None else \
+        TORCHRUN + ["--nproc_per_node", str(nproc), "-m", HOOKED_CLI]
     cmd = head + ["train", *TINY, f"run.output_dir={out}", f"run.name={name}", *extra]
     with open(out / f"{name}.log", "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**hooked_env(), **(env or {})},
                                 start_new_session=True)
     LAUNCHED.append(proc)
     return proc

@@ -32,7 +32,7 @@ TINY = ["run.tensorboard=false", "run.eval_every=0", "run.threads=1", "run.devic
         "train.steps=2", "run.checkpoint_every=1", "run.keep_checkpoints=3"]
 RUNS = {
     "grpo": ["train.algorithm=flow_grpo", "sample.sampler=euler_maruyama", "sample.noise_level=0.7",
-             "train.grpo_optimizer_steps=2"],
+             "flow_grpo.optimizer_steps=2"],
     "nft": ["train.algorithm=nft"],
     "shared": ["train.shared_batch=true"],
 }

@@ -40,7 +40,7 @@ def test_a_flaky_reward_is_retried_then_stops_with_its_name():
 
 
 def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
-    import awm_fast.train.update_parts as parts
+    import awm_fast.algorithms.update_loop as parts
 
     guard, logs = NonFiniteGuard(2), []
     guard.update(1, True, logs.append)
@@ -68,13 +68,12 @@ def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
 
 def test_out_of_memory_stops_with_the_memory_knobs(tmp_path, monkeypatch, capsys):
     from awm_fast.cli import main
-    from awm_fast.train import algorithms
+    from awm_fast.algorithms.awm import AWM
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setitem(algorithms.ALGORITHMS, "awm", algorithms.ALGORITHMS["awm"].__class__(
-        "awm", algorithms.ALGORITHMS["awm"].sample, oom, algorithms.ALGORITHMS["awm"].adapter_decay))
+    monkeypatch.setattr(AWM, "update", oom)
     code = main(["train", *TINY, f"run.output_dir={tmp_path}", "run.name=oom", "train.steps=2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1, err

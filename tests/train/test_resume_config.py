@@ -15,6 +15,7 @@ import yaml
 from awm_fast.cli import main
 from awm_fast.config import NON_RESUMABLE, load_config
 from awm_fast.train.resume import ResumeError, config_changes, non_resumable, resume_config
+from tests.train.hooked_cli import HOOKED_CLI, hooked_env
 from tests.train.test_faults import TINY
 
 TIMING = {"time_sample", "time_reward", "time_reward_wait", "time_train", "time_step", "images_per_s"}
@@ -87,9 +88,9 @@ def test_kill_9_then_a_bare_resume_reproduces_the_uninterrupted_run(tmp_path, ca
     args = [*TINY, f"run.output_dir={tmp_path}", "train.steps=6", "run.checkpoint_every=2", "train.lr=0.01"]
     assert main(["train", *args, "run.name=full"]) == 0
     marker = tmp_path / "paused"
-    proc = subprocess.Popen([sys.executable, "-m", "awm_fast.cli", "train", *args, "run.name=killed"],
+    proc = subprocess.Popen([sys.executable, "-m", HOOKED_CLI, "train", *args, "run.name=killed"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "AWM_FAST_PAUSE_AT": "update:5", "AWM_FAST_PAUSE_MARKER": str(marker)})
+                            env={**hooked_env(), "AWM_FAST_PAUSE_AT": "update:5", "AWM_FAST_PAUSE_MARKER": str(marker)})
     try:
         end = time.monotonic() + 240
         while not marker.exists():  # parked inside step 5, after its update, before its log row

@@ -77,9 +77,9 @@ def test_nan_reward_stops_with_a_clear_message_and_writes_no_checkpoint(tmp_path
 
 def test_non_finite_loss_never_reaches_the_weights(tmp_path):
     from awm_fast.algo.timesteps import time_grid
-    from awm_fast.train.awm_update import awm_update
-    from awm_fast.train.update_parts import MicroBatchRNG
+    from awm_fast.algorithms.update_loop import MicroBatchRNG
     from awm_fast.train.task import build_task
+    from tests.algorithms.updates import update_on
 
     cfg = _cfg(tmp_path)
     task = build_task(cfg, torch.device("cpu"), log=lambda *_: None)
@@ -89,8 +89,8 @@ def test_non_finite_loss_never_reaches_the_weights(tmp_path):
     latents = torch.randn(4, 1, 8, 8)
     latents[1, 0, 2, 2] = float("nan")
     cfg.train.micro_batch = 2
-    stats = awm_update(task.policy, latents, task.policy.encode(["1", "2", "3", "4"]), torch.ones(4),
-                       time_grid(10, 3.0), cfg.train, cfg.sample, MicroBatchRNG(0, 0), opt, params)
+    stats = update_on(cfg, task.policy, latents, task.policy.encode(["1", "2", "3", "4"]), torch.ones(4),
+                      time_grid(10, 3.0), MicroBatchRNG(0, 0), opt, params)
     assert stats.skipped == 1.0
     for p, q in zip(params, before):
         assert torch.equal(p, q)

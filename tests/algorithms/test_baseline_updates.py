@@ -7,16 +7,15 @@ import math
 import torch
 
 from awm_fast.algo.timesteps import time_grid
-from awm_fast.config import SampleConfig, TrainConfig
+from awm_fast.algorithms.flow_grpo import sample_trajectory
+from awm_fast.algorithms.update_loop import MicroBatchRNG
+from awm_fast.config import Config, FlowGRPOConfig, SampleConfig, TrainConfig
 from awm_fast.models.lora import EMA, POLICY, adapter_params
 from awm_fast.models.policy import Conditioning, FlowPolicy
-from awm_fast.sampling.trajectory import sample_trajectory
 from awm_fast.tasks.digits import POOLED_DIM, TEXT_DIM
-from awm_fast.train.flow_grpo_update import flow_grpo_update
-from awm_fast.train.nft_update import nft_update
-from awm_fast.train.update_parts import MicroBatchRNG
 from tests.models.tiny_configs import tiny_lora_policy
 from tests.tolerances import tol
+from tests.algorithms.updates import update_on
 
 f64 = torch.float64
 def _lora_policy() -> FlowPolicy:
@@ -56,12 +55,12 @@ def test_flow_grpo_cfg_gradient_flows_through_the_conditional_branch_only():
     cond, null = _cond(n, gen), _cond(1, gen)
     grid = time_grid(4, 3.0)
     traj = sample_trajectory(policy, cond, grid, sampler="euler_maruyama", noise_level=a, generator=gen,
-                             guidance_scale=w, null_cond=null).as_dict()
+                             guidance_scale=w, null_cond=null)
     adv = torch.rand(n, generator=gen, dtype=f64) * 2 - 1
     params = list(adapter_params(policy.transformer, POLICY).values())
 
     def reference_grads(detach_uncond):
-        lp, b = _official_grpo_log_prob(policy, traj["xs"], traj["sde_mask"], cond, null, grid, w, a, detach_uncond)
+        lp, b = _official_grpo_log_prob(policy, traj.xs, traj.sde_mask, cond, null, grid, w, a, detach_uncond)
         loss = (-(5 * adv[b]) * torch.exp(lp - lp.detach())).mean()  # on-policy: r == 1, clip inactive
         grads = torch.autograd.grad(loss, params)
         return lp.detach(), torch.cat([g.flatten() for g in grads])
@@ -69,15 +68,15 @@ def test_flow_grpo_cfg_gradient_flows_through_the_conditional_branch_only():
     old_lp, ref = reference_grads(detach_uncond=True)
     _, ref_no_detach = reference_grads(detach_uncond=False)
     assert (ref - ref_no_detach).norm() > 0.05 * ref.norm()  # the uncond branch would carry a sizeable gradient
-    b, k = traj["sde_mask"].nonzero(as_tuple=True)
-    traj["log_probs"] = traj["log_probs"].clone()
-    traj["log_probs"][b, k] = old_lp.float()
+    b, k = traj.sde_mask.nonzero(as_tuple=True)
+    traj.log_probs = traj.log_probs.clone()
+    traj.log_probs[b, k] = old_lp.float()
     before = [p.detach().clone() for p in params]
-    stats = flow_grpo_update(policy, traj, cond, adv, grid,
-                             TrainConfig(micro_batch=n, grpo_optimizer_steps=1, grpo_beta=0.0, grpo_clip_range=0.5,
-                                         max_grad_norm=1e12),
-                             SampleConfig(sampler="euler_maruyama", noise_level=a, guidance_scale=w),
-                             MicroBatchRNG(1, 0), torch.optim.SGD(params, lr=1.0), params, null)
+    cfg = Config(train=TrainConfig(algorithm="flow_grpo", micro_batch=n, max_grad_norm=1e12),
+                 sample=SampleConfig(sampler="euler_maruyama", noise_level=a, guidance_scale=w),
+                 flow_grpo=FlowGRPOConfig(optimizer_steps=1, beta=0.0, clip_range=0.5))
+    stats = update_on(cfg, policy, traj.xs[:, -1], cond, adv, grid, MicroBatchRNG(1, 0),
+                      torch.optim.SGD(params, lr=1.0), params, kept=traj, null_cond=null)
     assert stats.skipped == 0 and stats.losses["clipfrac_first"] == 0.0
     got = -torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(params, before)])  # SGD lr 1: delta = -grad
     torch.testing.assert_close(got, ref, **tol(torch.float32))
@@ -97,9 +96,9 @@ def test_nft_trains_nine_distinct_rollout_timesteps_per_sample():
     grid = time_grid(10, 3.0)
     latents = torch.randn(n, 1, 8, 8, generator=gen)
     params = list(adapter_params(policy.transformer, POLICY).values())
-    stats = nft_update(policy, latents, _cond(n, gen), torch.rand(n, generator=gen) * 2 - 1, grid,
-                       TrainConfig(micro_batch=mb), SampleConfig(), MicroBatchRNG(2, 0), torch.optim.SGD(params, lr=0.1),
-                       params)
+    stats = update_on(Config(train=TrainConfig(algorithm="nft", micro_batch=mb)), policy, latents, _cond(n, gen),
+                      torch.rand(n, generator=gen) * 2 - 1, grid, MicroBatchRNG(2, 0), torch.optim.SGD(params, lr=0.1),
+                      params)
     assert stats.skipped == 0 and stats.grad_norm > 0
     assert [adapter for adapter, _ in seen] == [EMA, None, POLICY] * (n // mb)
     times = grid[:-1].float()
@@ -120,20 +119,20 @@ def test_nft_rolls_out_the_old_policy_with_dpm2():
     from awm_fast.config import load_config
     from awm_fast.sampling.dpm_solver import dpm2_sample
     from awm_fast.sampling.rollout import sample_latents
-    from awm_fast.train.algorithms import get_algorithm
+    from awm_fast.algorithms import get_algorithm
 
     policy, gen = _lora_policy(), torch.Generator().manual_seed(3)
     cond, grid = _cond(3, gen), time_grid(10, 3.0)
-    algo = get_algorithm("nft")
     cfg = load_config(None, ["train.algorithm=nft"])
-    assert cfg.train.nft_sampler == "dpm2" and cfg.train.nft_timestep_fraction == 0.99
-    x, extras = algo.sample(policy, cond, grid, cfg, torch.Generator().manual_seed(4), None)
-    assert extras == {}
+    assert cfg.nft.sampler == "dpm2" and cfg.nft.timestep_fraction == 0.99
+    sampled = get_algorithm(cfg).sample(policy, cond, grid, torch.Generator().manual_seed(4), None)
+    x = sampled.latents
+    assert sampled.kept is None
     torch.testing.assert_close(x, dpm2_sample(policy, cond, grid, generator=torch.Generator().manual_seed(4),
                                               adapter=EMA), **tol(f64))
     euler, _ = sample_latents(policy, cond, grid, sampler="ode", noise_level=0.0,
                               generator=torch.Generator().manual_seed(4), adapter=EMA)
     assert (x - euler).abs().max() > 1e-3  # a different solver than the Euler ODE it used to be
-    x_ode, _ = algo.sample(policy, cond, grid, load_config(None, ["train.algorithm=nft", "train.nft_sampler=ode"]),
-                           torch.Generator().manual_seed(4), None)
+    x_ode = get_algorithm(load_config(None, ["train.algorithm=nft", "nft.sampler=ode"])).sample(
+        policy, cond, grid, torch.Generator().manual_seed(4), None).latents
     torch.testing.assert_close(x_ode, euler, **tol(f64))

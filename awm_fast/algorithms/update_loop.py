@@ -1,17 +1,33 @@
-"""Pieces every update loop (AWM, Flow-GRPO, DiffusionNFT) shares: noisy training rows, per-micro-batch random
-numbers, gradient accumulation under DDP (or FSDP2) and the optimizer step."""
+"""The update skeleton every algorithm shares: per-micro-batch random numbers, the micro-batch loop with
+gradient accumulation under DDP (or FSDP2), the optimizer step with clipping and the non-finite guard, and the
+noisy training rows x_t = (1 - t) x0 + t eps.
+
+    run_update(policy, optimizer, params, rng, n, micro_batch, loss_fn, optimizer_steps=S, agree=...)
+
+splits the n local samples into n / micro_batch micro-batches; micro-batch i belongs to optimizer step i mod S
+(round robin: with every rank holding a multiple of S micro-batches, each step trains the same global
+micro-batches on 1 or N processes). For each micro-batch `loss_fn(rows, gen, part)` returns (loss, parts): the
+differentiable scalar and its parts (0-dim tensors, summed on the device: one host sync per optimizer step); the gradient of loss / (micro-batches per step) accumulates
+(DDP all-reduces once, on the step's last micro-batch), then the step clips to max_grad_norm and applies
+AdamW unless the loss or the gradient is non-finite on any rank. The result averages each part over the
+micro-batches that reported it; grad_norm is the mean over the S steps, skipped counts the dropped ones.
+"""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import math
-import os
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
+
+# Observers of each optimizer step's gradients, called as hook(params) after accumulation and before clipping
+# (e.g. saving them: tests/train/grad_dump.py). Empty by default.
+GRADIENT_HOOKS: list[Callable[[list[torch.nn.Parameter]], None]] = []
 
 
 def derived_seed(*parts) -> int:
@@ -42,10 +58,10 @@ class MicroBatchRNG(torch.Generator):
 
 def micro_batches(n: int, micro_batch: int, rng: MicroBatchRNG, device: torch.device | str,
                   order: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Generator]]:
-    """The skeleton of every update loop: (i, rows, gen) for the n // micro_batch local micro-batches, rows =
-    [i mb, (i + 1) mb) in order (the trainer's sampler already shuffled the rollout) or in the given `order` of
-    micro-batch indices, gen = rng.micro(i), seeded by the global micro-batch index: the same rows, timesteps and
-    noise on 1 or N processes."""
+    """(i, rows, gen) for the n // micro_batch local micro-batches, rows = [i mb, (i + 1) mb) in order (the
+    trainer's sampler already shuffled the rollout) or in the given `order` of micro-batch indices,
+    gen = rng.micro(i), seeded by the global micro-batch index: the same rows, timesteps and noise on 1 or N
+    processes."""
     if not isinstance(rng, MicroBatchRNG):
         raise TypeError(f"the update needs the trainer's MicroBatchRNG(seed, step, first_index), got {type(rng).__name__}")
     for i in tqdm(range(n // micro_batch) if order is None else order, desc="train", unit="mb", leave=False,
@@ -92,37 +108,48 @@ def noisy_rows(x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
     return (1 - tv) * x0r + tv * eps, eps - x0r, t_rows
 
 
-_DUMPS = {"count": 0}
-
-
-def _dump_grads(params: list[torch.nn.Parameter]) -> None:
-    """Test hook: with $AWM_FAST_GRAD_DUMP set, rank 0 saves each optimizer step's (all-reduced) gradients."""
-    folder = os.environ.get("AWM_FAST_GRAD_DUMP")
-    if not folder:
-        return
-    from awm_fast.models.full_finetune import full_grads
-
-    grads = full_grads(params)  # every rank: FSDP2's sharded gradients are gathered
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    _DUMPS["count"] += 1
-    os.makedirs(folder, exist_ok=True)
-    torch.save(grads, os.path.join(folder, f"grads_{_DUMPS['count']:04d}.pt"))
-
-
 def finish_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_grad_norm: float,
-                loss: float) -> tuple[float, bool]:
-    """Clip, then step unless the loss or the gradient is non-finite on any rank (NaN never reaches the weights;
-    every rank takes the same decision); always leaves the grads cleared. Returns (grad norm, skipped)."""
-    _dump_grads(params)
+                loss: float, agree: Callable[[bool], bool] = bool) -> tuple[float, bool]:
+    """Clip, then step unless the loss or the gradient is non-finite on any rank (`agree(flag)`: the flag on
+    any rank; NaN never reaches the weights); always leaves the grads cleared. Returns (grad norm, skipped)."""
+    for hook in GRADIENT_HOOKS:
+        hook(params)
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # of the whole gradient, also when sharded
     grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    bad = not (math.isfinite(grad_norm) and math.isfinite(loss))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        from awm_fast.train.distributed import current
-
-        bad = current().any(bad)
+    bad = agree(not (math.isfinite(grad_norm) and math.isfinite(loss)))
     if not bad:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, bad
+
+
+LossFn = Callable[[torch.Tensor, torch.Generator, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def run_update(ctx, n: int, micro_batch: int, max_grad_norm: float, loss_fn: LossFn, *,
+               optimizer_steps: int = 1, device: torch.device | str = "cpu") -> UpdateResult:
+    """The micro-batch loop and optimizer step(s) of an update (module docstring); ctx: an
+    algorithms.base.UpdateContext (policy, optimizer, params, rng, agree)."""
+    num_micro = n // micro_batch
+    if n % micro_batch or num_micro % optimizer_steps:
+        raise ValueError(f"micro_batch {micro_batch} must divide the {n} local samples and the optimizer steps "
+                         f"({optimizer_steps}) the {num_micro} micro-batches")
+    per_step = num_micro // optimizer_steps
+    order = [j for part in range(optimizer_steps) for j in range(part, num_micro, optimizer_steps)]
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = defaultdict(int)
+    step_loss, grad_norm, skipped = 0.0, 0.0, 0
+    ctx.optimizer.zero_grad(set_to_none=True)
+    for pos, (_, rows, gen) in enumerate(micro_batches(n, micro_batch, ctx.rng, device, order)):
+        last = (pos + 1) % per_step == 0
+        with accumulate(ctx.policy, last=last):
+            loss, parts = loss_fn(rows, gen, pos // per_step)
+            (loss / per_step).backward()
+        step_loss = step_loss + loss.detach().double() / per_step  # on the device: no sync per micro-batch
+        for key, value in parts.items():
+            sums[key] = sums[key] + value.detach().double() if key in sums else value.detach().double()
+            counts[key] += 1
+        if last:
+            norm, bad = finish_step(ctx.optimizer, ctx.params, max_grad_norm, float(step_loss), ctx.agree)
+            grad_norm, skipped, step_loss = grad_norm + norm / optimizer_steps, skipped + bad, 0.0
+    return UpdateResult({k: float(v) / counts[k] for k, v in sums.items()}, grad_norm, float(skipped))

@@ -1,0 +1,143 @@
+"""Flow-GRPO (arXiv 2505.05470): PPO-style clipped policy gradient on stored SDE rollout transitions.
+Config section `flow_grpo` (config.FlowGRPOConfig); the loss math: awm_fast.algo.flow_grpo.
+
+Sampling (`sample_trajectory`): steps k = 0 .. N-1 go from sigma_k to sigma_{k+1} with awm_fast.ops.sde_step
+(sample.sampler euler_maruyama or cps, sample.noise_level, the rollout's CFG rule), every state and step
+log-prob kept. With sde_window = W > 0 (Flow-GRPO-Fast) only W consecutive steps starting at
+k0 ~ U{0, ..., N // 2 - W} are stochastic; the others are Euler ODE steps (official yifan123/flow_grpo:
+sde_window_range = (0, num_steps // 2) in config/grpo.py, start = random.randint(range[0], range[1] - W), both
+ends inclusive; N = 10, W = 3: k0 in {0, 1, 2}). The last step (sigma_N = 0) is always deterministic.
+`sde_mask` marks the stochastic steps: the ones trained.
+
+Update: rows are (sample, step) pairs of a micro-batch over the masked steps. For each row the policy's
+log-prob of the stored transition x_k -> x_{k+1} is recomputed with sde_step(..., x_next=x_{k+1}) (same
+sampler, noise level and CFG as the rollout). With CFG the policy's UNCONDITIONAL prediction is detached before
+the combine v = v_uncond + w (v_cond - v_uncond) (official scripts/train_sd3.py `compute_log_prob`, detach added
+in commit 2d76907 of 2025-07-15; a later revision, 74db691, combines without it; the Fast recipe trains without
+CFG, so it is unaffected). The reference (adapters disabled) gives the KL mean; the loss uses
+A = clip(A_raw, -5, 5) (the trainer's advantages, divided by adv_clip_max, times adv_clip_max).
+The shuffled samples are split into flow_grpo.optimizer_steps parts (official 2), round robin
+(algorithms.update_loop); from the second part on the policy has moved, so r != 1 and the ratio clip acts
+(`clipfrac_later` says how often; `clipfrac_first` is on-policy, 0).
+
+Official Flow-GRPO (config/grpo.py geneval_sd3): euler_maruyama, noise 0.7, 10 steps, CFG 4.5, clip 1e-4, beta
+0.04. Flow-GRPO-Fast (geneval_sd3_fast_nocfg, preset geneval_sd35m_flow_grpo_fast): cps, noise 0.8, CFG off,
+window 3, clip 1e-5, beta 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from awm_fast.algo.flow_grpo import flow_grpo_loss, kl_std
+from awm_fast.algorithms.base import Algorithm, Rollout, Sampled, UpdateContext
+from awm_fast.algorithms.update_loop import UpdateResult, run_update
+from awm_fast.models.lora import POLICY
+from awm_fast.models.policy import Conditioning, FlowPolicy, GuidedVelocity
+from awm_fast.ops import sde_step
+
+TRAJECTORY_SAMPLERS = ("euler_maruyama", "cps")  # the stochastic samplers with a log-prob per step
+
+
+@dataclass
+class Trajectory:
+    """xs: (B, N + 1, ...) states x_0 = noise .. x_N = sample; log_probs: (B, N); sde_mask: (B, N) bool."""
+
+    xs: torch.Tensor
+    log_probs: torch.Tensor
+    sde_mask: torch.Tensor
+
+    @classmethod
+    def cat(cls, items: list["Trajectory"]) -> "Trajectory":
+        return cls(*(torch.cat([getattr(t, k) for t in items]) for k in ("xs", "log_probs", "sde_mask")))
+
+
+def sde_window_mask(num_steps: int, window: int, generator: torch.Generator) -> torch.Tensor:
+    """(N,) bool: all steps but the last when window == 0, else W consecutive steps starting at
+    k0 ~ U{0, ..., N // 2 - W}."""
+    if not 0 <= window <= num_steps // 2:
+        raise ValueError(f"sde window {window} must be in [0, {num_steps // 2}] (= num_steps // 2) for {num_steps} steps")
+    mask = torch.zeros(num_steps, dtype=torch.bool)
+    if window == 0:
+        mask[:-1] = True
+        return mask
+    high = num_steps // 2 - window
+    start = int(torch.randint(0, high + 1, (1,), generator=generator, device=generator.device))
+    mask[start:start + window] = True
+    return mask
+
+
+@torch.no_grad()
+def sample_trajectory(policy: FlowPolicy, cond: Conditioning, grid: torch.Tensor, *, sampler: str,
+                      noise_level: float, generator: torch.Generator, guidance_scale: float = 1.0,
+                      null_cond: Conditioning | None = None, sde_window: int = 0,
+                      adapter: str | None = POLICY) -> Trajectory:
+    """One batch of rollouts with the states and per-step log-probs stored (see the module docstring)."""
+    if sampler not in TRAJECTORY_SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: a trajectory for Flow-GRPO needs one of {TRAJECTORY_SAMPLERS}")
+    batch, num_steps = cond.embeds.shape[0], grid.numel() - 1
+    velocity = GuidedVelocity(policy, cond, guidance_scale, null_cond)
+    mask = sde_window_mask(num_steps, sde_window, generator)
+    x = torch.randn((batch, *policy.latent_shape), generator=generator, device=policy.device, dtype=torch.float32)
+    xs, log_probs = [x], []
+    for k, (sigma, sigma_next) in enumerate(zip(grid[:-1].tolist(), grid[1:].tolist())):
+        v_cond, v_uncond = velocity(x, sigma, adapter)
+        step = sde_step(x, v_cond, sigma, sigma_next, generator=generator, noise_level=noise_level,
+                        kind=sampler if mask[k] else "ode", v_uncond=v_uncond, guidance_scale=guidance_scale,
+                        return_log_prob=True)
+        x = step.x_next
+        xs.append(x)
+        log_probs.append(step.log_prob)
+    return Trajectory(torch.stack(xs, 1), torch.stack(log_probs, 1), mask.to(policy.device).expand(batch, -1).clone())
+
+
+class FlowGRPO(Algorithm):
+    name = "flow_grpo"
+
+    def sample(self, policy, cond, grid, generator, null_cond) -> Sampled:
+        s = self.cfg.sample
+        traj = sample_trajectory(policy, cond, grid, sampler=s.sampler, noise_level=s.noise_level, generator=generator,
+                                 guidance_scale=s.guidance_scale, null_cond=null_cond,
+                                 sde_window=self.cfg.flow_grpo.sde_window)
+        return Sampled(traj.xs[:, -1], traj)
+
+    def update(self, ctx: UpdateContext, roll: Rollout, advantages: torch.Tensor) -> UpdateResult:
+        """Loss parts averaged over the micro-batches (clipfrac_first / clipfrac_later over the first / later
+        optimizer steps'), the mean grad norm and the number of skipped optimizer steps."""
+        traj, tcfg, scfg, g = roll.kept, self.cfg.train, self.cfg.sample, self.cfg.flow_grpo
+        if not isinstance(traj, Trajectory):
+            raise TypeError(f"flow_grpo updates on a stored Trajectory, got {type(traj).__name__}")
+        xs, old_lp, mask = traj.xs, traj.log_probs, traj.sde_mask
+        if advantages.shape != (xs.shape[0],):
+            raise ValueError(f"advantages {tuple(advantages.shape)} must have one value per trajectory ({xs.shape[0]})")
+        adv_all = advantages.to(torch.float64) * tcfg.adv_clip_max
+        sig = ctx.grid.to(xs.device, torch.float32)
+        rollout_step = dict(noise_level=scfg.noise_level, kind=scfg.sampler, guidance_scale=scfg.guidance_scale)
+
+        def loss_fn(idx: torch.Tensor, _gen: torch.Generator, part: int):
+            b, k = mask[idx].nonzero(as_tuple=True)
+            rows = idx[b]
+            x, x_next, sigma, sigma_next = xs[rows, k], xs[rows, k + 1], sig[k], sig[k + 1]
+            velocity = GuidedVelocity(ctx.policy, roll.cond[rows], scfg.guidance_scale, ctx.null_cond)
+            mean_ref = std = None
+            if g.beta > 0:
+                with torch.no_grad():
+                    r, r_uncond = velocity(x, sigma, adapter=None)
+                    mean_ref = sde_step(x, r, sigma, sigma_next, v_uncond=r_uncond, x_next=x_next, **rollout_step).mean
+                std = kl_std(scfg.sampler, sigma, sigma_next, scfg.noise_level)
+            v, v_uncond = velocity(x, sigma)
+            v_uncond = None if v_uncond is None else v_uncond.detach()  # official: no gradient through uncond
+            step = sde_step(x, v, sigma, sigma_next, v_uncond=v_uncond, x_next=x_next, return_log_prob=True,
+                            **rollout_step)
+            out = flow_grpo_loss(step.log_prob, old_lp[rows, k], adv_all[rows], clip_range=g.clip_range, beta=g.beta,
+                                 mean=step.mean, mean_ref=mean_ref, std=std)
+            parts = {"loss": out.loss.detach(), "policy_loss": out.policy_loss, "kl": out.kl,
+                     "clipfrac": out.clipfrac, "approx_kl": out.approx_kl, "log_prob": step.log_prob.detach().mean(),
+                     "clipfrac_first" if part == 0 else "clipfrac_later": out.clipfrac}
+            return out.loss, parts
+
+        result = run_update(ctx, xs.shape[0], tcfg.micro_batch, tcfg.max_grad_norm, loss_fn,
+                            optimizer_steps=g.optimizer_steps, device=xs.device)
+        result.losses.setdefault("clipfrac_later", 0.0)
+        return result
