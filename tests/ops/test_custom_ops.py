@@ -1,8 +1,9 @@
 """Registration of the ops as torch custom ops: opcheck, torch.compile(fullgraph) without recompiles, the
 closed-form gradient of the torch reference op against autograd, and a torch-only import.
 
-On CPU, torch.compile runs the torch-backend path and `awm_fast::awm_loss_ref` (the Triton interpreter cannot
-run under FakeTensor tracing); with CUDA the Triton ops are compiled and opchecked as well.
+On CPU, torch.compile runs the torch-backend path and the test reference op `awm_fast_tests::awm_loss_ref`
+(tests/ops/reference_op.py; the Triton interpreter cannot run under FakeTensor tracing); with CUDA the Triton ops
+are compiled and opchecked as well.
 """
 import subprocess
 import sys
@@ -10,9 +11,9 @@ import sys
 import pytest
 import torch
 
-import awm_fast.ops.torch_ops  # noqa: F401  registers awm_fast::awm_loss_ref
 from awm_fast.ops import awm_loss, sde_step
-from awm_fast.ops.awm_loss_torch import KL_WEIGHTINGS, WEIGHTINGS
+from awm_fast.ops.awm_loss_torch import KL_WEIGHTINGS, WEIGHTINGS, awm_loss_torch
+from tests.ops import reference_op  # noqa: F401  registers awm_fast_tests::awm_loss_ref
 from tests.tolerances import tol
 
 HAS_CUDA = torch.cuda.is_available()
@@ -35,7 +36,7 @@ def _args(gen, rows=4, d=9, ref=True, ema=True, old=False, device="cpu", dtype=F
 def test_opcheck_torch_reference_op(gen, ref, ema, old):
     args = list(_args(gen, ref=ref, ema=ema, old=old, dtype=torch.float32))
     args[0] = args[0].requires_grad_()
-    torch.library.opcheck(torch.ops.awm_fast.awm_loss_ref, tuple(args))
+    torch.library.opcheck(torch.ops.awm_fast_tests.awm_loss_ref, tuple(args))
 
 
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
@@ -45,7 +46,7 @@ def test_reference_op_closed_form_gradient_equals_autograd(gen, weighting, kl_we
     args = list(_args(gen, rows=6, old=True, weighting=weighting, kl_weighting=kl_weighting,
                       ratio_mode=ratio_mode, num_timesteps=3 if ratio_mode == "sum_first" else 1))
     grads = []
-    for op in (awm_fast.ops.awm_loss_torch.awm_loss_torch, torch.ops.awm_fast.awm_loss_ref):
+    for op in (awm_loss_torch, torch.ops.awm_fast_tests.awm_loss_ref):
         leaves = [args[i].detach().requires_grad_() for i in (0, 1, 4, 5)]
         call = list(args)
         call[0], call[1], call[4], call[5] = leaves
@@ -93,7 +94,7 @@ def test_reference_op_compiles_fullgraph_without_recompiles(gen):
     base = _args(gen, rows=4, d=17, dtype=torch.float32)
 
     def step(v, t, adv):
-        out = torch.ops.awm_fast.awm_loss_ref(v, base[1], t, adv, *base[4:])
+        out = torch.ops.awm_fast_tests.awm_loss_ref(v, base[1], t, adv, *base[4:])
         return out[0], out[1], out[3]
 
     _compile_and_check(step, [(base[0].requires_grad_(), base[2] * s, base[3] * (1 - s)) for s in (0.3, 0.6, 0.9)])
