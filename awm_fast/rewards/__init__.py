@@ -7,7 +7,10 @@ Model-based rewards import their dependencies only when built.
 """
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import importlib
+import inspect
+from typing import Any, Callable
 
 from awm_fast.rewards.base import Reward, check_reward_output
 from awm_fast.rewards.combined import CombinedReward, FunctionReward, reward_from_import_path
@@ -21,32 +24,36 @@ def _digits(classifier=None):
     return DigitsReward(classifier)
 
 
-def _jpeg(compressible: bool) -> Callable:
-    def build(**options):
-        from awm_fast.rewards.jpeg import JpegReward
+@dataclasses.dataclass(frozen=True)
+class LazyReward:
+    """A registered reward class, imported when built: `awm_fast.rewards.<module>.<cls>(**fixed, **options)`."""
 
-        return JpegReward(compressible=compressible, **options)
-    return build
+    module: str
+    cls: str
+    fixed: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def target(self) -> Callable:
+        return getattr(importlib.import_module(f"awm_fast.rewards.{self.module}"), self.cls)
 
-def _lazy(module: str, cls: str) -> Callable:
-    def build(**options):
-        import importlib
+    def signature(self) -> inspect.Signature:
+        """The options a user may pass: the constructor's parameters less the fixed ones."""
+        sig = inspect.signature(self.target())
+        return sig.replace(parameters=[p for name, p in sig.parameters.items() if name not in self.fixed])
 
-        return getattr(importlib.import_module(f"awm_fast.rewards.{module}"), cls)(**options)
-    return build
+    def __call__(self, **options):
+        return self.target()(**self.fixed, **options)
 
 
 REWARDS: dict[str, Callable] = {
     "digits": _digits,
-    "jpeg_compressibility": _jpeg(True),
-    "jpeg_incompressibility": _jpeg(False),
-    "pickscore": _lazy("pickscore", "PickScoreReward"),
-    "clipscore": _lazy("clipscore", "ClipScoreReward"),
-    "aesthetic": _lazy("aesthetic", "AestheticReward"),
-    "ocr": _lazy("ocr", "OcrReward"),
-    "geneval": _lazy("geneval", "GenEvalReward"),
-    "http": _lazy("http", "HttpReward"),  # a reward served by `awm-fast serve-reward` (rewards/http.py)
+    "jpeg_compressibility": LazyReward("jpeg", "JpegReward", {"compressible": True}),
+    "jpeg_incompressibility": LazyReward("jpeg", "JpegReward", {"compressible": False}),
+    "pickscore": LazyReward("pickscore", "PickScoreReward"),
+    "clipscore": LazyReward("clipscore", "ClipScoreReward"),
+    "aesthetic": LazyReward("aesthetic", "AestheticReward"),
+    "ocr": LazyReward("ocr", "OcrReward"),
+    "geneval": LazyReward("geneval", "GenEvalReward"),
+    "http": LazyReward("http", "HttpReward"),  # a reward served by `awm-fast serve-reward` (rewards/http.py)
 }
 
 
@@ -55,12 +62,13 @@ def _load_one(name: str, options: dict):
         return reward_from_import_path(name, **options)
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r} (known: {', '.join(REWARDS)}; or 'package.module:function')")
+    builder = REWARDS[name]
+    signature = builder.signature() if isinstance(builder, LazyReward) else inspect.signature(builder)
     try:
-        return REWARDS[name](**options)
+        signature.bind(**options)  # options the builder does not take, or a missing required one
     except TypeError as exc:
-        if "argument" in str(exc):
-            raise TypeError(f"reward {name!r}: bad option ({exc})") from None
-        raise
+        raise TypeError(f"reward {name!r}: bad option ({exc})") from None
+    return builder(**options)  # a TypeError from inside the constructor is its own, not a bad option
 
 
 def load_reward(name: str, **options) -> Reward:
@@ -96,5 +104,5 @@ def build_reward(name: str, *, digits_classifier=None, weights: list[float] | No
     return load_reward(name, weights=weights or None, **options)
 
 
-__all__ = ["REWARDS", "CombinedReward", "FunctionReward", "Reward", "build_reward", "check_reward_output",
-           "load_reward"]
+__all__ = ["REWARDS", "CombinedReward", "FunctionReward", "LazyReward", "Reward", "build_reward",
+           "check_reward_output", "load_reward"]

@@ -60,6 +60,26 @@ def test_combined_errors():
         load_reward("jpeg_compressibility", colour=1)
 
 
+def test_options_are_checked_against_the_builder_signature(monkeypatch):
+    """A bad option is told from a TypeError raised while building by binding the options to the builder's
+    signature (the reward class less its fixed options), not by the error's text."""
+    assert load_reward("jpeg_incompressibility", quality=40).quality == 40
+    for name, options in (("jpeg_incompressibility", {"compressible": True}), ("digits", {"colour": 1}),
+                          ("ocr", {"min_confidence": 0.5, "engine_name": "x"})):
+        with pytest.raises(TypeError, match=f"reward '{name}': bad option"):
+            load_reward(name, **options)
+
+    def needs_scale(scale):
+        raise TypeError("an argument of the wrong type, raised inside the builder")
+
+    monkeypatch.setitem(REWARDS, "needs_scale", needs_scale)
+    with pytest.raises(TypeError, match="bad option.*missing a required argument: 'scale'"):
+        load_reward("needs_scale")
+    with pytest.raises(TypeError, match="raised inside the builder") as info:
+        load_reward("needs_scale", scale=2)
+    assert "bad option" not in str(info.value)
+
+
 def test_build_reward_for_the_trainer(images):
     with pytest.raises(ValueError, match="classifier"):
         build_reward("digits")
