@@ -35,6 +35,9 @@ FAMILIES = {
     "digits": "awm_fast.tasks.digits",  # the embedded task's tiny SD3 transformer (CPU)
     "sd3": "awm_fast.models.sd3",  # SD3 / SD3.5 diffusers pipelines
     "flux": "awm_fast.models.flux",  # FLUX.1 diffusers pipelines
+    "qwen_image": "awm_fast.models.qwen_image",  # Qwen-Image diffusers pipelines (20B MMDiT, Qwen2.5-VL text encoder)
+    "z_image": "awm_fast.models.z_image",  # Z-Image(-Turbo) diffusers pipelines (6B single-stream DiT)
+    "flux2": "awm_fast.models.flux2",  # FLUX.2 [klein] diffusers pipelines (4B / 9B, distilled or base)
     "wan": "awm_fast.models.wan",  # Wan 2.1 / 2.2 text-to-video (one transformer) diffusers pipelines
 }
 MODEL_KINDS = tuple(FAMILIES)
