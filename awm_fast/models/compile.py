@@ -23,7 +23,8 @@ import torch
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks",
                "noise_refiner", "context_refiner", "layers")  # Z-Image: image / caption refiners, main layers
 BATCH_INPUTS = ("hidden_states", "encoder_hidden_states", "temb",
-                "x", "attn_mask", "freqs_cis", "adaln_input")  # Z-Image block inputs
+                "x", "attn_mask", "freqs_cis", "adaln_input",  # Z-Image block inputs
+                "temb_mod_img", "temb_mod_txt", "temb_mod")  # FLUX.2: the shared modulation tensors (B, k d)
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # compiled variants per block class: grad off; grad on with the input not requiring / requiring grad;
 # times two for activation checkpointing's recompute, with room to spare
