@@ -60,8 +60,12 @@ class Dist:
         except RuntimeError as exc:  # DistBackendError, gloo/NCCL timeouts and closed connections
             if not self.enabled or isinstance(exc, torch.OutOfMemoryError):
                 raise
-            if not any_error and not (isinstance(exc, dist.DistError) or any(
-                    word in str(exc) for word in COMM_WORDS)):
+            # NCCL and the store raise typed errors (DistBackendError, DistNetworkError, DistStoreError: DistError).
+            # gloo's timeouts and closed connections arrive as a bare RuntimeError (torch 2.13: "[...gloo/transport/
+            # tcp/pair.cc] Connection closed by peer", "Timed out waiting 3000ms for recv"), so for that exact class
+            # only its message can tell; a RuntimeError subclass (TrainingError, a library's own) is never read.
+            if not any_error and not (isinstance(exc, dist.DistError) or (
+                    type(exc) is RuntimeError and any(word in str(exc) for word in COMM_WORDS))):
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CollectiveError(
