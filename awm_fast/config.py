@@ -431,7 +431,7 @@ def validate(cfg: Config) -> None:
     if not 0 <= s.sa_noise_t_min <= s.sa_noise_t_max <= 1:
         raise ConfigError(f"sample.sa_noise_t_min/sa_noise_t_max=({s.sa_noise_t_min}, {s.sa_noise_t_max}) must satisfy "
                           "0 <= min <= max <= 1")
-    if t.algorithm == "flow_grpo" and s.sampler not in ("euler_maruyama", "cps"):
+    if t.algorithm == "flow_grpo" and s.sampler not in _Owned("awm_fast.algorithms.flow_grpo:TRAJECTORY_SAMPLERS"):
         raise ConfigError(f"train.algorithm=flow_grpo needs a stochastic sampler with log-probs "
                           f"(sample.sampler=euler_maruyama or cps), got {s.sampler!r}; its official rollout: "
                           f"sample.sampler=euler_maruyama sample.noise_level=0.7")

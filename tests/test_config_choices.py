@@ -41,3 +41,18 @@ def test_choices_are_the_owners_lists():
 def test_a_bad_choice_names_the_owners_list(override, listed):
     with pytest.raises(ConfigError, match=listed):
         load_config(None, [override])
+
+
+def test_renamed_algorithm_keys_still_load(tmp_path):
+    """The keys that moved into the flow_grpo / nft sections: the old names (older YAML files, the configs saved in
+    older checkpoints) set the new keys, by override and in a file."""
+    from awm_fast.config import RENAMED_KEYS, load_config
+
+    cfg = load_config(None, ["train.grpo_beta=0.5", "train.nft_sampler=ode", "train.nft_decay_cap=0.25"])
+    assert (cfg.flow_grpo.beta, cfg.nft.sampler, cfg.nft.decay_cap) == (0.5, "ode", 0.25)
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  algorithm: flow_grpo\n  grpo_sde_window: 2\n  grpo_optimizer_steps: 1\n"
+                   "sample:\n  sampler: cps\n  noise_level: 0.8\n")
+    cfg = load_config(str(old))
+    assert (cfg.flow_grpo.sde_window, cfg.flow_grpo.optimizer_steps) == (2, 1)
+    assert len(RENAMED_KEYS) == 10 and all(k.split(".")[0] == "train" for k in RENAMED_KEYS)

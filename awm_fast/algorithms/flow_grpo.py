@@ -36,8 +36,9 @@ from awm_fast.algorithms.update_loop import UpdateResult, run_update
 from awm_fast.models.lora import POLICY
 from awm_fast.models.policy import Conditioning, FlowPolicy, GuidedVelocity
 from awm_fast.ops import sde_step
+from awm_fast.ops.sde_step_torch import SDE_KINDS
 
-TRAJECTORY_SAMPLERS = ("euler_maruyama", "cps")  # the stochastic samplers with a log-prob per step
+TRAJECTORY_SAMPLERS = tuple(k for k in SDE_KINDS if k != "ode")  # the stochastic steps with a log-prob each
 
 
 @dataclass

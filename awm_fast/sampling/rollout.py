@@ -6,8 +6,9 @@ import torch
 from awm_fast.models.lora import POLICY
 from awm_fast.models.policy import Conditioning, FlowPolicy, GuidedVelocity
 from awm_fast.ops import sde_step
+from awm_fast.ops.sde_step_torch import SDE_KINDS
 
-SAMPLERS = ("euler_maruyama", "cps", "ode", "sa_solver")  # sample.sampler: sde_step's kinds, or the SA-Solver
+SAMPLERS = (*SDE_KINDS, "sa_solver")  # sample.sampler: sde_step's kinds, or the SA-Solver
 
 
 @torch.no_grad()
