@@ -2,7 +2,8 @@
 train/evaluate.py) of checkpoints or the base model, on a prompt set, with the run's reward or others.
 
 Writes to --out: metrics.json (every source x weights: metric -> mean), per_prompt.csv (one row per prompt and
-weights), grid_<label>_<weights>.png; with several checkpoints also table.md / table.csv and reward_vs_step.png.
+weights), grid_<label>_<weights>.png (videos: a few frames each, and GIFs of the first ones in
+previews_<label>_<weights>/); with several checkpoints also table.md / table.csv and reward_vs_step.png.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from awm_fast.commands.common import (add_source_arguments, UsageError, build_policy, device_of, load_sources, load_weights,
                                       split_positionals, weight_choices, weights_in)
 from awm_fast.rewards import build_reward, check_reward_output
+from awm_fast.rewards.base import score_batch
 from awm_fast.train import report
 
 
@@ -43,7 +45,10 @@ def add_parser(sub) -> None:
 
 class ScoreRecorder:
     """The reward evaluate() calls: every reward of `rewards` on each batch (one name: its outputs as they are;
-    several: "<name>/<key>" and "reward" = the first one's), keeping the per-prompt scores in call order."""
+    several: "<name>/<key>" and "reward" = the first one's), keeping the per-prompt scores in call order. Videos
+    go to each reward as it takes them (rewards.base.score_batch)."""
+
+    takes_video = True  # dispatched per reward
 
     def __init__(self, rewards: dict[str, object], bar) -> None:
         self.named, self.rewards, self.bar = rewards, list(rewards.values()), bar
@@ -53,7 +58,7 @@ class ScoreRecorder:
     def __call__(self, images, prompts, metadata):
         out: dict[str, torch.Tensor] = {}
         for name, reward in self.named.items():
-            got = reward(images, prompts, metadata)
+            got = score_batch(reward, images, prompts, metadata)
             check_reward_output(name, got, len(prompts))
             for key, value in got.items():
                 value = torch.as_tensor(value).double().reshape(-1).cpu()
@@ -142,7 +147,8 @@ def run(args, log=print) -> int:
             with tqdm(total=len(prompts), desc=f"eval {source.label} ({weights})", unit="img", disable=None) as bar:
                 recorder = ScoreRecorder(rewards, bar)
                 with weights_in(policy, state, weights):
-                    metrics, images = evaluate(policy, recorder, prompts, metadata, **kw)
+                    metrics, images = evaluate(policy, recorder, prompts, metadata, **kw,
+                                               preview_dir=out / f"previews_{_slug(source.label)}_{weights}")
             results.setdefault(source.label, {"step": source.step, "checkpoint": str(source.ckpt or "")})[weights] = metrics
             table.append({"source": source.label, "step": source.step, "weights": weights, **metrics})
             per_prompt += [{"source": source.label, "weights": weights, "index": i, "prompt": p, **row}

@@ -1,9 +1,10 @@
 """`awm-fast sample RUN|CKPT | --base --prompt TEXT ... | --prompt-file FILE --out DIR`: images from the trained
 (or untrained) model, with the rollout samplers of awm_fast/sampling (ODE by default).
 
-Writes --out/NNNN.png per image (prompt-major: --num-per-prompt images of prompt 0, then prompt 1, ...),
-grid.png and samples.json (index -> prompt, file; the seed and sampler settings). Batch k (of --batch-size
-images) starts from noise seeded by (--seed, k): the same command gives the same images.
+Writes --out/NNNN.png per image (prompt-major: --num-per-prompt images of prompt 0, then prompt 1, ...; a video
+model writes NNNN.gif and NNNN_frames.png, a few of its frames, per video), grid.png and samples.json (index ->
+prompt, file; the seed and sampler settings). Batch k (of --batch-size images) starts from noise seeded by (--seed,
+k): the same command gives the same images.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from awm_fast.commands.common import add_source_arguments, UsageError, split_pos
     weight_choices, weights_in
 from awm_fast.sampling.rollout import SAMPLERS
 from awm_fast.train import report
+from awm_fast.train.previews import frame_strip, save_gif
 
 
 
@@ -90,11 +92,16 @@ def run(args, log=print) -> int:
                                         sa_noise_window=(cfg.sample.sa_noise_t_min, cfg.sample.sa_noise_t_max))
             images.append(policy.decode(latents).float().cpu())
     images = torch.cat(images)
+    video = images.ndim == 5  # (N, F, C, H, W)
     for i, (prompt, img) in enumerate(zip(every, images)):
-        name = f"{i:04d}.png"
-        report.save_grid(img[None], out / name, per_row=1, min_cell=1)
+        name = f"{i:04d}.gif" if video else f"{i:04d}.png"
+        if video:
+            save_gif(img, out / name)
+        report.save_grid(frame_strip(img[None]) if video else img[None],
+                         out / (f"{i:04d}_frames.png" if video else name), per_row=1, min_cell=1)
         records.append({"index": i, "prompt": prompt, "file": name})
-    report.save_grid(images[:64], out / "grid.png", per_row=max(1, min(8, args.num_per_prompt)) if
+    report.save_grid(frame_strip(images[:64]) if video else images[:64], out / "grid.png",
+                     per_row=max(1, min(8, args.num_per_prompt)) if
                      args.num_per_prompt > 1 else 8)
     (out / "samples.json").write_text(json.dumps({
         "source": str(source.ckpt or "base"), "weights": weights, "seed": args.seed, "sampler": args.sampler,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from awm_fast.rewards.base import check_reward_output, num_images
+from awm_fast.rewards.base import check_reward_output, num_samples, score_batch
 
 
 @dataclass
@@ -51,8 +51,8 @@ class AsyncRewardScorer:
     def _score(self, images, prompts, metadata, timing: BatchTiming, submitted: float) -> dict[str, torch.Tensor]:
         start = self.clock()
         timing.queued_s = start - submitted
-        out = self.reward(images, prompts, metadata)
-        n = num_images(images)
+        out = score_batch(self.reward, images, prompts, metadata)  # videos: by frame unless the reward takes clips
+        n = num_samples(images)
         check_reward_output(getattr(self.reward, "name", "reward"), out, n)
         out = {k: torch.as_tensor(v).detach().double().reshape(-1).cpu() for k, v in out.items()}
         timing.score_s = self.clock() - start

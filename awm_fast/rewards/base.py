@@ -4,6 +4,11 @@ A reward is called as ``reward(images, prompts, metadata)`` with
   images:   a float tensor (N, C, H, W) in [0, 1] (C = 1 or 3), or a list of N PIL images,
   prompts:  N strings, metadata: N dicts (per-prompt metadata, e.g. GenEval's {"tag", "include"}),
 and returns a dict with "reward": a float tensor (N,) plus optional named sub-scores, each (N,).
+
+Videos (N, F, C, H, W) in [0, 1] (model.kind=wan) go through `score_batch`: an image reward scores every frame,
+    reward_i = mean_f r(frame_if)   (each sub-score likewise),   frame_std_i = std_f r(frame_if)   (population std)
+unless the reward scores whole clips: a class attribute `takes_video = True` (it then gets the (N, F, C, H, W)
+tensor itself).
 """
 from __future__ import annotations
 
@@ -65,6 +70,43 @@ def check_reward_output(name: str, out: dict[str, torch.Tensor], batch: int) -> 
     if bad.any():
         raise ValueError(f"reward {name!r} returned {int(bad.sum())} non-finite values (NaN/inf) for {batch} images")
     return r
+
+
+FRAME_STD = "frame_std"  # the per-video std over frames of a per-frame reward (score_batch)
+
+
+def is_video(images) -> bool:
+    return isinstance(images, torch.Tensor) and images.ndim == 5
+
+
+def takes_video(reward) -> bool:
+    """The reward (or a reward it wraps, `.reward`) scores whole clips: `takes_video = True`."""
+    while reward is not None:
+        if getattr(reward, "takes_video", False):
+            return True
+        reward = reward.__dict__.get("reward") if hasattr(reward, "__dict__") else None
+    return False
+
+
+def num_samples(images) -> int:
+    """N of images (N, C, H, W) / a list of N PIL images, or of videos (N, F, C, H, W)."""
+    return images.shape[0] if is_video(images) else num_images(images)
+
+
+def score_batch(reward, images, prompts: Sequence[str], metadata: Sequence[dict] | None) -> dict[str, torch.Tensor]:
+    """reward(images, prompts, metadata); videos by frame for an image reward (module docstring): the F frames of
+    video i are rows i F .. i F + F - 1 of one call, with video i's prompt and metadata."""
+    if not is_video(images) or takes_video(reward):
+        return reward(images, prompts, metadata)
+    n, f = images.shape[:2]
+    repeat = lambda items: None if items is None else [x for x in items for _ in range(f)]
+    out = reward(images.flatten(0, 1), repeat(prompts), repeat(metadata))
+    name = getattr(reward, "name", type(reward).__name__)
+    check_reward_output(name, out, n * f)
+    per_frame = {k: as_scores(f"{name}.{k}" if k != "reward" else name, v, n * f).view(n, f) for k, v in out.items()}
+    result = {k: v.mean(1) for k, v in per_frame.items()}
+    result[FRAME_STD] = per_frame["reward"].std(1, unbiased=False)
+    return result
 
 
 def num_images(images) -> int:

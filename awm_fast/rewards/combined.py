@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from awm_fast.rewards.base import as_scores, num_images
+from awm_fast.rewards.base import as_scores, num_samples, score_batch
 
 
 def import_object(path: str):
@@ -33,15 +33,16 @@ def import_object(path: str):
 class FunctionReward:
     """A user callable `fn(images, prompts, metadata, **options)` returning N scores (tensor, list, array) or a dict
     with "reward" (N scores) and optional sub-scores. `images` is what the caller passed: a (N, C, H, W) tensor in
-    [0, 1] or a list of PIL images."""
+    [0, 1] or a list of PIL images; videos (N, F, C, H, W) when `fn` has `takes_video = True` (else its frames)."""
 
     def __init__(self, fn: Callable, name: str, **options) -> None:
         if not callable(fn):
             raise TypeError(f"reward {name!r}: {type(fn).__name__} is not callable")
         self.fn, self.name, self.options = fn, name, options
+        self.takes_video = bool(getattr(fn, "takes_video", False))
 
     def __call__(self, images, prompts: list[str], metadata: list[dict]) -> dict[str, torch.Tensor]:
-        n = num_images(images)
+        n = num_samples(images)
         out = self.fn(images, prompts, metadata, **self.options)
         if isinstance(out, dict):
             if "reward" not in out:
@@ -65,7 +66,10 @@ def reward_from_import_path(path: str, **options):
 
 
 class CombinedReward:
-    """sum_k w_k * reward_k; components must have distinct names. Weights may be negative (a penalty)."""
+    """sum_k w_k * reward_k; components must have distinct names. Weights may be negative (a penalty). Videos go
+    to each component as it takes them (rewards.base.score_batch: whole clips or frame by frame)."""
+
+    takes_video = True  # dispatched per component
 
     def __init__(self, rewards: Sequence, weights: Sequence[float] | None = None) -> None:
         rewards = list(rewards)
@@ -82,12 +86,12 @@ class CombinedReward:
         self.name = "+".join(names)
 
     def __call__(self, images, prompts: list[str], metadata: list[dict]) -> dict[str, torch.Tensor]:
-        n = num_images(images)
+        n = num_samples(images)
         total = torch.zeros(n, dtype=torch.float32)
         out: dict[str, torch.Tensor] = {}
         parts = []
         for reward, w in zip(self.rewards, self.weights):
-            res = reward(images, prompts, metadata)
+            res = score_batch(reward, images, prompts, metadata)
             if "reward" not in res:
                 raise ValueError(f"reward {reward.name!r} returned no 'reward' entry (got {sorted(res)})")
             r = as_scores(reward.name, res["reward"], n)

@@ -2,24 +2,29 @@
 
 Batch k (prompts [k B, (k + 1) B)) starts from noise seeded by (seed, k), so the samples do not depend on how
 many processes share the work: on N ranks, rank r evaluates batches r, r + N, ...; the reward sums are gathered
-on every rank and the images (uint8) on rank 0; the other ranks return an empty tensor.
+on every rank and the images (uint8) on rank 0; the other ranks return an empty tensor. Videos (N, F, C, H, W)
+are scored as rewards.base.score_batch says (by frame, or whole clips) and returned as frame strips (N, C, H, k W)
+(train.previews); with `preview_dir`, rank 0 also writes GIFs and frames of the first videos there.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from awm_fast.models.policy import FlowPolicy
 from awm_fast.rewards import Reward, check_reward_output
-from awm_fast.rewards.base import evaluation_mode
+from awm_fast.rewards.base import evaluation_mode, is_video, score_batch
 from awm_fast.sampling.rollout import sample_latents
 from awm_fast.train.distributed import Dist, current
+from awm_fast.train.previews import frame_strip, write_previews
 from awm_fast.algorithms.update_loop import derived_seed
 
 
 @torch.no_grad()
 def evaluate(policy: FlowPolicy, reward: Reward, prompts: list[str], metadata: list[dict], *, num_steps: int,
              seed: int, batch_size: int, guidance_scale: float = 1.0, null_cond=None,
-             dist: Dist | None = None) -> tuple[dict[str, float], torch.Tensor]:
+             dist: Dist | None = None, preview_dir: Path | None = None) -> tuple[dict[str, float], torch.Tensor]:
     """Mean of every reward output over the prompts, and the decoded images (N, C, H, W) in [0, 1]."""
     dist = dist or current()
     grid = policy.time_grid(num_steps)  # the model scheduler's grid
@@ -43,10 +48,14 @@ def evaluate(policy: FlowPolicy, reward: Reward, prompts: list[str], metadata: l
                                     generator=generator, guidance_scale=guidance_scale, null_cond=null_cond)
         img = policy.decode(latents)
         with evaluation_mode(reward):
-            out = reward(img, p, m)
+            out = score_batch(reward, img, p, m)
         check_reward_output(reward.name, out, len(p))
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value).double().sum())
+        if is_video(img):
+            if preview_dir is not None and dist.is_main:
+                write_previews(img, preview_dir, p, first_index=start)
+            img = frame_strip(img)
         images[k] = (img.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     if dist.enabled:
         parts = dist.all_gather_object((sums, images), "gathering evaluation results")
