@@ -21,7 +21,8 @@ import inspect
 import torch
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks",
-               "noise_refiner", "context_refiner", "layers")  # Z-Image: image / caption refiners, main layers
+               "noise_refiner", "context_refiner", "layers",  # Z-Image: image / caption refiners, main layers
+               "blocks")  # Wan
 BATCH_INPUTS = ("hidden_states", "encoder_hidden_states", "temb",
                 "x", "attn_mask", "freqs_cis", "adaln_input",  # Z-Image block inputs
                 "temb_mod_img", "temb_mod_txt", "temb_mod")  # FLUX.2: the shared modulation tensors (B, k d)
