@@ -2,9 +2,10 @@
 the fast path minus each optimisation, on a random-weight SD3.5-M-shaped MMDiT or FLUX.1-dev-shaped transformer
 (`benchmarks._models`).
 
-Everything runs through the trainer's public pieces: `sample_latents` (rollout with `sde_step`),
-`noisy_rows` + `shared_velocities` / `separate_velocities` + `awm_loss` (one training micro-batch, as
-`awm_update` does it), `make_decoder` + `JpegReward` + `group_advantages` (the reward step). The fused ops
+Everything runs through the trainer's own code: `models.adapt.freeze_and_adapt` (attention backend, LoRA,
+checkpointing, compile of the variant's config), `sample_latents` (rollout with `sde_step`),
+`algorithms.awm.AWM.micro_batch_loss` (one training micro-batch: rows, the three velocities, `awm_loss`, as the
+AWM update runs it), `make_decoder` + `JpegReward` + `group_advantages` (the reward step). The fused ops
 are toggled with AWM_FAST_BACKEND (auto: Triton on CUDA; torch: the float64 / Python-op reference).
 
 - fast: bf16 weights (LoRA float32 under bf16 autocast), the shared batch (the policy call with grad + one
@@ -35,22 +36,19 @@ import torch
 from tqdm.auto import tqdm
 
 from awm_fast.algo.advantages import group_advantages
-from awm_fast.algo.timesteps import sample_train_timesteps, time_grid
-from awm_fast.config import ModelConfig
+from awm_fast.algo.timesteps import time_grid
+from awm_fast.algorithms.awm import AWM
+from awm_fast.config import Config
+from awm_fast.models.adapt import freeze_and_adapt
 from awm_fast.models.attention import use_attention_backend
-from awm_fast.models.compile import compile_blocks
 from awm_fast.models.cuda_graphs import VelocityGraphs
 from awm_fast.models.flux import flux_call, set_flux_attention
-from awm_fast.models.lora import POLICY, adapter_params, add_adapters
+from awm_fast.models.lora import POLICY, adapter_params
 from awm_fast.models.policy import Conditioning, FlowPolicy
-from awm_fast.models.routing import enable_checkpointing
 from awm_fast.models.pipeline import make_decoder
-from awm_fast.models.shared_batch import separate_velocities, shared_velocities
-from awm_fast.ops import awm_loss
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.rewards.jpeg import JpegReward
 from awm_fast.sampling.rollout import sample_latents
-from awm_fast.train.update_parts import noisy_rows
 
 from benchmarks._attention import working_attention_backend
 from benchmarks._models import ModelSpec, build_transformer, build_vae, count_flops, forward_flops
@@ -81,7 +79,6 @@ class Bench:
         self.grid = time_grid(spec.num_steps, SHIFT, torch.float32)
         self.reward = JpegReward(compressible=True)
         self.reward_overlap = {"score_s": 0.0, "wait_s": 0.0, "calls": 0}
-        self.time_gen = torch.Generator(device="cpu").manual_seed(seed)  # the T training times are drawn on the CPU
         self._attention: dict[torch.dtype, str] = {}
 
     def attention_backend(self, dtype: torch.dtype, log=print) -> str:
@@ -96,32 +93,43 @@ class Bench:
                 flux=spec.kind == "flux", log=log).backend
         return self._attention[dtype]
 
+    def config(self, variant: Variant) -> Config:
+        """The trainer config of a variant: the presets' LoRA (rank of the spec, alpha 2 r, gaussian init, the
+        attn.* targets of SD3 and FLUX alike), checkpointing as the spec's presets, compile, shared batch, and
+        the GenEval preset's AWM loss (beta 1e-3, EMA beta 1, discrete_wo_init times with fraction 0.9)."""
+        cfg, spec = Config(), self.spec
+        cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_init = spec.lora_rank, 2 * spec.lora_rank, "gaussian"
+        cfg.model.compile = variant.compile_blocks
+        cfg.sample.shift = SHIFT
+        t = cfg.train
+        t.gradient_checkpointing, t.shared_batch, t.num_timesteps = spec.gradient_checkpointing, variant.shared_batch, \
+            spec.num_timesteps
+        t.beta, t.ema_beta, t.timestep_sampling, t.timestep_fraction = BETA, EMA_BETA, "discrete_wo_init", 0.9
+        return cfg
+
     def policy(self, variant: Variant, log=print) -> tuple[FlowPolicy, str]:
-        """The seeded weights in the variant's dtype, its attention, LoRA ("default" + "ema"), checkpointing (as
-        the spec's presets), compile; routed LoRA (FlowPolicy) or peft's adapter switching (the baseline)."""
+        """The seeded weights in the variant's dtype made trainable by the trainer's `freeze_and_adapt` (its
+        attention, LoRA "default" + "ema", checkpointing, compile); routed LoRA (FlowPolicy) or peft's adapter
+        switching (the baseline)."""
         dtype, _ = precision(variant, self.device)
         flux = self.spec.kind == "flux"
         tr = build_transformer(self.spec, self.device, self.seed, dtype)
-        attention = "diffusers default (FluxAttnProcessor, native SDPA dispatch)" if flux else \
-            "diffusers default (JointAttnProcessor2_0, SDPA)"
-        if variant.best_attention:
-            attention = self.attention_backend(dtype, log)
-            if flux:
-                set_flux_attention(tr, attention, log=log)
-                attention += " (diffusers dispatch)"
-            else:
-                use_attention_backend(tr, attention)
-        elif flux:
-            diffusers_default_attention()
-        add_adapters(tr, rank=self.spec.lora_rank, alpha=2 * self.spec.lora_rank, init="gaussian",
-                     targets=list(ModelConfig().lora_targets))  # the presets' targets (SD3 and FLUX alike)
-        for name, p in tr.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.float()
-        if self.spec.gradient_checkpointing:
-            enable_checkpointing(tr)
-        if variant.compile_blocks:
-            compile_blocks(tr)
+        attention = ["diffusers default (FluxAttnProcessor, native SDPA dispatch)" if flux else
+                     "diffusers default (JointAttnProcessor2_0, SDPA)"]
+
+        def set_attention(module) -> None:
+            if variant.best_attention:
+                attention[0] = self.attention_backend(dtype, log)
+                if flux:
+                    set_flux_attention(module, attention[0], log=log)
+                    attention[0] += " (diffusers dispatch)"
+                else:
+                    use_attention_backend(module, attention[0])
+            elif flux:
+                diffusers_default_attention()
+
+        tr = freeze_and_adapt(tr, self.config(variant), self.device, dtype, log=lambda *_: None,
+                              attention=set_attention)
         vae = copy.deepcopy(self.vae).to(dtype)
         cond = self.cond
 
@@ -133,7 +141,7 @@ class Bench:
         policy = kind(tr, encode, make_decoder(vae), self.spec.latent, self.device, dtype, call=call)
         if variant.cuda_graphs and self.device.type == "cuda":
             policy.graphs = VelocityGraphs(policy.forward)
-        return policy, attention
+        return policy, attention[0]
 
     # --- the timed workloads -------------------------------------------------------------------------------
     def rollout(self, policy: FlowPolicy, cfg: bool, gen: torch.Generator) -> torch.Tensor:
@@ -144,16 +152,10 @@ class Bench:
 
     def train_micro_batch(self, policy: FlowPolicy, variant: Variant, latents: torch.Tensor, adv: torch.Tensor,
                           idx: torch.Tensor, gen: torch.Generator, num_micro: int) -> None:
-        """One AWM micro-batch as `awm_update` runs it: rows, three velocities, awm_loss, backward."""
-        T = self.spec.num_timesteps
-        t = sample_train_timesteps("discrete_wo_init", T, self.grid, shift=SHIFT, fraction=0.9,
-                                   generator=self.time_gen)
-        xt, target, t_rows = noisy_rows(latents[idx], t, gen)
-        velocities = shared_velocities if variant.shared_batch else separate_velocities
-        v, v_ref, v_ema = velocities(policy, xt, t_rows, self.cond[idx].repeat(T), need_ref=True, need_ema=True)
-        out = awm_loss(v, target, t_rows, adv[idx].to(torch.float32).repeat(T), v_ref=v_ref, v_ema=v_ema, beta=BETA,
-                       ema_beta=EMA_BETA, num_timesteps=T, backend=loss_backend(variant))
-        (out.loss / num_micro).backward()
+        """One AWM micro-batch as the trainer's AWM update runs it (AWM.micro_batch_loss), then its backward."""
+        loss, _ = AWM(self.config(variant)).micro_batch_loss(policy, latents[idx], self.cond[idx], adv[idx], self.grid,
+                                                             gen, backend=loss_backend(variant))
+        (loss / num_micro).backward()
 
     def end_to_end(self, policy: FlowPolicy, variant: Variant, gen: torch.Generator) -> None:
         """Rollout -> VAE decode -> JPEG reward -> advantages -> training of every micro-batch of the batch.
