@@ -133,9 +133,10 @@ def check_guidance(cfg: Config, is_distilled: bool) -> None:
     """A step-distilled checkpoint takes no CFG (Flux2KleinPipeline ignores guidance_scale for it)."""
     s = cfg.sample
     if is_distilled and (s.guidance_scale != 1.0 or s.eval_guidance_scale != 1.0):
-        raise ValueError(f"model.path={cfg.model.path!r} is step-distilled (is_distilled in model_index.json) and takes "
-                         f"no classifier-free guidance: sample.guidance_scale={s.guidance_scale} and "
-                         f"sample.eval_guidance_scale={s.eval_guidance_scale} must be 1 (CFG is for the klein base models)")
+        raise ValueError(f"model.path={cfg.model.path!r} is step-distilled (is_distilled in model_index.json) and "
+                         f"takes no classifier-free guidance: sample.guidance_scale={s.guidance_scale} and "
+                         f"sample.eval_guidance_scale={s.eval_guidance_scale} must be 1 (CFG is for the klein base "
+                         "models)")
 
 
 def load_pipeline(path: str, dtype: torch.dtype):

@@ -56,7 +56,8 @@ def qwen_tokenizer():
 def build_tiny_flux2(path: str | Path, *, seed: int = 0, is_distilled: bool = True) -> Path:
     """Write a tiny Flux2KleinPipeline to `path` (images of 2 x latent side pixels) and return it;
     `is_distilled` as FLUX.2-klein-4B (no CFG) or False as the klein base models (true CFG)."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     path = Path(path)

@@ -78,7 +78,8 @@ def test_lora_loads_into_flux2_pipeline_and_reproduces_the_policy(trained, tiny_
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp / "cache"))
     policy = load_policy(_cfg(tmp, tiny_flux2), torch.device("cpu"), prompts=PROMPTS, log=lambda *_: None)
     load_checkpoint(resolve_checkpoint(tmp / "flux2"), policy.transformer)
-    x, t, cond = torch.randn(2, *policy.latent_shape, generator=gen), torch.rand(2, generator=gen), policy.encode(PROMPTS[:2])
+    x, t = torch.randn(2, *policy.latent_shape, generator=gen), torch.rand(2, generator=gen)
+    cond = policy.encode(PROMPTS[:2])
     with torch.no_grad():
         ours = policy.velocity(x, t, cond)
     pipe = load_pipeline(str(tiny_flux2), torch.float32)
