@@ -24,8 +24,11 @@ BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks",
                "noise_refiner", "context_refiner", "layers",  # Z-Image: image / caption refiners, main layers
                "blocks")  # Wan
 BATCH_INPUTS = ("hidden_states", "encoder_hidden_states", "temb",
+                "encoder_hidden_states_mask",  # Qwen-Image: the prompts' token mask (B, L)
                 "x", "attn_mask", "freqs_cis", "adaln_input",  # Z-Image block inputs
                 "temb_mod_img", "temb_mod_txt", "temb_mod")  # FLUX.2: the shared modulation tensors (B, k d)
+# inputs whose dim 1 (tokens) is dynamic too: Z-Image's sequences are padded to each batch's longest caption
+SEQUENCE_INPUTS = ("x", "attn_mask", "freqs_cis")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # compiled variants per block class: grad off; grad on with the input not requiring / requiring grad;
 # times two for activation checkpointing's recompute, with room to spare
@@ -47,6 +50,9 @@ def _batch_dynamic_call(compiled, block):
         for name in BATCH_INPUTS:
             if isinstance(named.get(name), torch.Tensor):
                 torch._dynamo.maybe_mark_dynamic(named[name], 0)
+        for name in SEQUENCE_INPUTS:
+            if isinstance(named.get(name), torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(named[name], 1)
         return compiled(block, *args, **kwargs)
 
     return forward
