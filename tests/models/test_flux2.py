@@ -216,3 +216,30 @@ def test_distilled_model_refuses_cfg(tmp_path, tiny_flux2, monkeypatch):
     with pytest.raises(ValueError, match="step-distilled") as info:
         load_policy(_cfg(tmp_path, tiny_flux2, "sample.guidance_scale=4.0"), torch.device("cpu"), log=lambda *_: None)
     assert "\n" not in str(info.value)
+
+
+def test_base_model_cfg_rollout_equals_the_pipelines(tmp_path, monkeypatch, gen):
+    """A klein base model (is_distilled false): true CFG with the empty prompt, v = v_u + w (v_c - v_u), as
+    Flux2KleinPipeline(guidance_scale=w) runs it."""
+    from awm_fast.models.flux2 import load_pipeline
+    from awm_fast.models.load import load_policy
+    from awm_fast.models.policy import GuidedVelocity
+
+    path = build_tiny_flux2(tmp_path / "base", seed=1, is_distilled=False)
+    monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
+    policy = load_policy(_cfg(tmp_path, path, "sample.guidance_scale=4.0"), torch.device("cpu"), prompts=PROMPTS,
+                         log=lambda *_: None)
+    cond, null = policy.encode(PROMPTS[1:]), policy.encode([""])
+    velocity = GuidedVelocity(policy, cond, 4.0, null)
+    x = torch.randn(2, *policy.latent_shape, generator=gen)
+    n = 2
+    grid, z = policy.time_grid(n), x.clone()
+    with torch.no_grad():
+        for i in range(n):
+            v_c, v_u = velocity(z, float(grid[i]), adapter=None)
+            z = z + (float(grid[i + 1]) - float(grid[i])) * (v_u + 4.0 * (v_c - v_u))
+    pipe = load_pipeline(str(path), torch.float32)
+    side = policy.latent_shape[1] * 2 * pipe.vae_scale_factor
+    images = pipe(prompt_embeds=cond.embeds, negative_prompt_embeds=null.embeds.repeat(2, 1, 1), latents=x,
+                  height=side, width=side, num_inference_steps=n, guidance_scale=4.0, output_type="pt").images
+    torch.testing.assert_close(policy.decode(z), images, **tol(torch.float32))
