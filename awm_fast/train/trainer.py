@@ -205,7 +205,8 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
     def run_eval(step: int, weights: str = "raw"):
         with out_of_memory_stops("evaluation", device), \
                 (eval_ema.swapped_in(policy.transformer) if weights == "ema" else contextlib.nullcontext()):
-            metrics, images = evaluate(policy, task.reward, task.eval_prompts, task.eval_metadata, **eval_kw)
+            metrics, images = evaluate(policy, task.reward, task.eval_prompts, task.eval_metadata, **eval_kw,
+                                       preview_dir=run_dir / "previews" / f"step_{step:06d}_{weights}")  # videos
         evals.append({"step": step, "weights": weights, **metrics})
         log(f"[eval] step {step} ({weights} weights): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics, images

@@ -64,6 +64,10 @@ def test_trainer_runs_two_steps_on_tiny_wan_videos(trained):
     rows = [json.loads(x) for x in (tmp / "wan" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["skipped"] == 0 for r in rows)
     assert all(r["frame_std"] > 0 for r in rows)  # the per-frame reward spread, logged as a reward part
+    for when in ("step_000000_raw", "step_000002_raw"):  # the evaluation's GIFs and frames of the first videos
+        folder = tmp / "wan" / "previews" / when
+        assert sorted(p.name for p in folder.iterdir()) == ["0000.gif", "0000_frames.png", "0001.gif",
+                                                              "0001_frames.png", "previews.json"]
 
 
 @pytest.mark.slow
