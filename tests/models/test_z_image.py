@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
-from awm_fast.models.policy import FlowPolicy
+from awm_fast.models.policy import FlowPolicy, GuidedVelocity
 from awm_fast.models.shared_batch import separate_velocities, shared_velocities
 from awm_fast.models.tiny_z_image import TINY_TRANSFORMER, build_tiny_z_image
 from awm_fast.models.z_image import (LORA_TARGETS, REFERENCE_CONFIG, caption_list, forward_flops, load_pipeline,
@@ -76,7 +76,7 @@ def test_lora_loads_into_z_image_pipeline_and_reproduces_the_policy(trained, tin
 def test_policy_grid_and_velocity_follow_the_z_image_pipeline(tmp_path, tiny_z, monkeypatch, gen):
     """The grid: the scheduler's sigmas as ZImagePipeline sets them. The velocity: our Euler steps on that grid,
     x <- x + (sigma' - sigma) v(x, sigma), reproduce the pipeline's own denoising (its timestep (1000 - t) / 1000
-    and negated prediction), guidance 0 (off) as Z-Image-Turbo."""
+    and negated prediction), without CFG (guidance 0, as Z-Image-Turbo) and with it."""
     from diffusers.pipelines.z_image.pipeline_z_image import (calculate_shift, get_default_z_image_sigmas,
                                                               retrieve_timesteps)
 
@@ -95,13 +95,18 @@ def test_policy_grid_and_velocity_follow_the_z_image_pipeline(tmp_path, tiny_z, 
         u = torch.linspace(1, 1 / n, n, dtype=torch.float64)
         torch.testing.assert_close(policy.time_grid(n)[:-1], shift_time(u, 3.0), atol=1e-6, rtol=0)  # float32 there
     x0 = torch.randn(2, 16, 8, 8, generator=gen)
-    out = pipe(PROMPTS[1:], height=16, width=16, num_inference_steps=2, guidance_scale=0.0, latents=x0.clone(),
-               output_type="latent", max_sequence_length=128).images
-    grid, x, cond = policy.time_grid(2), x0, policy.encode(PROMPTS[1:])
-    with torch.no_grad():
-        for i in range(2):
-            x = x + float(grid[i + 1] - grid[i]) * policy.velocity(x, torch.full((2,), float(grid[i])), cond, None)
-    torch.testing.assert_close(x, out, atol=1e-5, rtol=1e-5)
+    grid, cond = policy.time_grid(2), policy.encode(PROMPTS[1:])
+    # the pipeline's CFG pos + w (pos - neg) with the "" negative is ours, v_u + w' (v_c - v_u), at w' = w + 1
+    for pipe_scale in (0.0, 2.5):
+        out = pipe(PROMPTS[1:], height=16, width=16, num_inference_steps=2, guidance_scale=pipe_scale,
+                   latents=x0.clone(), output_type="latent", max_sequence_length=128).images
+        guided, x = GuidedVelocity(policy, cond, pipe_scale + 1, null_cond=policy.encode([""])), x0
+        with torch.no_grad():
+            for i in range(2):
+                v_c, v_u = guided(x, float(grid[i]), adapter=None)
+                v = v_c if v_u is None else v_u + (pipe_scale + 1) * (v_c - v_u)
+                x = x + float(grid[i + 1] - grid[i]) * v
+        torch.testing.assert_close(x, out, atol=1e-5, rtol=1e-5)
 
 
 def test_forward_flops_match_the_flop_counter_on_the_tiny_transformer(gen):
