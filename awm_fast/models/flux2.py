@@ -14,7 +14,7 @@ model.text_tokens (the pipeline's max_sequence_length, 512), stacked per token (
 no pooled embedding, no token mask (the pipeline attends to the padding too).
 
 Grid: FlowMatchEulerDiscreteScheduler with dynamic shifting at mu = compute_empirical_mu(L, N), which depends on
-the image sequence length L = h w AND the step count N (module docstring of `empirical_mu`).
+the image sequence length L = h w and on the step count N (the formula in `empirical_mu`).
 
 Guidance: step-distilled checkpoints (model_index is_distilled, FLUX.2-klein-4B/9B: 4 steps) take no CFG, which
 the pipeline ignores and we refuse; the base checkpoints (FLUX.2-klein-base-*) run true CFG with the empty
