@@ -65,7 +65,8 @@ def padded_conditioning(captions: list[torch.Tensor]) -> Conditioning:
     """A list of (L_b, D) caption features -> (B, max L, D) right-padded with zeros, the token mask, pooled (B, 0)."""
     lengths = [c.shape[0] for c in captions]
     embeds = torch.nn.utils.rnn.pad_sequence(captions, batch_first=True)
-    mask = torch.arange(embeds.shape[1], device=embeds.device)[None] < torch.tensor(lengths, device=embeds.device)[:, None]
+    positions = torch.arange(embeds.shape[1], device=embeds.device)
+    mask = positions[None] < torch.tensor(lengths, device=embeds.device)[:, None]
     return Conditioning(embeds, embeds.new_zeros(len(captions), 0), mask)
 
 
@@ -81,6 +82,15 @@ def set_z_image_attention(transformer, backend: str) -> None:
                          "of different lengths need (and diffusers' flash3 has no backward): use flash2, sdpa_cudnn, "
                          "sdpa_efficient or auto")
     transformer.set_attention_backend(DIFFUSERS_BACKENDS[backend])
+
+
+def check_lora_targets(transformer, targets) -> None:
+    """Every target names a module (a suffix after a dot, as peft matches it); the default SD3 attn.* names do not."""
+    names = [name for name, _ in transformer.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"model.lora_targets {missing} name no module of {type(transformer).__name__}; its attention "
+                         f"projections are model.lora_targets=[{','.join(LORA_TARGETS)}] (preset geneval_z_image)")
 
 
 def latent_side(resolution: int, vae_scale_factor: int) -> int:
@@ -113,6 +123,8 @@ def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts:
                          "caption lengths on the host, which a captured graph would freeze")
     pipe = load_pipeline(cfg.model.path, dtype)
     side = latent_side(cfg.model.resolution, pipe.vae_scale_factor)
+    if cfg.train.finetune == "lora":
+        check_lora_targets(pipe.transformer, cfg.model.lora_targets)
     backend = resolve_attention_backend(cfg.model.attention_backend, device, dtype, log=log, skip=MASKLESS_BACKENDS)
     transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype, log=log,
                                    attention=lambda m: set_z_image_attention(m, backend))
@@ -200,7 +212,8 @@ def training_memory(config: dict = REFERENCE_CONFIG, latent_shape=(16, 64, 64), 
     LoRA parameter: two float32 adapters, gradient, two moments), and with gradient checkpointing per grad row: each
     block's input (2 d bytes per token + the 4 (d / heads) bytes of its float32 rope factors); one block's
     activations, about 28 d + 8 h bytes per token (q/k/v/out and norms in bf16, the float32 rope copies of q and k,
-    SwiGLU's three h-wide tensors), over the 2 x rows of the shared batch's frozen call; 2 GiB of workspace. Defaults: the preset (512 px, 512 text tokens, micro-batch 3 x 6 timesteps = 18 rows)."""
+    SwiGLU's three h-wide tensors), over the 2 x rows of the shared batch's frozen call; 2 GiB of workspace.
+    Defaults: the preset (512 px, 512 text tokens, micro-batch 3 x 6 timesteps = 18 rows)."""
     from diffusers import ZImageTransformer2DModel
 
     with torch.device("meta"):

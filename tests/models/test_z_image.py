@@ -235,6 +235,21 @@ def test_attention_backends_without_a_mask_are_one_clear_line():
         assert "\n" not in str(info.value)
 
 
+def test_lora_targets_that_match_no_module_are_one_clear_line():
+    from diffusers import ZImageTransformer2DModel
+
+    from awm_fast.config import SD3_LORA_TARGETS
+    from awm_fast.models.z_image import check_lora_targets
+
+    with torch.device("meta"):
+        model = ZImageTransformer2DModel(**TINY_TRANSFORMER)
+    check_lora_targets(model, LORA_TARGETS)
+    check_lora_targets(model, ["to_q", "feed_forward.w1"])
+    with pytest.raises(ValueError, match="attention.to_q,attention.to_k") as info:
+        check_lora_targets(model, SD3_LORA_TARGETS)
+    assert "\n" not in str(info.value) and "attn.add_q_proj" in str(info.value)
+
+
 def test_z_image_preset_validates():
     from awm_fast.config import load_config
 
