@@ -180,10 +180,11 @@ def forward_flops(config: dict, latent_shape: tuple[int, int, int, int], text_le
     if f % p_t or h % p_h or w % p_w or text_len < 1:
         raise ValueError(f"latents {latent_shape} must divide by the patch {config['patch_size']}, "
                          f"text_len={text_len} must be >= 1")
-    n, el, d = (f // p_t) * (h // p_h) * (w // p_w), text_len, config["num_attention_heads"] * config["attention_head_dim"]
+    n, el = (f // p_t) * (h // p_h) * (w // p_w), text_len
+    d, ffn = config["num_attention_heads"] * config["attention_head_dim"], config["ffn_dim"]
     patch = p_t * p_h * p_w
     embed = n * c * patch * d + el * config["text_dim"] * d + el * d * d + config["freq_dim"] * d + d * d + 6 * d * d
-    block = 4 * n * d * d + 2 * n * n * d + 2 * n * d * d + 2 * el * d * d + 2 * n * el * d + 2 * n * d * config["ffn_dim"]
+    block = 4 * n * d * d + 2 * n * n * d + 2 * n * d * d + 2 * el * d * d + 2 * n * el * d + 2 * n * d * ffn
     out = n * d * (config.get("out_channels") or c) * patch
     return 2 * (embed + config["num_layers"] * block + out)
 

@@ -76,7 +76,8 @@ def test_lora_loads_into_wan_pipeline_and_reproduces_the_policy(trained, tiny_wa
     policy = _policy(tmp, tiny_wan, monkeypatch)
     assert policy.latent_shape == (16, 2, 4, 4)
     load_checkpoint(resolve_checkpoint(tmp / "wan"), policy.transformer)
-    x, t, cond = torch.randn(2, *policy.latent_shape, generator=gen), torch.tensor([0.6, 0.3]), policy.encode(PROMPTS[:2])
+    x, t = torch.randn(2, *policy.latent_shape, generator=gen), torch.tensor([0.6, 0.3])
+    cond = policy.encode(PROMPTS[:2])
     ours = policy.velocity(x, t, cond).detach()
     pipe = load_pipeline(str(tiny_wan), torch.float32)
     with torch.no_grad():
