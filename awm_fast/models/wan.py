@@ -27,7 +27,9 @@ transformer) and Wan 2.1 T2V 1.3B / 14B load.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -120,18 +122,27 @@ def build_tiny(path):
     return build_tiny_wan(path)
 
 
-def check_single_transformer(pipe) -> None:
-    if getattr(pipe, "transformer_2", None) is not None or pipe.config.get("boundary_ratio") is not None:
+def check_single_transformer(config) -> None:
+    """ValueError unless a WanPipeline config (`pipe.config`, or a folder's model_index.json) has one transformer:
+    `transformer` set, no `transformer_2`, no `boundary_ratio`."""
+    def present(key: str) -> bool:
+        value = config.get(key)
+        return value is not None and list(value) != [None, None]
+
+    if present("transformer_2") or config.get("boundary_ratio") is not None:
         raise ValueError("model.kind=wan: this pipeline has two experts (transformer_2, boundary_ratio: Wan 2.2 A14B); "
                          "awm-fast trains one transformer: use Wan2.1-T2V-1.3B / 14B or Wan2.2-TI2V-5B")
-    if pipe.transformer is None:
+    if not present("transformer"):
         raise ValueError("model.kind=wan: the pipeline has no `transformer`")
 
 
 def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:
     """All `prompts` (and "") are encoded up front; the text encoder is then released."""
+    index = Path(cfg.model.path) / "model_index.json"
+    if index.is_file():  # refuse a two-expert folder before loading its 2 x 14B weights
+        check_single_transformer(json.loads(index.read_text()))
     pipe = load_pipeline(cfg.model.path, dtype)
-    check_single_transformer(pipe)
+    check_single_transformer(pipe.config)
     spatial = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
     if cfg.model.resolution % spatial:
         raise ValueError(f"model.resolution={cfg.model.resolution} must be a multiple of {spatial} for Wan "

@@ -135,12 +135,15 @@ def test_velocity_cfg_and_decode_follow_one_pipeline_step(base_policy, tiny_wan,
     torch.testing.assert_close(ours, frames.float(), atol=1e-5, rtol=1e-5)
 
 
-def test_two_expert_pipelines_and_bad_frames_are_refused():
-    class TwoExperts:
-        transformer, transformer_2, config = object(), object(), {"boundary_ratio": 0.875}
-
+def test_two_expert_pipelines_and_bad_frames_are_refused(tiny_wan):
+    index = json.loads((tiny_wan / "model_index.json").read_text())
+    check_single_transformer(index)  # the tiny Wan 2.1 pipeline: transformer_2 [null, null], no boundary
+    assert index["transformer_2"] == [None, None]
+    a14b = {**index, "transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875}
     with pytest.raises(ValueError, match="two experts"):
-        check_single_transformer(TwoExperts())
+        check_single_transformer(a14b)
+    with pytest.raises(ValueError, match="no `transformer`"):
+        check_single_transformer({**index, "transformer": [None, None]})
     assert latent_frames(33) == 9 and latent_frames(81) == 21 and latent_frames(1) == 1
     with pytest.raises(ValueError, match="divisible by 4"):
         latent_frames(32)
