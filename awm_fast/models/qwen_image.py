@@ -42,11 +42,15 @@ LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.ad
                 "attn.add_v_proj", "attn.to_add_out"]  # the joint attention's image and text projections
 MAX_TEXT_TOKENS = 1024  # the pipeline's limit on max_sequence_length
 TEXT_PAD = 32
-# Our names -> diffusers' attention dispatch names, for the backends that take the prompts' attention mask.
-MASKED_BACKENDS = {"sdpa_cudnn": "_native_cudnn", "sdpa_efficient": "_native_efficient", "sdpa_math": "_native_math",
-                   "xformers": "xformers"}
-# `auto` picks among sdpa_efficient and sdpa_math: masks with a backward pass in every PyTorch build; xformers
-# would materialise an additive (B, heads, S, S) mask, cuDNN's masked attention depends on the cuDNN version.
+# Our names -> diffusers' attention dispatch names, for the backends that apply the prompts' attention mask.
+MASKED_BACKENDS = {"sdpa_cudnn": "_native_cudnn", "sdpa_efficient": "_native_efficient", "sdpa_math": "_native_math"}
+UNMASKED_BACKENDS = {
+    "flash3": "takes no attention mask", "flash2": "takes no attention mask", "sdpa_flash": "takes no attention mask",
+    # diffusers 0.42's xformers path casts the processor's (B, 1, 1, S) boolean mask to 1.0 / 0.0 and adds it
+    # as a bias: padding tokens would be attended to
+    "xformers": "does not apply a 4-D boolean attention mask"}
+# `auto` picks sdpa_efficient (CUDA) or sdpa_math: masked attention with a backward pass in every PyTorch build;
+# cuDNN's masked attention depends on the cuDNN version (sdpa_cudnn on request).
 AUTO_SKIP = ("flash3", "flash2", "sdpa_flash", "sdpa_cudnn", "xformers")
 # Qwen/Qwen-Image transformer/config.json (the diffusers class defaults are the same values)
 REFERENCE_CONFIG = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
@@ -69,15 +73,16 @@ def qwen_image_call(transformer, x: torch.Tensor, t: torch.Tensor, cond: Conditi
 
 def set_qwen_attention(transformer, backend: str) -> None:
     if backend not in MASKED_BACKENDS:
-        raise ValueError(f"model.attention_backend={backend} takes no attention mask in diffusers' dispatch, and "
+        reason = UNMASKED_BACKENDS.get(backend, "is unknown")
+        raise ValueError(f"model.attention_backend={backend} {reason} in diffusers' attention dispatch, and "
                          f"Qwen-Image's prompts of different lengths need one: use one of {tuple(MASKED_BACKENDS)}")
     transformer.set_attention_backend(MASKED_BACKENDS[backend])
 
 
 def qwen_attention_backend(name: str, device: torch.device, dtype: torch.dtype, log=print) -> str:
-    """An explicit model.attention_backend as given (checked by set_qwen_attention); auto: sdpa_efficient on
-    CUDA, sdpa_math elsewhere."""
-    return resolve_attention_backend(name, device, dtype, log=log, skip=AUTO_SKIP if name == "auto" else ())
+    """An explicit, available model.attention_backend as given (then checked by set_qwen_attention); auto or an
+    unavailable one: sdpa_efficient on CUDA, sdpa_math elsewhere."""
+    return resolve_attention_backend(name, device, dtype, log=log, skip=AUTO_SKIP)
 
 
 def padded_encoder(cache: dict[str, Conditioning], device: torch.device, multiple: int = TEXT_PAD):
@@ -171,7 +176,9 @@ def forward_flops(config: dict, latent_shape: tuple[int, int, int], text_len: in
         out   = 2 d^2 + N d p^2 C_out                    (norm_out's adaLN, proj_out)
         F     = 2 (embed + B block + out)                (FLOP = 2 multiply-adds)
 
-    At Qwen-Image (REFERENCE_CONFIG), 512 px (16 x 64 x 64 latents, N = 1024), L = 32 this is 82.6 TFLOP."""
+    Every block runs both streams (the last block's text output is computed, then discarded). At Qwen-Image
+    (REFERENCE_CONFIG), 512 px (16 x 64 x 64 latents, N = 1024), L = 32 this is 15.2 TFLOP (FLUX.1-dev at
+    L = 512: 21.5)."""
     c, h, w = latent_shape
     if h % 2 or w % 2 or text_len < 1:
         raise ValueError(f"latents {latent_shape} must have even H and W (2x2 packing), text_len={text_len} >= 1")

@@ -243,8 +243,8 @@ def test_reference_memory_estimate_needs_an_80gb_gpu():
 
 
 def test_flash_backends_are_refused_in_one_line():
-    for backend in ("flash2", "flash3", "sdpa_flash"):
-        with pytest.raises(ValueError, match="takes no attention mask") as info:
+    for backend in ("flash2", "flash3", "sdpa_flash", "xformers"):
+        with pytest.raises(ValueError, match="attention mask in diffusers") as info:
             set_qwen_attention(None, backend)
         assert "\n" not in str(info.value)
 
