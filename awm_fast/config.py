@@ -69,6 +69,7 @@ class SampleConfig:
     prompt_file: str = ""  # one prompt per line (model.kind=sd3); digits uses the digits 0-9
     eval_prompt_file: str = ""  # evaluation prompts (e.g. prompts/geneval_test.txt); empty: prompt_file
     eval_prompts: int = 64  # how many evaluation prompts are used (sd3, flux)
+    eval_batch_size: int = 0  # samples per evaluation call; 0 = max(sample.batch_size, 64) (videos: set it small)
 
 
 @dataclass
@@ -260,7 +261,7 @@ POSITIVE = ["model.text_tokens", "model.lora_rank", "model.lora_alpha", "model.r
             "nft.timestep_fraction", "train.lr", "train.adam_eps", "train.max_grad_norm",
             "digits.pretrain_batch", "digits.pretrain_lr", "digits.eval_per_digit", "run.keep_checkpoints",
             "run.dist_timeout_s"]
-NON_NEGATIVE = ["reward.num_workers", "sample.noise_level", "train.beta", "train.ema_beta", "train.weight_decay", "train.ema_decay_rate",
+NON_NEGATIVE = ["reward.num_workers", "sample.eval_batch_size", "sample.noise_level", "train.beta", "train.ema_beta", "train.weight_decay", "train.ema_decay_rate",
                 "train.ema_decay_cap", "flow_grpo.beta", "flow_grpo.sde_window", "nft.kl_beta",
                 "nft.decay_rate", "nft.decay_cap", "digits.pretrain_steps", "digits.classifier_steps", "run.eval_every",
                 "run.checkpoint_every", "run.threads", "train.max_nonfinite_steps", "reward.retries",

@@ -76,3 +76,10 @@ def test_cli_config_error_writes_nothing(tmp_path, capsys):
     assert code == 2
     assert "config error" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_batch_size_default_and_check():
+    assert load_config(None).sample.eval_batch_size == 0  # 0: max(sample.batch_size, 64), as before
+    assert load_config("pickscore_wan").sample.eval_batch_size == 4  # videos: a few per call
+    with pytest.raises(ConfigError, match="sample.eval_batch_size"):
+        load_config(None, ["sample.eval_batch_size=-1"])

@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default sample.eval_num_steps)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default sample.eval_guidance_scale)")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default train.seed + 1000, as the trainer)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default max(sample.batch_size, 64))")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default sample.eval_batch_size, else max(sample.batch_size, 64))")
     p.add_argument("--out", required=True, help="output folder")
 
 
@@ -137,7 +137,7 @@ def run(args, log=print) -> int:
     rewards = build_rewards(cfg, args.reward, art.classifier if art else None)
     kw = dict(num_steps=args.steps or cfg.sample.eval_num_steps,
               seed=cfg.train.seed + 1000 if args.seed is None else args.seed,
-              batch_size=args.batch_size or max(cfg.sample.batch_size, 64),
+              batch_size=args.batch_size or cfg.sample.eval_batch_size or max(cfg.sample.batch_size, 64),
               guidance_scale=cfg.sample.eval_guidance_scale if args.guidance is None else args.guidance,
               null_cond=null_cond)
     results, table, per_prompt = {}, [], []

@@ -199,7 +199,7 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
     eval_ema = EvalEMA(policy.transformer) if t.eval_ema else None
-    eval_kw = dict(num_steps=s.eval_num_steps, seed=t.seed + 1000, batch_size=max(s.batch_size, 64),
+    eval_kw = dict(num_steps=s.eval_num_steps, seed=t.seed + 1000, batch_size=s.eval_batch_size or max(s.batch_size, 64),
                    guidance_scale=s.eval_guidance_scale, null_cond=task.null_cond, dist=d)
 
     def run_eval(step: int, weights: str = "raw"):
