@@ -79,10 +79,10 @@ def set_qwen_attention(transformer, backend: str) -> None:
     transformer.set_attention_backend(MASKED_BACKENDS[backend])
 
 
-def qwen_attention_backend(name: str, device: torch.device, dtype: torch.dtype, log=print) -> str:
+def qwen_attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """An explicit, available model.attention_backend as given (then checked by set_qwen_attention); auto or an
     unavailable one: sdpa_efficient on CUDA, sdpa_math elsewhere."""
-    return resolve_attention_backend(name, device, dtype, log=log, skip=AUTO_SKIP)
+    return resolve_attention_backend(name, device, dtype, skip=AUTO_SKIP)
 
 
 def padded_encoder(cache: dict[str, Conditioning], device: torch.device, multiple: int = TEXT_PAD):
@@ -128,10 +128,10 @@ def build_tiny(path):
     return build_tiny_qwen_image(path)
 
 
-def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:
+def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=None) -> FlowPolicy:
     """All `prompts` (and "") are encoded first (the text encoder moved to the device only if some prompt is not
     cached), the text encoder released, then the transformer moved and adapted: the 7B text encoder and the 20B
-    transformer are never on the device together."""
+    transformer are never on the device together. (`log` is unused: messages go through the shared helpers.)"""
     if cfg.model.text_tokens > MAX_TEXT_TOKENS:
         raise ValueError(f"model.text_tokens={cfg.model.text_tokens}: QwenImagePipeline keeps at most "
                          f"{MAX_TEXT_TOKENS} prompt tokens")
@@ -157,12 +157,12 @@ def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts:
     pipe.text_encoder = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    backend = qwen_attention_backend(cfg.model.attention_backend, device, dtype, log=log)
-    transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype, log=log,
+    backend = qwen_attention_backend(cfg.model.attention_backend, device, dtype)
+    transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype,
                                    attention=lambda m: set_qwen_attention(m, backend))
     return FlowPolicy(transformer, padded_encoder(cache, device), make_qwen_decoder(pipe.vae.to(device)),
                       (transformer.config.in_channels // 4, side, side), device, dtype, call=qwen_image_call,
-                      sigmas=pipeline_sigmas(pipe.scheduler, cfg, image_seq_len=(side // 2) ** 2, log=log))
+                      sigmas=pipeline_sigmas(pipe.scheduler, cfg, image_seq_len=(side // 2) ** 2))
 
 
 def forward_flops(config: dict, latent_shape: tuple[int, int, int], text_len: int) -> int:

@@ -41,7 +41,7 @@ def policy(tiny_qwen, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qwen_policy")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWM_FAST_CACHE", str(tmp / "cache"))
-        return load_policy(_cfg(tmp, tiny_qwen), torch.device("cpu"), prompts=PROMPTS, log=lambda *_: None)
+        return load_policy(_cfg(tmp, tiny_qwen), torch.device("cpu"), prompts=PROMPTS)
 
 
 def _cfg(tmp_path, model_path, *extra):
@@ -132,14 +132,14 @@ def test_padding_the_text_changes_nothing(policy, gen):
 def test_trainer_runs_on_tiny_qwen_image_and_exports_loadable_lora(tmp_path, tiny_qwen, monkeypatch):
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
     cfg = _cfg(tmp_path, tiny_qwen, "train.lr=0.05", "train.shared_batch=true", "train.gradient_checkpointing=true")
-    summary = json.loads(train(cfg, log=lambda *_: None).read_text())
+    summary = json.loads(train(cfg).read_text())
     assert summary["steps"] == 2 and "jpeg_kb" in summary["eval_after"]
     rows = [json.loads(x) for x in (tmp_path / "qwen_image" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["skipped"] == 0 for r in rows)
 
     from awm_fast.models.load import load_policy
 
-    trained = load_policy(_cfg(tmp_path, tiny_qwen), torch.device("cpu"), prompts=PROMPTS, log=lambda *_: None)
+    trained = load_policy(_cfg(tmp_path, tiny_qwen), torch.device("cpu"), prompts=PROMPTS)
     load_checkpoint(resolve_checkpoint(tmp_path / "qwen_image"), trained.transformer)
     x, t, cond = torch.full((2, 4, 8, 8), 0.3), torch.tensor([0.6, 0.3]), trained.encode(PROMPTS[1:])
     ours = trained.velocity(x, t, cond).detach()
