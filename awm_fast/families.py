@@ -2,7 +2,7 @@
 
 Each family module defines
 
-    build_policy(cfg, device, dtype, prompts, log) -> FlowPolicy
+    build_policy(cfg, device, dtype, prompts) -> FlowPolicy
 
 (the transformer made trainable with models.adapt.freeze_and_adapt, its prompt encoder with every prompt of
 `prompts` encodable, its decoder and its scheduler's time grid); models.load.load_policy adds what every
@@ -21,7 +21,7 @@ imports the one above (tasks/).
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -45,8 +45,7 @@ PIPELINE_KINDS = tuple(k for k in FAMILIES if k != "digits")  # the families loa
 
 
 class PolicyFamily(Protocol):
-    def build_policy(self, cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str],
-                     log: Callable[[str], None]) -> FlowPolicy: ...
+    def build_policy(self, cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str]) -> FlowPolicy: ...
 
 
 class PipelineFamily(PolicyFamily, Protocol):

@@ -121,15 +121,14 @@ class Bench:
             if variant.best_attention:
                 attention[0] = self.attention_backend(dtype, log)
                 if flux:
-                    set_flux_attention(module, attention[0], log=log)
+                    set_flux_attention(module, attention[0])
                     attention[0] += " (diffusers dispatch)"
                 else:
                     use_attention_backend(module, attention[0])
             elif flux:
                 diffusers_default_attention()
 
-        tr = freeze_and_adapt(tr, self.config(variant), self.device, dtype, log=lambda *_: None,
-                              attention=set_attention)
+        tr = freeze_and_adapt(tr, self.config(variant), self.device, dtype, attention=set_attention)
         vae = copy.deepcopy(self.vae).to(dtype)
         cond = self.cond
 

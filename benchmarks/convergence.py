@@ -30,6 +30,7 @@ import torch
 
 from awm_fast.algo.advantages import group_advantages
 from awm_fast.config import load_config
+from awm_fast.logs import only_main
 from awm_fast.models.lora import POLICY, adapter_params
 from awm_fast.algorithms import get_algorithm
 from awm_fast.algorithms.base import UpdateContext
@@ -63,10 +64,10 @@ def run_one(method: str, lr: float, seed: int, args, workdir: Path) -> dict:
     name = f"{method}_lr{lr:g}_s{seed}"
     cfg = load_config(None, base_overrides(args) + METHODS[method]["overrides"] + [
         f"train.lr={lr}", f"train.seed={seed}", f"run.output_dir={workdir}", f"run.name={name}"])
-    lines: list[str] = []
     torch.manual_seed(seed)  # the LoRA init draws from the global generator
     t0 = time.perf_counter()
-    train(cfg, log=lines.append)
+    with only_main(False):  # the run's info lines stay quiet (warnings still print); its curves are read below
+        train(cfg)
     wall = time.perf_counter() - t0
     rows = [json.loads(x) for x in (workdir / name / "metrics.jsonl").read_text().splitlines()]
     seconds = [0.0]
@@ -106,7 +107,7 @@ def gradient_variance(method: str, batches: int, args, workdir: Path) -> dict:
     cfg = load_config(None, base_overrides(args) + METHODS[method]["overrides"] + one_step + [
         f"train.lr={METHODS[method]['lrs'][0]}", f"run.output_dir={workdir}", "train.max_grad_norm=1e30"])
     torch.manual_seed(0)
-    task = build_task(cfg, torch.device("cpu"), log=lambda *_: None)
+    task = build_task(cfg, torch.device("cpu"))
     algo = get_algorithm(cfg)
     params = list(adapter_params(task.policy.transformer, POLICY).values())
     capture = _CaptureGrad(params)

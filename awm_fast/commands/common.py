@@ -7,6 +7,7 @@ the one saved with it (train/resume.py), command-line overrides on top; `--base`
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import torch
 from awm_fast.config import Config, ConfigError, load_config
 from awm_fast.train import checkpoint as ckpt_io
 from awm_fast.train.resume import build_config, saved_config
+
+logger = logging.getLogger(__name__)
 
 
 class UsageError(ValueError):
@@ -110,7 +113,7 @@ def parse_options(items: list[str], what: str) -> dict:
     return out
 
 
-def build_policy(cfg: Config, device: torch.device, prompts: list[str], log=print):
+def build_policy(cfg: Config, device: torch.device, prompts: list[str]):
     """(policy, null_cond, digits artifacts or None) with every prompt of `prompts` encodable."""
     from awm_fast.models.load import load_policy
 
@@ -123,10 +126,10 @@ def build_policy(cfg: Config, device: torch.device, prompts: list[str], log=prin
         bad = [p for p in prompts if p not in PROMPTS]
         if bad:
             raise UsageError(f"prompt {bad[0]!r}: the digits model knows the prompts {', '.join(PROMPTS)}")
-        art = prepare_digits(cfg.digits, log=log)
-        policy = finish_policy(digits_policy(cfg, device, DTYPES[cfg.model.dtype], art, log), cfg, device, log)
+        art = prepare_digits(cfg.digits)
+        policy = finish_policy(digits_policy(cfg, device, DTYPES[cfg.model.dtype], art), cfg, device)
     else:
-        policy = load_policy(cfg, device, prompts=list(prompts), log=log)
+        policy = load_policy(cfg, device, prompts=list(prompts))
     return policy, policy.encode([""]), art
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from awm_fast.commands.common import (add_source_arguments, UsageError, build_po
 from awm_fast.rewards import build_reward, check_reward_output
 from awm_fast.rewards.base import score_batch
 from awm_fast.train import report
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
@@ -120,7 +123,7 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "base"
 
 
-def run(args, log=print) -> int:
+def run(args) -> int:
     from awm_fast.train.evaluate import evaluate
 
     if args.num_prompts is not None and args.num_prompts < 1:
@@ -133,7 +136,7 @@ def run(args, log=print) -> int:
     prompts, metadata = prompt_set(cfg, args.prompts, args.num_prompts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    policy, null_cond, art = build_policy(cfg, device_of(cfg), prompts, log=log)
+    policy, null_cond, art = build_policy(cfg, device_of(cfg), prompts)
     rewards = build_rewards(cfg, args.reward, art.classifier if art else None)
     kw = dict(num_steps=args.steps or cfg.sample.eval_num_steps,
               seed=cfg.train.seed + 1000 if args.seed is None else args.seed,
@@ -154,7 +157,7 @@ def run(args, log=print) -> int:
             per_prompt += [{"source": source.label, "weights": weights, "index": i, "prompt": p, **row}
                            for i, (p, row) in enumerate(zip(prompts, recorder.rows))]
             report.save_grid(images[:64], out / f"grid_{_slug(source.label)}_{weights}.png")
-            log(f"[eval] {source.label} ({weights}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            logger.info(f"[eval] {source.label} ({weights}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     (out / "metrics.json").write_text(json.dumps({"prompts": len(prompts), "num_steps": kw["num_steps"],
                                                   "seed": kw["seed"], "results": results}, indent=2))
     keys = sorted({k for r in per_prompt for k in r if k not in ("source", "weights", "index", "prompt")})
@@ -166,5 +169,5 @@ def run(args, log=print) -> int:
         metric_keys = [k for k in table[0] if k not in ("source", "step", "weights")]
         report.write_table(table, ["source", "step", "weights", *metric_keys], out / "table.csv", out / "table.md")
         report.plot_metric_vs_step(table, out / "reward_vs_step.png", ["reward"])
-    log(f"[eval] wrote {out}")
+    logger.info(f"[eval] wrote {out}")
     return 0

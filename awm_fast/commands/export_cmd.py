@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from awm_fast.commands.common import add_source_arguments, UsageError, split_pos
     weight_choices, weights_in
 from awm_fast.models.lora import POLICY
 from awm_fast.train.checkpoint import PREFIX
+
+logger = logging.getLogger(__name__)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}  # relative max |diff| of the velocity
@@ -116,7 +119,7 @@ def probe(policy, adapter):
         return policy.velocity(x, t, policy.encode(prompts), adapter).double().cpu()
 
 
-def run(args, log=print) -> int:
+def run(args) -> int:
     paths, overrides = split_positionals(args.items)
     if len(paths) != 1:
         raise UsageError(f"give one run or checkpoint folder to export (got {len(paths)}: {' '.join(paths)})")
@@ -129,13 +132,13 @@ def run(args, log=print) -> int:
     out = Path(args.out)
     probe_prompts = ["3", "7"] if cfg.model.kind == "digits" else ["a red cube", "two cats"]
     stages = tqdm(total=4 if args.merged else 1, desc="export", unit="stage", disable=None)
-    policy, _, art = build_policy(cfg, device_of(cfg), probe_prompts, log=log)
+    policy, _, art = build_policy(cfg, device_of(cfg), probe_prompts)
     state = load_weights(policy, source)
     (weights,) = weight_choices(state, args.weights)
     lora = write_lora(source.ckpt, state, policy, weights, out / "lora")
     stages.update()
     info = {"checkpoint": str(source.ckpt), "weights": weights, "lora": str(lora)}
-    log(f"[export] LoRA ({weights} weights): {lora}")
+    logger.info(f"[export] LoRA ({weights} weights): {lora}")
     if args.merged:
         with weights_in(policy, state, weights):
             v_adapter = probe(policy, POLICY)
@@ -153,9 +156,9 @@ def run(args, log=print) -> int:
 
             device = device_of(cfg)
             mp = finish_policy(digits_policy(merged_cfg, device, DTYPES[cfg.model.dtype],
-                                             dataclasses.replace(art, model_dir=merged), log), merged_cfg, device, log)
+                                             dataclasses.replace(art, model_dir=merged)), merged_cfg, device)
         else:
-            mp, _, _ = build_policy(merged_cfg, device_of(cfg), probe_prompts, log=log)
+            mp, _, _ = build_policy(merged_cfg, device_of(cfg), probe_prompts)
         v_merged = probe(mp, None)  # the reference path: the merged base weights alone
         stages.update()
         diff = float((v_merged - v_adapter).abs().max())
@@ -164,8 +167,8 @@ def run(args, log=print) -> int:
         info.update(merged=str(out / "merged"), max_abs_diff=diff, max_rel_diff=rel, tolerance=tol,
                     adapter_effect=float((v_adapter - v_base).abs().max()))  # what the LoRA changes (base vs adapter)
         (out / "export.json").write_text(json.dumps(info, indent=2))
-        log(f"[export] merged model: {out / 'merged'}; velocity vs base + adapter: max |diff| {diff:.3g} "
-            f"({rel:.3g} of max |v|, tolerance {tol:g})")
+        logger.info(f"[export] merged model: {out / 'merged'}; velocity vs base + adapter: max |diff| {diff:.3g} "
+                    f"({rel:.3g} of max |v|, tolerance {tol:g})")
         if not rel <= tol:
             raise ValueError(f"the merged model's velocity differs from base + adapter by {rel:.3g} of max |v| "
                              f"(> tolerance {tol:g}); the merged folder {out / 'merged'} is not faithful")

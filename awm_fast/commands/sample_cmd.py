@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from awm_fast.sampling.rollout import SAMPLERS
 from awm_fast.train import report
 from awm_fast.train.previews import frame_strip, save_gif
 
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
@@ -52,7 +54,7 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def run(args, log=print) -> int:
+def run(args) -> int:
     from awm_fast.sampling.rollout import sample_latents
     from awm_fast.algorithms.update_loop import derived_seed
 
@@ -70,7 +72,7 @@ def run(args, log=print) -> int:
         raise UsageError(f"give one run or checkpoint folder to sample from (got {len(paths)}: {' '.join(paths)})")
     (source,) = load_sources(paths, base=args.base, config=args.config, overrides=overrides, preset=preset)
     cfg = source.cfg
-    policy, null_cond, _ = build_policy(cfg, device_of(cfg), prompts, log=log)
+    policy, null_cond, _ = build_policy(cfg, device_of(cfg), prompts)
     state = load_weights(policy, source)
     (weights,) = weight_choices(state, args.weights)
     grid = policy.time_grid(args.steps or cfg.sample.eval_num_steps)
@@ -107,5 +109,5 @@ def run(args, log=print) -> int:
         "source": str(source.ckpt or "base"), "weights": weights, "seed": args.seed, "sampler": args.sampler,
         "steps": len(grid) - 1, "guidance_scale": guidance, "noise_level": noise, "batch_size": args.batch_size,
         "images": records}, indent=2))
-    log(f"[sample] {len(records)} images in {out} (grid.png)")
+    logger.info(f"[sample] {len(records)} images in {out} (grid.png)")
     return 0

@@ -13,12 +13,15 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
+import logging
 import socket
 import threading
 
 import torch
 
 from awm_fast.rewards.base import check_reward_output, evaluation_mode
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
@@ -153,7 +156,7 @@ def build(name: str, device: str | None, options: dict):
     return build_reward(name, digits_classifier=classifier, **options)
 
 
-def run(args, log=print) -> int:
+def run(args) -> int:
     from aiohttp import web
 
     from awm_fast.commands.common import UsageError, parse_options
@@ -167,7 +170,7 @@ def run(args, log=print) -> int:
         sock = bind(args.host, args.port)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    log(f"serving reward {args.name} on {url_of(sock)}", flush=True)
+    logger.info(f"serving reward {args.name} on {url_of(sock)}")
     web.run_app(make_app(reward, args.name, args.max_request_mb), sock=sock, print=None,
                 handle_signals=True)
     return 0

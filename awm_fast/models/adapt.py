@@ -6,6 +6,7 @@ the policy (models.load.load_policy)."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 
@@ -17,8 +18,10 @@ from awm_fast.models.lora import EMA, POLICY, add_adapters
 from awm_fast.models.policy import FlowPolicy
 from awm_fast.models.routing import enable_checkpointing
 
+logger = logging.getLogger(__name__)
 
-def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torch.dtype, log=print, attention=None):
+
+def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torch.dtype, attention=None):
     """Frozen base in `dtype` on `device`, the attention backend (`attention(transformer)`, default: our SD3
     processor), "default" + "ema" LoRA in float32."""
     transformer.requires_grad_(False)
@@ -27,7 +30,7 @@ def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torc
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if attention is None:
-        use_attention_backend(transformer, resolve_attention_backend(cfg.model.attention_backend, device, dtype, log=log))
+        use_attention_backend(transformer, resolve_attention_backend(cfg.model.attention_backend, device, dtype))
     else:
         attention(transformer)
     m = cfg.model
@@ -41,12 +44,12 @@ def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torc
         enable_checkpointing(transformer)
     if m.compile:
         blocks = compile_blocks(transformer, mode=m.compile_mode, backend=m.compile_backend)
-        log(f"[compile] {blocks} transformer blocks compiled (mode {m.compile_mode}, backend {m.compile_backend}); "
-            "the first step compiles them")
+        logger.info(f"[compile] {blocks} transformer blocks compiled (mode {m.compile_mode}, backend "
+                    f"{m.compile_backend}); the first step compiles them")
     return transformer
 
 
-def make_full_models(policy: FlowPolicy, cfg: Config, log=print) -> FlowPolicy:
+def make_full_models(policy: FlowPolicy, cfg: Config) -> FlowPolicy:
     """Full fine-tuning: the loaded transformer (model.dtype, frozen) becomes the reference; a copy of it in the
     same dtype the EMA (KL anchor, moved after each step); a float32 copy the trained model (master weights;
     under autocast when model.dtype is a half type). policy.transformer = the trained model; policy.finetune =
@@ -60,8 +63,8 @@ def make_full_models(policy: FlowPolicy, cfg: Config, log=print) -> FlowPolicy:
     if m.compile:
         for module in (trained, reference, ema):
             blocks = compile_blocks(module, mode=m.compile_mode, backend=m.compile_backend)
-        log(f"[compile] {blocks} blocks of each of the trained, reference and EMA transformers compiled (mode "
-            f"{m.compile_mode}, backend {m.compile_backend}); the first step compiles them")
+        logger.info(f"[compile] {blocks} blocks of each of the trained, reference and EMA transformers compiled (mode "
+                    f"{m.compile_mode}, backend {m.compile_backend}); the first step compiles them")
     policy.transformer, policy.models = trained, {POLICY: trained, None: reference, EMA: ema}
     policy.finetune = FULL
     return policy

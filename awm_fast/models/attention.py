@@ -11,10 +11,13 @@ sdpa_cudnn, sdpa_flash, xformers, sdpa_efficient, sdpa_math (PyTorch's reference
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "flash3", "flash2", "xformers", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
 PREFERENCE = ("flash3", "flash2", "sdpa_cudnn", "sdpa_flash", "xformers", "sdpa_efficient", "sdpa_math")
@@ -45,7 +48,7 @@ def backend_available(name: str, device: torch.device, dtype: torch.dtype) -> bo
     return name == "sdpa_math"
 
 
-def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtype, log=print,
+def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtype,
                               skip: tuple[str, ...] = ()) -> str:
     """`auto`: the fastest available (not in `skip`); an unavailable explicit choice falls back with a
     one-line notice."""
@@ -55,10 +58,10 @@ def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtyp
         return name
     chosen = next(b for b in PREFERENCE if b not in skip and backend_available(b, device, dtype))
     if name == "auto":
-        log(f"[attention] auto -> {chosen} ({device.type}, {str(dtype).removeprefix('torch.')})")
+        logger.info(f"[attention] auto -> {chosen} ({device.type}, {str(dtype).removeprefix('torch.')})")
     else:
-        log(f"[attention] {name} is not available for {device.type}/{str(dtype).removeprefix('torch.')} "
-            f"(missing package or unsupported device): using {chosen}")
+        logger.warning(f"[attention] {name} is not available for {device.type}/{str(dtype).removeprefix('torch.')} "
+                       f"(missing package or unsupported device): using {chosen}")
     return chosen
 
 

@@ -55,7 +55,7 @@ def flux_call(transformer, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
     return unpack(out, h, w)
 
 
-def set_flux_attention(transformer, backend: str, log=print) -> None:
+def set_flux_attention(transformer, backend: str) -> None:
     if backend == "flash3":
         raise ValueError("model.attention_backend=flash3 has no backward pass in diffusers' FLUX attention dispatch: "
                          "use flash2, sdpa_cudnn or sdpa_flash for training")
@@ -77,14 +77,14 @@ def build_tiny(path):
     return build_tiny_flux(path)
 
 
-def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:
+def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str]) -> FlowPolicy:
     """All `prompts` (and "") are encoded up front; the text encoders are then released. The time grid is the
     pipeline scheduler's, dynamically shifted for the packed image sequence length (side / 2)^2."""
     pipe = load_pipeline(cfg.model.path, dtype)
     side = cfg.model.resolution // pipe.vae_scale_factor
     if side % 2:
         raise ValueError(f"model.resolution={cfg.model.resolution} gives odd latents ({side}); FLUX packs 2x2 patches")
-    backend = resolve_attention_backend(cfg.model.attention_backend, device, dtype, log=log, skip=("flash3",))
+    backend = resolve_attention_backend(cfg.model.attention_backend, device, dtype, skip=("flash3",))
     transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype, attention=lambda m: set_flux_attention(m, backend))
     for module in (pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False).to(device)
@@ -100,4 +100,4 @@ def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts:
     call = functools.partial(flux_call, guidance=cfg.model.guidance)
     return FlowPolicy(transformer, make_encoder(cache, device), make_decoder(pipe.vae.to(device)),
                       (transformer.config.in_channels // 4, side, side), device, dtype, call=call,
-                      sigmas=pipeline_sigmas(pipe.scheduler, cfg, image_seq_len=(side // 2) ** 2, log=log))
+                      sigmas=pipeline_sigmas(pipe.scheduler, cfg, image_seq_len=(side // 2) ** 2))

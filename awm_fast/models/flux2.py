@@ -151,7 +151,7 @@ def build_tiny(path):
     return build_tiny_flux2(path)
 
 
-def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:
+def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str]) -> FlowPolicy:
     """All `prompts` (and "", CFG's unconditional prompt) are encoded up front; the text encoder is then released."""
     pipe = load_pipeline(cfg.model.path, dtype)
     check_guidance(cfg, bool(pipe.config.get("is_distilled", False)))
@@ -164,8 +164,8 @@ def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts:
         raise ValueError(f"transformer in_channels={channels} is not 4 x the VAE's {pipe.vae.config.latent_channels} "
                          "latent channels (FLUX.2 patchifies the latents 2x2)")
     side = cfg.model.resolution // patch
-    backend = resolve_attention_backend(cfg.model.attention_backend, device, dtype, log=log, skip=("flash3",))
-    transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype, log=log,
+    backend = resolve_attention_backend(cfg.model.attention_backend, device, dtype, skip=("flash3",))
+    transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype,
                                    attention=lambda m: set_flux_attention(m, backend))
     pipe.text_encoder.requires_grad_(False).to(device)
 

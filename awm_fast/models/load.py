@@ -4,6 +4,8 @@ fine-tuning (train.finetune=full) the trained transformer and its frozen referen
 adapters (models.adapt.make_full_models), and with sample.cuda_graphs the replayed no-grad calls."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from awm_fast.config import Config
@@ -14,23 +16,25 @@ from awm_fast.models.cuda_graphs import VelocityGraphs
 from awm_fast.models.finetune import FULL, get_finetune
 from awm_fast.models.policy import FlowPolicy
 
+logger = logging.getLogger(__name__)
 
-def load_policy(cfg: Config, device: torch.device, *, prompts: list[str] = (), log=print) -> FlowPolicy:
+
+def load_policy(cfg: Config, device: torch.device, *, prompts: list[str] = ()) -> FlowPolicy:
     """digits: the cached tiny base model; sd3/flux: a diffusers folder/hub id, encoding `prompts` up front."""
-    policy = policy_family(cfg.model.kind).build_policy(cfg, device, DTYPES[cfg.model.dtype], list(prompts), log)
-    return finish_policy(policy, cfg, device, log)
+    policy = policy_family(cfg.model.kind).build_policy(cfg, device, DTYPES[cfg.model.dtype], list(prompts))
+    return finish_policy(policy, cfg, device)
 
 
-def finish_policy(policy: FlowPolicy, cfg: Config, device: torch.device, log=print) -> FlowPolicy:
+def finish_policy(policy: FlowPolicy, cfg: Config, device: torch.device) -> FlowPolicy:
     """train.finetune's strategy (models.finetune: LoRA as built, or full fine-tuning's model copies); with
     sample.cuda_graphs the no-grad transformer calls replay CUDA graphs (models.cuda_graphs)."""
     policy.finetune = get_finetune(cfg.train.finetune)
     if policy.finetune is FULL:
-        policy = make_full_models(policy, cfg, log)
+        policy = make_full_models(policy, cfg)
     if cfg.sample.cuda_graphs:
         if device.type == "cuda":
             policy.graphs = VelocityGraphs(policy.forward)
-            log("[cuda graphs] no-grad transformer calls (rollout steps) replay CUDA graphs")
+            logger.info("[cuda graphs] no-grad transformer calls (rollout steps) replay CUDA graphs")
         else:
-            log(f"[cuda graphs] off: sample.cuda_graphs needs a CUDA device, this run is on {device.type}")
+            logger.warning(f"[cuda graphs] off: sample.cuda_graphs needs a CUDA device, this run is on {device.type}")
     return policy

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from awm_fast.algo.timesteps import scheduler_grid
 from awm_fast.config import Config, cache_root
 from awm_fast.env import hub_offline
 from awm_fast.models.policy import Conditioning
+
+logger = logging.getLogger(__name__)
 
 
 def from_pretrained(pipeline_cls, family: str, path: str, dtype: torch.dtype):
@@ -102,11 +105,11 @@ def make_decoder(vae, batch: int = 16):
     return decode
 
 
-def pipeline_sigmas(scheduler, cfg: Config, image_seq_len: int | None = None, log=print):
+def pipeline_sigmas(scheduler, cfg: Config, image_seq_len: int | None = None):
     """sigmas(N) of the pipeline's own scheduler (algo.timesteps.scheduler_grid); says when sample.shift, which
     then only shifts the continuous training timesteps, differs from the scheduler's shift."""
     shift = scheduler.config.get("shift", 1.0)
     if not scheduler.config.get("use_dynamic_shifting", False) and shift != cfg.sample.shift:
-        log(f"[grid] the rollout grid is the scheduler's (shift {shift}); sample.shift={cfg.sample.shift} only "
-            "shifts the uniform / logit_normal training timesteps")
+        logger.info(f"[grid] the rollout grid is the scheduler's (shift {shift}); sample.shift={cfg.sample.shift} only "
+                    "shifts the uniform / logit_normal training timesteps")
     return functools.partial(scheduler_grid, scheduler, image_seq_len=image_seq_len)

@@ -29,12 +29,12 @@ def build_tiny(path):
     return build_tiny_sd3(path)
 
 
-def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:
+def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str]) -> FlowPolicy:
     """All `prompts` (and "") are encoded up front; the text encoders are then released. The time grid is the
     pipeline scheduler's."""
     pipe = load_pipeline(cfg.model.path, dtype)
     side = cfg.model.resolution // pipe.vae_scale_factor
-    transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype, log=log)
+    transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype)
     for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if module is not None:
             module.requires_grad_(False).to(device)
@@ -50,4 +50,4 @@ def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts:
         torch.cuda.empty_cache()
     return FlowPolicy(transformer, make_encoder(cache, device), make_decoder(pipe.vae.to(device)),
                       (transformer.config.in_channels, side, side), device, dtype,
-                      sigmas=pipeline_sigmas(pipe.scheduler, cfg, log=log))
+                      sigmas=pipeline_sigmas(pipe.scheduler, cfg))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from awm_fast.models.adapt import freeze_and_adapt
 from awm_fast.models.attention import resolve_attention_backend
 from awm_fast.models.pipeline import encode_all, from_pretrained, make_encoder, prompt_cache_dir
 from awm_fast.models.policy import Conditioning, FlowPolicy
+
+logger = logging.getLogger(__name__)
 
 TRANSFORMER_CLASS, LORA_LOADER = "WanTransformer3DModel", "WanLoraLoaderMixin"
 # The attention projections of every block (self-attention attn1, cross-attention attn2): diffusers' Wan LoRA
@@ -136,7 +139,7 @@ def check_single_transformer(config) -> None:
         raise ValueError("model.kind=wan: the pipeline has no `transformer`")
 
 
-def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:
+def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str]) -> FlowPolicy:
     """All `prompts` (and "") are encoded up front; the text encoder is then released."""
     index = Path(cfg.model.path) / "model_index.json"
     if index.is_file():  # refuse a two-expert folder before loading its 2 x 14B weights
@@ -150,8 +153,8 @@ def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts:
     side = cfg.model.resolution // pipe.vae_scale_factor_spatial
     shape = (pipe.transformer.config.in_channels, latent_frames(cfg.model.frames, pipe.vae_scale_factor_temporal),
              side, side)
-    backend = resolve_attention_backend(cfg.model.attention_backend, device, dtype, log=log, skip=("flash3",))
-    transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype, log=log,
+    backend = resolve_attention_backend(cfg.model.attention_backend, device, dtype, skip=("flash3",))
+    transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype,
                                    attention=lambda m: set_wan_attention(m, backend))
     keep_fp32_modules(transformer)
     pipe.text_encoder.requires_grad_(False).to(device)
@@ -167,8 +170,8 @@ def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts:
         torch.cuda.empty_cache()
     flow_shift = pipe.scheduler.config.get("flow_shift", pipe.scheduler.config.get("shift", 1.0))
     if flow_shift != cfg.sample.shift:
-        log(f"[grid] the rollout grid is the scheduler's (flow_shift {flow_shift}); sample.shift={cfg.sample.shift} "
-            "only shifts the uniform / logit_normal training timesteps")
+        logger.info(f"[grid] the rollout grid is the scheduler's (flow_shift {flow_shift}); "
+                    f"sample.shift={cfg.sample.shift} only shifts the uniform / logit_normal training timesteps")
     call = functools.partial(wan_call, expand_timesteps=bool(pipe.config.get("expand_timesteps", False)))
     return FlowPolicy(transformer, make_encoder(cache, device), make_video_decoder(pipe.vae.to(device)), shape,
                       device, dtype, call=call, sigmas=functools.partial(scheduler_grid, pipe.scheduler))

@@ -113,7 +113,7 @@ def build_tiny(path):
     return build_tiny_z_image(path)
 
 
-def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print) -> FlowPolicy:
+def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str]) -> FlowPolicy:
     """All `prompts` (and "") are encoded up front with the pipeline's encode_prompt; the text encoder is then
     released. The time grid is the pipeline scheduler's, set as ZImagePipeline sets it."""
     from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
@@ -125,8 +125,8 @@ def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts:
     side = latent_side(cfg.model.resolution, pipe.vae_scale_factor)
     if cfg.train.finetune == "lora":
         check_lora_targets(pipe.transformer, cfg.model.lora_targets)
-    backend = resolve_attention_backend(cfg.model.attention_backend, device, dtype, log=log, skip=MASKLESS_BACKENDS)
-    transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype, log=log,
+    backend = resolve_attention_backend(cfg.model.attention_backend, device, dtype, skip=MASKLESS_BACKENDS)
+    transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype,
                                    attention=lambda m: set_z_image_attention(m, backend))
     pipe.text_encoder.requires_grad_(False).to(device)
 
@@ -140,7 +140,7 @@ def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts:
     pipe.text_encoder = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    grid = pipeline_sigmas(pipe.scheduler, cfg, image_seq_len=(side // 2) ** 2, log=log)
+    grid = pipeline_sigmas(pipe.scheduler, cfg, image_seq_len=(side // 2) ** 2)
     return FlowPolicy(transformer, make_encoder(cache, device), make_decoder(pipe.vae.to(device)),
                       (transformer.config.in_channels, side, side), device, dtype, call=z_image_call,
                       sigmas=functools.partial(grid, input_sigmas=get_default_z_image_sigmas))

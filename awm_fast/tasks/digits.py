@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -22,6 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from awm_fast.config import DigitsConfig, cache_root
+
+logger = logging.getLogger(__name__)
 
 TEXT_LEN, TEXT_DIM, POOLED_DIM = 2, 32, 32
 NULL_PROMPT = ""
@@ -149,11 +152,11 @@ def train_classifier(steps: int, seed: int = 0) -> tuple[DigitClassifier, float]
     return clf, acc
 
 
-def prepare_digits(cfg: DigitsConfig, *, log=print) -> DigitsArtifacts:
+def prepare_digits(cfg: DigitsConfig) -> DigitsArtifacts:
     """Load the cached base model + classifier, or produce them (fixed seeds) and cache them atomically."""
     folder = cache_root() / "digits" / _cache_key(cfg)
     if not (folder / "done.json").is_file():
-        log(f"[digits] preparing the base model and classifier (cached afterwards in {folder})")
+        logger.info(f"[digits] preparing the base model and classifier (cached afterwards in {folder})")
         text = DigitsTextEncoder.seeded()
         model = pretrain_base_model(cfg, text)
         clf, acc = train_classifier(cfg.classifier_steps)
@@ -175,7 +178,7 @@ def prepare_digits(cfg: DigitsConfig, *, log=print) -> DigitsArtifacts:
                            float(meta["classifier_accuracy"]))
 
 
-def digits_policy(cfg, device: torch.device, dtype: torch.dtype, art: DigitsArtifacts, log=print):
+def digits_policy(cfg, device: torch.device, dtype: torch.dtype, art: DigitsArtifacts):
     """The policy of the base model in `art.model_dir`: LoRA (or full fine-tuning) on the tiny SD3 transformer,
     the fixed embedding table as prompt encoder, latents = images, the SD3 grid shifted by sample.shift."""
     import functools
@@ -192,15 +195,15 @@ def digits_policy(cfg, device: torch.device, dtype: torch.dtype, art: DigitsArti
         c = text(prompts)
         return Conditioning(c.embeds.to(device), c.pooled.to(device))
 
-    transformer = freeze_and_adapt(SD3Transformer2DModel.from_pretrained(art.model_dir), cfg, device, dtype, log=log)
+    transformer = freeze_and_adapt(SD3Transformer2DModel.from_pretrained(art.model_dir), cfg, device, dtype)
     return FlowPolicy(transformer, encode, decode_digits, (1, 8, 8), device, dtype,
                       sigmas=functools.partial(sd3_grid, shift=cfg.sample.shift))
 
 
-def build_policy(cfg, device: torch.device, dtype: torch.dtype, prompts: list[str], log=print):
+def build_policy(cfg, device: torch.device, dtype: torch.dtype, prompts: list[str]):
     """The model family of model.kind=digits (awm_fast.families): the prepared (cached) base model's policy;
     every digits prompt is encodable, so `prompts` needs no encoding up front."""
-    return digits_policy(cfg, device, dtype, prepare_digits(cfg.digits, log=log), log)
+    return digits_policy(cfg, device, dtype, prepare_digits(cfg.digits))
 
 
 def decode_digits(latents: torch.Tensor) -> torch.Tensor:

@@ -9,12 +9,15 @@
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
 import torch
 
 from awm_fast.train.distributed import TrainingError
+
+logger = logging.getLogger(__name__)
 
 
 class RewardFailed(TrainingError):
@@ -33,8 +36,8 @@ class RetryingReward:
     """Calls `reward`, retrying up to `retries` times (waiting `wait_s`, doubling) on errors other than
     ValueError/TypeError/out-of-memory; then raises RewardFailed."""
 
-    def __init__(self, reward, retries: int = 2, wait_s: float = 5.0, log=print) -> None:
-        self.reward, self.retries, self.wait_s, self.log = reward, retries, wait_s, log
+    def __init__(self, reward, retries: int = 2, wait_s: float = 5.0) -> None:
+        self.reward, self.retries, self.wait_s = reward, retries, wait_s
         self.name = getattr(reward, "name", type(reward).__name__)
 
     def __call__(self, images, prompts, metadata):
@@ -50,8 +53,8 @@ class RetryingReward:
                     raise RewardFailed(f"reward {self.name!r} failed {self.retries + 1} times in a row, last error "
                                        f"{last[:300]}; check the reward model/server (reward.retries="
                                        f"{self.retries} retries)") from exc
-                self.log(f"[warn] reward {self.name!r} failed ({last[:200]}); retry {attempt + 1}/{self.retries} "
-                         f"in {wait:g} s")
+                logger.warning(f"[warn] reward {self.name!r} failed ({last[:200]}); retry {attempt + 1}/{self.retries} "
+                               f"in {wait:g} s")
                 time.sleep(wait)
                 wait *= 2
 
@@ -78,13 +81,13 @@ class NonFiniteGuard:
     def __init__(self, limit: int) -> None:
         self.limit, self.in_a_row = limit, 0
 
-    def update(self, step: int, skipped: bool, log=print) -> None:
+    def update(self, step: int, skipped: bool) -> None:
         if not skipped:
             self.in_a_row = 0
             return
         self.in_a_row += 1
-        log(f"[warn] step {step}: non-finite loss or gradient, optimizer step skipped "
-            f"({self.in_a_row} in a row{f', stopping at {self.limit}' if self.limit else ''})")
+        logger.warning(f"[warn] step {step}: non-finite loss or gradient, optimizer step skipped "
+                       f"({self.in_a_row} in a row{f', stopping at {self.limit}' if self.limit else ''})")
         if self.limit and self.in_a_row >= self.limit:
             raise NonFiniteSteps(f"{self.in_a_row} steps in a row (up to step {step}) had a non-finite loss or "
                                  f"gradient (train.max_nonfinite_steps={self.limit}); lower train.lr, check the "

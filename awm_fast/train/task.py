@@ -1,6 +1,7 @@
 """What a run trains on: the policy, the reward and the prompt lists, built from the config."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 import torch
 
@@ -10,6 +11,8 @@ from awm_fast.models.load import finish_policy, load_policy
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.rewards import Reward, build_reward
 from awm_fast.rewards.prompts import load_prompt_set
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,13 +27,13 @@ class Task:
     info: dict = field(default_factory=dict)
 
 
-def build_task(cfg: Config, device: torch.device, log=print) -> Task:
+def build_task(cfg: Config, device: torch.device) -> Task:
     if cfg.model.kind == "digits":
         from awm_fast.tasks.digits import PROMPTS, digits_policy, prepare_digits
 
-        art = prepare_digits(cfg.digits, log=log)
-        log(f"[digits] classifier accuracy on the held-out split: {art.classifier_accuracy:.1%}")
-        policy = finish_policy(digits_policy(cfg, device, DTYPES[cfg.model.dtype], art, log), cfg, device, log)
+        art = prepare_digits(cfg.digits)
+        logger.info(f"[digits] classifier accuracy on the held-out split: {art.classifier_accuracy:.1%}")
+        policy = finish_policy(digits_policy(cfg, device, DTYPES[cfg.model.dtype], art), cfg, device)
         reward = build_reward(cfg.reward.name, digits_classifier=art.classifier, weights=cfg.reward.weights,
                               **cfg.reward.options)
         eval_prompts = [p for _ in range(cfg.digits.eval_per_digit) for p in PROMPTS]
@@ -42,5 +45,5 @@ def build_task(cfg: Config, device: torch.device, log=print) -> Task:
     eval_prompts, eval_metadata = load_prompt_set(cfg.sample.eval_prompt_file or cfg.sample.prompt_file)
     n = cfg.sample.eval_prompts
     eval_prompts, eval_metadata = eval_prompts[:n], eval_metadata[:n]
-    policy = load_policy(cfg, device, prompts=prompts + eval_prompts, log=log)
+    policy = load_policy(cfg, device, prompts=prompts + eval_prompts)
     return Task(policy, reward, prompts, metadata, eval_prompts, eval_metadata, policy.encode([""]))

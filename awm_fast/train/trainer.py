@@ -12,6 +12,7 @@ evaluation is sharded and gathered; only rank 0 writes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ from awm_fast.algorithms import get_algorithm
 from awm_fast.algorithms.base import Algorithm, Rollout, UpdateContext
 from awm_fast.algorithms.update_loop import MicroBatchRNG, UpdateResult, derived_seed
 from awm_fast.config import Config
+from awm_fast.logs import only_main
 from awm_fast.models.lora import EvalEMA
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.train import checkpoint as ckpt
@@ -35,6 +37,8 @@ from awm_fast.train.logger import MetricsLogger
 from awm_fast.train.resume import build_config, check_resumable, config_changes, dump_config, saved_config
 from awm_fast.train.wandb_logger import open_wandb
 from awm_fast.train.task import Task, build_task
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -128,17 +132,19 @@ def rng_state(device: torch.device) -> dict:
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def train(cfg: Config, *, resume: str | None = None, log=print) -> Path:
-    """Run the loop (on every rank of a torchrun launch); returns the path of the run's summary.json."""
+def train(cfg: Config, *, resume: str | None = None) -> Path:
+    """Run the loop (on every rank of a torchrun launch); returns the path of the run's summary.json. Its lines
+    go to the "awm_fast" logger (awm_fast/logs.py), info lines from rank 0 only."""
     d = init_distributed(cfg.run.device, cfg.run.dist_backend, cfg.run.dist_timeout_s)
-    path = _train(cfg, d, resume, log if d.is_main else (lambda *_: None))
+    with only_main(d.is_main):
+        path = _train(cfg, d, resume)
     if d.enabled:
         d.barrier("waiting for rank 0 to write the summary")
         shutdown()
     return path
 
 
-def restore_state(ckpt_path: Path, policy, optimizer, eval_ema, d: Dist, log) -> dict:
+def restore_state(ckpt_path: Path, policy, optimizer, eval_ema, d: Dist) -> dict:
     """Load a checkpoint into the weights, optimizer and evaluation EMA (and this rank's RNG when the world size
     is the one it was saved with); returns the saved training state (step, evals, history, ...)."""
     state = policy.finetune.load_checkpoint(ckpt_path, policy, optimizer)  # LoRA adapters or whole weights
@@ -150,9 +156,9 @@ def restore_state(ckpt_path: Path, policy, optimizer, eval_ema, d: Dist, log) ->
         if d.device.type == "cuda" and rngs[d.rank]["cuda"] is not None:
             torch.cuda.set_rng_state(rngs[d.rank]["cuda"], d.device)
     saved_world = state.get("sampler", {}).get("world_size", len(rngs))
-    log(f"[resume] {ckpt_path} at step {state['step']}" + (f" (saved on {saved_world} processes, now {d.world}: "
-                                                            "per-rank RNG states not restored, none is used)"
-                                                            if saved_world != d.world else ""))
+    logger.info(f"[resume] {ckpt_path} at step {state['step']}"
+                + (f" (saved on {saved_world} processes, now {d.world}: per-rank RNG states not restored, none is used)"
+                   if saved_world != d.world else ""))
     return state
 
 
@@ -169,7 +175,7 @@ def save_state(run_dir: Path, step: int, cfg: Config, policy, optimizer, eval_em
         ckpt.save_checkpoint(run_dir, step, policy.transformer, state, cfg.run.keep_checkpoints, weights)
 
 
-def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
+def _train(cfg: Config, d: Dist, resume: str | None) -> Path:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     t, s = cfg.train, cfg.sample
@@ -190,8 +196,8 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
         dump_config(cfg, run_dir / "config.yaml")  # at the start: a killed run can be resumed as it was
     t_start = time.perf_counter()
     with d.main_first():  # rank 0 builds the caches (digits model, prompt embeddings), the others read them
-        task = build_task(cfg, device, log=log)
-    task.reward = RetryingReward(task.reward, cfg.reward.retries, cfg.reward.retry_wait_s, log=log)
+        task = build_task(cfg, device)
+    task.reward = RetryingReward(task.reward, cfg.reward.retries, cfg.reward.retry_wait_s)
     policy = task.policy
     train_policy = wrap_for_training(policy, d)  # DDP (LoRA) or FSDP2 (full) on several processes
     algo = get_algorithm(cfg)
@@ -208,18 +214,19 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
             metrics, images = evaluate(policy, task.reward, task.eval_prompts, task.eval_metadata, **eval_kw,
                                        preview_dir=run_dir / "previews" / f"step_{step:06d}_{weights}")  # videos
         evals.append({"step": step, "weights": weights, **metrics})
-        log(f"[eval] step {step} ({weights} weights): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        logger.info(f"[eval] step {step} ({weights} weights): "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics, images
 
     start, evals, history, train_seconds = 0, [], [], 0.0
     if ckpt_path:
-        state = restore_state(ckpt_path, policy, optimizer, eval_ema, d, log)
+        state = restore_state(ckpt_path, policy, optimizer, eval_ema, d)
         start, evals, history = state["step"], state["evals"], state["history"]
         before_images, train_seconds = state["before_images"], state["train_seconds"]
     else:
         _, before_images = run_eval(0)
-    logger = MetricsLogger(run_dir, cfg.run.tensorboard, history, evals=evals,
-                           wandb=open_wandb(cfg, run_dir, log) if cfg.run.wandb else None) if d.is_main else None
+    metrics_logger = MetricsLogger(run_dir, cfg.run.tensorboard, history, evals=evals,
+                                   wandb=open_wandb(cfg, run_dir) if cfg.run.wandb else None) if d.is_main else None
     grid = policy.time_grid(s.num_steps)
     nonfinite = NonFiniteGuard(t.max_nonfinite_steps)
 
@@ -230,17 +237,19 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
         run_event("update", done)
         result.losses = d.mean(result.losses)  # grad_norm and skipped are already global
         metrics = step_metrics(roll, result, decay, clock)
-        if logger is not None:
-            logger.log(done, metrics)
+        if metrics_logger is not None:
+            metrics_logger.log(done, metrics)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{result.losses['loss']:.4f}", refresh=False)
-        nonfinite.update(done, result.skipped > 0, log)
+        nonfinite.update(done, result.skipped > 0)
         if metrics["flat_groups"] == s.prompts_per_step:
-            log(f"[warn] step {done}: every prompt group has identical rewards: zero advantages, no signal")
+            logger.warning(f"[warn] step {done}: every prompt group has identical rewards: zero advantages, "
+                           "no signal")
         if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < t.steps:
             run_eval(done)
         if (cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0) or done == t.steps:
             save_state(run_dir, done, cfg, policy, optimizer, eval_ema, d, {
-                "evals": evals, "history": logger.history if logger else None, "before_images": before_images,
+                "evals": evals, "history": metrics_logger.history if metrics_logger else None,
+                "before_images": before_images,
                 "train_seconds": train_seconds + step_s})
         return step_s
 
@@ -274,12 +283,12 @@ def _train(cfg: Config, d: Dist, resume: str | None, log) -> Path:
                "total_seconds_this_process": time.perf_counter() - t_start, **task.info}
     if after_ema is not None:
         summary["eval_after_ema"] = after_ema
-    report.plot_curves(logger.history, evals, run_dir / "curves.png")
+    report.plot_curves(metrics_logger.history, evals, run_dir / "curves.png")
     report.plot_grid(before_images, after_images, task.eval_prompts, run_dir / "samples_before_after.png")
     dump_config(cfg, run_dir / "config.yaml")
-    logger.flush_evals()
-    logger.log_images({"curves": run_dir / "curves.png", "samples_before_after": run_dir / "samples_before_after.png"},
-                      t.steps)
-    logger.close()
+    metrics_logger.flush_evals()
+    metrics_logger.log_images({"curves": run_dir / "curves.png",
+                               "samples_before_after": run_dir / "samples_before_after.png"}, t.steps)
+    metrics_logger.close()
     report.write_summary(run_dir / "summary.json", summary)
     return run_dir / "summary.json"

@@ -8,11 +8,14 @@ is kept in <run>/wandb_id.txt.
 """
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from pathlib import Path
 
 from awm_fast.config import Config
+
+logger = logging.getLogger(__name__)
 
 
 class WandbRun:
@@ -34,7 +37,7 @@ class WandbRun:
         self.run.finish()
 
 
-def open_wandb(cfg: Config, run_dir: Path, log=print) -> WandbRun:
+def open_wandb(cfg: Config, run_dir: Path) -> WandbRun:
     """A wandb run for this training run (resumed when <run>/wandb_id.txt exists)."""
     try:
         import wandb
@@ -49,5 +52,6 @@ def open_wandb(cfg: Config, run_dir: Path, log=print) -> WandbRun:
     mode = os.environ.get("WANDB_MODE") or r.wandb_mode
     run = wandb.init(project=r.wandb_project, name=r.wandb_name or run_dir.name, mode=mode,
                      dir=os.environ.get("WANDB_DIR") or str(run_dir), id=run_id, resume="allow", config=cfg.to_dict())
-    log(f"[wandb] {mode} run {run_id} (project {r.wandb_project})" + (f", files in {run.dir}" if mode != "disabled" else ""))
+    logger.info(f"[wandb] {mode} run {run_id} (project {r.wandb_project})"
+                + (f", files in {run.dir}" if mode != "disabled" else ""))
     return WandbRun(run)

@@ -1,4 +1,6 @@
 """Attention backends agree with sdpa_math; our SD3 processor equals diffusers' on the whole transformer."""
+import logging
+
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
@@ -39,10 +41,11 @@ def test_processor_matches_diffusers_default(gen):
             torch.testing.assert_close(model(**kw)[0], expected, **tol(torch.float32))
 
 
-def test_auto_and_fallback_say_so_in_one_line():
-    lines = []
-    assert resolve_attention_backend("auto", torch.device("cpu"), torch.float32, log=lines.append) == "sdpa_flash"
-    assert resolve_attention_backend("flash2", torch.device("cpu"), torch.float32, log=lines.append) == "sdpa_flash"
+def test_auto_and_fallback_say_so_in_one_line(caplog):
+    caplog.set_level(logging.INFO, logger="awm_fast")
+    assert resolve_attention_backend("auto", torch.device("cpu"), torch.float32) == "sdpa_flash"
+    assert resolve_attention_backend("flash2", torch.device("cpu"), torch.float32) == "sdpa_flash"
+    lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and "flash2 is not available" in lines[1] and all("\n" not in x for x in lines)
     with pytest.raises(ValueError, match="model.attention_backend='flash9'"):
         resolve_attention_backend("flash9", torch.device("cpu"), torch.float32)

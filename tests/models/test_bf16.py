@@ -53,8 +53,8 @@ def _policies(tmp_path, monkeypatch, kind, path, *extra):
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
     dev = torch.device("cpu")
     cfg = _cfg(tmp_path, kind, path, "float32", *extra)
-    p32 = load_policy(cfg, dev, prompts=PROMPTS, log=lambda *_: None)
-    p16 = load_policy(_cfg(tmp_path, kind, path, "bfloat16", *extra), dev, prompts=PROMPTS, log=lambda *_: None)
+    p32 = load_policy(cfg, dev, prompts=PROMPTS)
+    p16 = load_policy(_cfg(tmp_path, kind, path, "bfloat16", *extra), dev, prompts=PROMPTS)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         if p32.models is None:

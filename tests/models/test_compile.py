@@ -102,7 +102,7 @@ def test_trainer_steps_rollout_and_eval_never_recompile(tmp_path):
                                   "sample.group_size=4", "sample.batch_size=4", "train.micro_batch=2",
                                   "model.compile=true", "model.compile_backend=eager", "train.eval_ema=false"])
 
-    train(cfg("warm", 1, 0), log=lambda *_: None)
+    train(cfg("warm", 1, 0))
     with torch.compiler.set_stance("fail_on_recompile"):
-        summary = json.loads(train(cfg("steady", 2, 1), log=lambda *_: None).read_text())
+        summary = json.loads(train(cfg("steady", 2, 1)).read_text())
     assert summary["steps"] == 2

@@ -47,7 +47,7 @@ def trained(tmp_path_factory, tiny_flux2):
         mp.setenv("AWM_FAST_CACHE", str(tmp / "cache"))
         cfg = _cfg(tmp, tiny_flux2, "train.lr=0.05", "train.shared_batch=true", "model.compile=true",
                    "model.compile_backend=eager", "train.gradient_checkpointing=true")
-        summary = json.loads(train(cfg, log=lambda *_: None).read_text())
+        summary = json.loads(train(cfg).read_text())
     return tmp, summary
 
 
@@ -58,7 +58,7 @@ def base_policy(tmp_path_factory, tiny_flux2):
     tmp = tmp_path_factory.mktemp("flux2_policy")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWM_FAST_CACHE", str(tmp / "cache"))
-        return load_policy(_cfg(tmp, tiny_flux2), torch.device("cpu"), prompts=PROMPTS, log=lambda *_: None)
+        return load_policy(_cfg(tmp, tiny_flux2), torch.device("cpu"), prompts=PROMPTS)
 
 
 @pytest.mark.slow
@@ -76,7 +76,7 @@ def test_lora_loads_into_flux2_pipeline_and_reproduces_the_policy(trained, tiny_
 
     tmp, _ = trained
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp / "cache"))
-    policy = load_policy(_cfg(tmp, tiny_flux2), torch.device("cpu"), prompts=PROMPTS, log=lambda *_: None)
+    policy = load_policy(_cfg(tmp, tiny_flux2), torch.device("cpu"), prompts=PROMPTS)
     load_checkpoint(resolve_checkpoint(tmp / "flux2"), policy.transformer)
     x, t = torch.randn(2, *policy.latent_shape, generator=gen), torch.rand(2, generator=gen)
     cond = policy.encode(PROMPTS[:2])
@@ -214,7 +214,7 @@ def test_distilled_model_refuses_cfg(tmp_path, tiny_flux2, monkeypatch):
 
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="step-distilled") as info:
-        load_policy(_cfg(tmp_path, tiny_flux2, "sample.guidance_scale=4.0"), torch.device("cpu"), log=lambda *_: None)
+        load_policy(_cfg(tmp_path, tiny_flux2, "sample.guidance_scale=4.0"), torch.device("cpu"))
     assert "\n" not in str(info.value)
 
 
@@ -227,8 +227,7 @@ def test_base_model_cfg_rollout_equals_the_pipelines(tmp_path, monkeypatch, gen)
 
     path = build_tiny_flux2(tmp_path / "base", seed=1, is_distilled=False)
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
-    policy = load_policy(_cfg(tmp_path, path, "sample.guidance_scale=4.0"), torch.device("cpu"), prompts=PROMPTS,
-                         log=lambda *_: None)
+    policy = load_policy(_cfg(tmp_path, path, "sample.guidance_scale=4.0"), torch.device("cpu"), prompts=PROMPTS)
     cond, null = policy.encode(PROMPTS[1:]), policy.encode([""])
     velocity = GuidedVelocity(policy, cond, 4.0, null)
     x = torch.randn(2, *policy.latent_shape, generator=gen)

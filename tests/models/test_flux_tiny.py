@@ -35,7 +35,7 @@ def test_trainer_runs_on_tiny_flux_and_exports_loadable_lora(tmp_path, tiny_flux
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
     cfg = _cfg(tmp_path, tiny_flux, "train.lr=0.05", "train.shared_batch=true", "model.compile=true",
                "model.compile_backend=eager")  # dynamo capture of every block; the SD3 test runs aot_eager
-    summary = json.loads(train(cfg, log=lambda *_: None).read_text())
+    summary = json.loads(train(cfg).read_text())
     assert summary["steps"] == 2 and "jpeg_kb" in summary["eval_after"]
     rows = [json.loads(x) for x in (tmp_path / "flux" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["skipped"] == 0 for r in rows)

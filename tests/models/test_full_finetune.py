@@ -17,7 +17,7 @@ def policy():
     torch.manual_seed(0)
     base = SD3Transformer2DModel(**tiny_transformer_config()).requires_grad_(False)
     cfg = load_config(None, ["train.finetune=full", "train.eval_ema=false"])
-    p = make_full_models(FlowPolicy(base, None, None, (1, 8, 8), torch.device("cpu")), cfg, log=lambda *_: None)
+    p = make_full_models(FlowPolicy(base, None, None, (1, 8, 8), torch.device("cpu")), cfg)
     with torch.no_grad():
         for w in p.models[POLICY].parameters():
             w.add_(0.05 * torch.randn_like(w))

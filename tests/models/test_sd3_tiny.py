@@ -27,7 +27,7 @@ def test_trainer_runs_on_tiny_sd3_and_exports_loadable_lora(tmp_path, tiny_sd3, 
     cfg = _cfg(tmp_path, tiny_sd3, "train.lr=0.05", "train.shared_batch=true", "model.attention_backend=sdpa_flash",
                "model.compile=true", "model.compile_backend=aot_eager",
                "reward.num_workers=1")
-    summary = json.loads(train(cfg, log=lambda *_: None).read_text())
+    summary = json.loads(train(cfg).read_text())
     assert set(summary["eval_before"]) >= {"reward", "jpeg_kb"} and summary["steps"] == 2
     rows = [json.loads(x) for x in (tmp_path / "sd3" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["skipped"] == 0 for r in rows)

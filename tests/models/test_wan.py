@@ -46,7 +46,7 @@ def trained(tmp_path_factory, tiny_wan):
         cfg = _cfg(tmp, tiny_wan, "train.lr=0.05", "train.shared_batch=true", "model.compile=true",
                    "model.compile_backend=eager", "train.gradient_checkpointing=true", "sample.guidance_scale=5.0",
                    "sample.eval_guidance_scale=5.0", "train.eval_ema=false", "sample.eval_num_steps=2")
-        summary = json.loads(train(cfg, log=lambda *_: None).read_text())
+        summary = json.loads(train(cfg).read_text())
     return tmp, summary
 
 

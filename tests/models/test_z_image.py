@@ -41,7 +41,7 @@ def trained(tmp_path_factory, tiny_z):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWM_FAST_CACHE", str(tmp / "cache"))
         cfg = _cfg(tmp, tiny_z, "train.lr=0.05", "train.shared_batch=true", "train.gradient_checkpointing=true")
-        summary = json.loads(train(cfg, log=lambda *_: None).read_text())
+        summary = json.loads(train(cfg).read_text())
     return tmp, summary
 
 

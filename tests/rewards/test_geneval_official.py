@@ -25,7 +25,7 @@ def test_only_strict_in_training_not_in_evaluation():
     server = Server()
     try:
         geneval = GenEvalReward(url=server.url, timeout=10)
-        wrapped = RetryingReward(CombinedReward([geneval]), retries=0, wait_s=0.0, log=lambda *_: None)
+        wrapped = RetryingReward(CombinedReward([geneval]), retries=0, wait_s=0.0)
         images, prompts, meta, _ = batch(2)
         wrapped(images, prompts, meta)
         with evaluation_mode(wrapped):

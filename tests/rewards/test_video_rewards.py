@@ -75,7 +75,7 @@ def test_clip_reward_gets_the_whole_video_also_wrapped(videos):
     motion = Motion()
     want = (videos[:, 1:] - videos[:, :-1]).abs().mean((1, 2, 3, 4))
     torch.testing.assert_close(score_batch(motion, videos, ["a"] * 3, [{}] * 3)["reward"], want)
-    retrying = RetryingReward(motion, retries=0, log=lambda *_: None)
+    retrying = RetryingReward(motion, retries=0)
     assert takes_video(retrying) and not takes_video(Brightness())
     torch.testing.assert_close(score_batch(retrying, videos, ["a"] * 3, [{}] * 3)["reward"], want)
 

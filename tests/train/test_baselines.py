@@ -20,7 +20,7 @@ GRPO_SDE = ["sample.sampler=euler_maruyama", "sample.noise_level=0.7"]  # Flow-G
 def _run(tmp_path, name, *extra):
     cfg = load_config(None, SMALL + [f"run.output_dir={tmp_path}", f"run.name={name}", *extra])
     torch.manual_seed(0)
-    summary = json.loads(train(cfg, log=lambda *_: None).read_text())
+    summary = json.loads(train(cfg).read_text())
     rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return summary, rows
 
@@ -64,7 +64,7 @@ def test_flow_grpo_step_raises_the_advantage_weighted_log_prob(tmp_path):
     cfg = load_config(None, SMALL + [f"run.output_dir={tmp_path}", "train.algorithm=flow_grpo", *GRPO_SDE, "flow_grpo.beta=0",
                                      "flow_grpo.optimizer_steps=1"])
     torch.manual_seed(0)
-    task = build_task(cfg, torch.device("cpu"), log=lambda *_: None)
+    task = build_task(cfg, torch.device("cpu"))
     algo, grid = get_algorithm(cfg), time_grid(cfg.sample.num_steps, cfg.sample.shift)
     with AsyncRewardScorer(task.reward) as scorer:
         roll = rollout_and_score(task, cfg, grid, cfg.train.seed, algo, scorer)
@@ -104,7 +104,7 @@ def test_nft_moves_the_old_adapter_with_its_own_decay(tmp_path):
     cfg = load_config(None, SMALL + [f"run.output_dir={tmp_path}", "train.algorithm=nft"])
     assert get_algorithm(cfg).adapter_decay() == (0.001, 0.5)
     assert get_algorithm(load_config(None, SMALL)).adapter_decay() == (0.001, 0.3)
-    task = build_task(cfg, torch.device("cpu"), log=lambda *_: None)
+    task = build_task(cfg, torch.device("cpu"))
     old = {k: p.detach().clone() for k, p in adapter_params(task.policy.transformer, EMA).items()}
     policy = adapter_params(task.policy.transformer, POLICY)
     for k in old:

@@ -102,7 +102,7 @@ def lora_transformer():
     from awm_fast.train.task import build_task
 
     cfg = load_config(None, ["run.device=cpu", "digits.eval_per_digit=1"])
-    return build_task(cfg, torch.device("cpu"), log=lambda *_: None).policy.transformer
+    return build_task(cfg, torch.device("cpu")).policy.transformer
 
 
 def test_loading_a_bad_checkpoint_names_what_is_missing(tmp_path, lora_transformer):

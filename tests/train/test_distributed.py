@@ -113,7 +113,7 @@ def runs(tmp_path_factory):
     from awm_fast.config import DigitsConfig
     from awm_fast.tasks.digits import prepare_digits
 
-    prepare_digits(DigitsConfig(), log=lambda *_: None)  # the shared cache, before any short collective timeout
+    prepare_digits(DigitsConfig())  # the shared cache, before any short collective timeout
     out = tmp_path_factory.mktemp("dist")
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     try:

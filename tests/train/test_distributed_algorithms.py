@@ -53,7 +53,7 @@ def runs(tmp_path_factory):
     from awm_fast.config import DigitsConfig
     from awm_fast.tasks.digits import prepare_digits
 
-    prepare_digits(DigitsConfig(), log=lambda *_: None)
+    prepare_digits(DigitsConfig())
     out = tmp_path_factory.mktemp("dist_algos")
     threads = torch.get_num_threads()  # the in-process runs set run.threads=1
     try:

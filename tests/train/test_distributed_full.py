@@ -29,7 +29,7 @@ def full_runs(tmp_path_factory):
     from awm_fast.config import DigitsConfig
     from awm_fast.tasks.digits import prepare_digits
 
-    prepare_digits(DigitsConfig(), log=lambda *_: None)
+    prepare_digits(DigitsConfig())
     out = tmp_path_factory.mktemp("full")
     try:
         one = _launch(out, "one", None, *FULL, env={"AWM_FAST_GRAD_DUMP": str(out / "grads_one")})

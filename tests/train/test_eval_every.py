@@ -2,6 +2,7 @@
 checkpoint reproduces exactly), none repeated at the last step; and a reward failing once in a rollout is retried
 with the config's reward.retries / reward.retry_wait_s, the run going on."""
 import json
+import logging
 import types
 
 import pytest
@@ -15,7 +16,7 @@ from tests.train.test_faults import TINY
 
 
 @pytest.mark.slow  # 14-30 s on 2 shared cores (3 evaluations, 2 checkpoints, the end-of-run plots)
-def test_eval_every_evaluates_each_steps_weights_and_a_flaky_reward_is_retried(tmp_path, monkeypatch):
+def test_eval_every_evaluates_each_steps_weights_and_a_flaky_reward_is_retried(tmp_path, monkeypatch, caplog):
     from awm_fast.rewards.digits import DigitsReward
 
     real, calls, waited = DigitsReward.__call__, [], []
@@ -29,10 +30,11 @@ def test_eval_every_evaluates_each_steps_weights_and_a_flaky_reward_is_retried(t
 
     monkeypatch.setattr(DigitsReward, "__call__", once_down)
     monkeypatch.setattr(faults, "time", types.SimpleNamespace(sleep=waited.append))
-    logs = []
+    caplog.set_level(logging.INFO, logger="awm_fast")
     cfg = load_config(None, TINY + [f"run.output_dir={tmp_path}", "run.name=r", "train.steps=2", "run.eval_every=1",
                                     "run.checkpoint_every=1", "run.keep_checkpoints=3", "reward.retries=1", "reward.retry_wait_s=0.25"])
-    summary = json.loads(train(cfg, log=logs.append).read_text())
+    summary = json.loads(train(cfg).read_text())
+    logs = [r.getMessage() for r in caplog.records]
     # evaluations at 0, 1, 2 (raw, ema); rollouts of steps 1 and 2 (failed once, then again)
     assert calls == [10, 8, 10, 8, "failed", 8, 10, 10] and waited == [0.25]
     assert "[warn] reward 'digits' failed (ConnectionError: reward server went away); retry 1/1 in 0.25 s" in logs

@@ -1,5 +1,7 @@
 """Faults stop with one clear line: flaky rewards are retried then stop, repeated non-finite steps stop,
 out-of-memory names the memory knobs; the step plan every rank draws is the same."""
+import logging
+
 import pytest
 import torch
 
@@ -26,28 +28,32 @@ class Flaky:
         return {"reward": torch.zeros(len(prompts))}
 
 
-def test_a_flaky_reward_is_retried_then_stops_with_its_name():
-    logs = []
-    ok = RetryingReward(Flaky(2), retries=2, wait_s=0.0, log=logs.append)
-    assert ok(None, ["a"], [{}])["reward"].shape == (1,) and ok.reward.calls == 3 and len(logs) == 2
+def test_a_flaky_reward_is_retried_then_stops_with_its_name(caplog):
+    caplog.set_level(logging.INFO, logger="awm_fast")
+    ok = RetryingReward(Flaky(2), retries=2, wait_s=0.0)
+    assert ok(None, ["a"], [{}])["reward"].shape == (1,) and ok.reward.calls == 3 and len(caplog.records) == 2
     assert ok.name == "flaky"
     with pytest.raises(RewardFailed, match=r"reward 'flaky' failed 3 times in a row, last error ConnectionError: server"):
-        RetryingReward(Flaky(3), retries=2, wait_s=0.0, log=logs.append)(None, ["a"], [{}])
+        RetryingReward(Flaky(3), retries=2, wait_s=0.0)(None, ["a"], [{}])
     bad_input = Flaky(5, ValueError("images must be RGB"))
     with pytest.raises(ValueError, match="RGB"):  # a bug or bad input: not retried
         RetryingReward(bad_input, retries=2, wait_s=0.0)(None, ["a"], [{}])
     assert bad_input.calls == 1
 
 
-def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
+def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, caplog):
     import awm_fast.algorithms.update_loop as parts
 
-    guard, logs = NonFiniteGuard(2), []
-    guard.update(1, True, logs.append)
-    guard.update(2, False, logs.append)  # a good step resets the count
-    guard.update(3, True, logs.append)
+    caplog.set_level(logging.INFO, logger="awm_fast")
+    guard = NonFiniteGuard(2)
+    guard.update(1, True)
+    guard.update(2, False)  # a good step resets the count
+    guard.update(3, True)
     with pytest.raises(NonFiniteSteps, match=r"2 steps in a row \(up to step 4\).*train.max_nonfinite_steps=2"):
-        guard.update(4, True, logs.append)
+        guard.update(4, True)
+    assert [(r.levelno, r.getMessage()[:15]) for r in caplog.records] == [(logging.WARNING, "[warn] step 1: "),
+                                                                          (logging.WARNING, "[warn] step 3: "),
+                                                                          (logging.WARNING, "[warn] step 4: ")]
 
     seen = {}
     real_clip = torch.nn.utils.clip_grad_norm_
@@ -61,7 +67,7 @@ def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
     cfg = load_config(None, TINY + [f"run.output_dir={tmp_path}", "run.name=nan", "train.steps=5",
                                     "train.max_nonfinite_steps=2"])
     with pytest.raises(NonFiniteSteps, match="up to step 2"):
-        train(cfg, log=lambda *_: None)
+        train(cfg)
     assert len((tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()) == 2
     assert all(p.grad is None for p in seen["params"])
 

@@ -75,7 +75,7 @@ def test_the_python_api_refuses_a_non_resumable_change_too(tmp_path):
     saved, run = _fake_run(tmp_path)
     saved.train.micro_batch = 8
     with pytest.raises(ResumeError, match="train.micro_batch"):
-        train(saved, resume=str(run), log=lambda *_: None)
+        train(saved, resume=str(run))
 
 
 def _rows(run):

@@ -45,10 +45,10 @@ def test_short_run_raises_reward(tmp_path, capsys):
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     cfg = _cfg(tmp_path, "run.name=full", "train.steps=6", "run.checkpoint_every=3", "run.keep_checkpoints=3",
                "sample.prompts_per_step=4", "sample.batch_size=32", "train.micro_batch=16")
-    full = json.loads(train(cfg, log=lambda *_: None).read_text())
+    full = json.loads(train(cfg).read_text())
     shutil.copytree(tmp_path / "full", tmp_path / "cut")
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_000006")
-    resumed = json.loads(train(cfg, resume=str(tmp_path / "cut"), log=lambda *_: None).read_text())
+    resumed = json.loads(train(cfg, resume=str(tmp_path / "cut")).read_text())
     rows = lambda name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     a, b = rows("full"), rows("cut")
     assert len(a) == len(b) == 6
@@ -71,7 +71,7 @@ def test_nan_reward_stops_with_a_clear_message_and_writes_no_checkpoint(tmp_path
     monkeypatch.setattr(DigitsReward, "__call__", broken)
     cfg = _cfg(tmp_path, "run.name=nan", "train.steps=2", "run.checkpoint_every=1")
     with pytest.raises(ValueError, match="reward 'digits' returned 1 non-finite values"):
-        train(cfg, log=lambda *_: None)
+        train(cfg)
     assert not (tmp_path / "nan" / "checkpoints").exists()
 
 
@@ -82,7 +82,7 @@ def test_non_finite_loss_never_reaches_the_weights(tmp_path):
     from tests.algorithms.updates import update_on
 
     cfg = _cfg(tmp_path)
-    task = build_task(cfg, torch.device("cpu"), log=lambda *_: None)
+    task = build_task(cfg, torch.device("cpu"))
     params = list(adapter_params(task.policy.transformer, POLICY).values())
     before = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-2)
@@ -107,14 +107,14 @@ def test_trainer_runs_on_the_fused_triton_ops(tmp_path, monkeypatch):
                "sample.batch_size=16", "train.micro_batch=8", "sample.num_steps=6", "train.num_timesteps=2",
                "sample.eval_num_steps=4",
                "digits.eval_per_digit=2")
-    summary = json.loads(train(cfg, log=lambda *_: None).read_text())
+    summary = json.loads(train(cfg).read_text())
     rows = [json.loads(x) for x in (tmp_path / "fused" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["skipped"] == 0 and r["grad_norm"] > 0 for r in rows)
     assert 0 <= summary["eval_after"]["accuracy"] <= 1
     # the same run on the torch ops: the same losses and gradients (fused kernels = the reference formulas)
     monkeypatch.setenv("AWM_FAST_BACKEND", "torch")
     cfg.run.name = "torch_ops"
-    train(cfg, log=lambda *_: None)
+    train(cfg)
     ref = [json.loads(x) for x in (tmp_path / "torch_ops" / "metrics.jsonl").read_text().splitlines()]
     for key in ("loss", "kl", "kl_ema", "grad_norm"):
         torch.testing.assert_close(torch.tensor([r[key] for r in rows]), torch.tensor([r[key] for r in ref]),
@@ -128,9 +128,9 @@ def test_two_rewards_with_weights_end_to_end(tmp_path):
                "reward.options={jpeg_compressibility: {quality: 101}}", "sample.prompts_per_step=2",
                "sample.batch_size=16", "train.micro_batch=8", "digits.eval_per_digit=2")
     with pytest.raises(ValueError, match="quality=101"):  # options from the config reach the reward
-        train(cfg, log=lambda *_: None)
+        train(cfg)
     cfg.reward.options = {"jpeg_compressibility": {"quality": 90}}
-    summary = json.loads(train(cfg, log=lambda *_: None).read_text())
+    summary = json.loads(train(cfg).read_text())
     after = summary["eval_after"]
     assert {"digits", "jpeg_compressibility", "accuracy"} <= set(after)
     assert after["reward"] == pytest.approx(after["digits"] + 0.05 * after["jpeg_compressibility"], rel=1e-6)
