@@ -128,10 +128,10 @@ def build_tiny(path):
     return build_tiny_qwen_image(path)
 
 
-def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str], log=None) -> FlowPolicy:
+def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str]) -> FlowPolicy:
     """All `prompts` (and "") are encoded first (the text encoder moved to the device only if some prompt is not
     cached), the text encoder released, then the transformer moved and adapted: the 7B text encoder and the 20B
-    transformer are never on the device together. (`log` is unused: messages go through the shared helpers.)"""
+    transformer are never on the device together."""
     if cfg.model.text_tokens > MAX_TEXT_TOKENS:
         raise ValueError(f"model.text_tokens={cfg.model.text_tokens}: QwenImagePipeline keeps at most "
                          f"{MAX_TEXT_TOKENS} prompt tokens")
