@@ -85,6 +85,20 @@ def qwen_attention_backend(name: str, device: torch.device, dtype: torch.dtype) 
     return resolve_attention_backend(name, device, dtype, skip=AUTO_SKIP)
 
 
+def freeze_discarded_lora(transformer) -> list[str]:
+    """The LoRA weights of the last block's text-stream output (attn.to_add_out, txt_mlp) set to not require grad:
+    the transformer computes that output and discards it, so they would never get a gradient, and DDP (without
+    find_unused_parameters) stops when a trainable parameter gets none. They stay in the adapter with B = 0 (a zero
+    delta, saved and loaded as the rest). Returns their names."""
+    last = len(transformer.transformer_blocks) - 1
+    prefixes = (f"transformer_blocks.{last}.attn.to_add_out.", f"transformer_blocks.{last}.txt_mlp.")
+    frozen = [n for n, p in transformer.named_parameters()
+              if "lora_" in n and n.startswith(prefixes) and p.requires_grad]
+    for name in frozen:
+        transformer.get_parameter(name).requires_grad_(False)
+    return frozen
+
+
 def padded_encoder(cache: dict[str, Conditioning], device: torch.device, multiple: int = TEXT_PAD):
     """encode(prompts) -> Conditioning with the token mask, its length padded to a multiple of `multiple`."""
     encode = make_encoder(cache, torch.device("cpu"))
@@ -160,6 +174,8 @@ def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts:
     backend = qwen_attention_backend(cfg.model.attention_backend, device, dtype)
     transformer = freeze_and_adapt(pipe.transformer, cfg, device, dtype,
                                    attention=lambda m: set_qwen_attention(m, backend))
+    if cfg.train.finetune == "lora":
+        freeze_discarded_lora(transformer)
     return FlowPolicy(transformer, padded_encoder(cache, device), make_qwen_decoder(pipe.vae.to(device)),
                       (transformer.config.in_channels // 4, side, side), device, dtype, call=qwen_image_call,
                       sigmas=pipeline_sigmas(pipe.scheduler, cfg, image_seq_len=(side // 2) ** 2))

@@ -129,6 +129,19 @@ def test_padding_the_text_changes_nothing(policy, gen):
         torch.testing.assert_close(policy.velocity(x, t, cond), policy.velocity(x, t, short), atol=1e-6, rtol=1e-6)
 
 
+def test_every_trainable_lora_weight_gets_a_gradient(policy, gen):
+    """What DDP needs: the last block's discarded text-output LoRA (to_add_out's A and B) is not trainable."""
+    params = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
+    assert params and all("lora_" in n and ".default." in n for n in params)
+    frozen = [n for n, p in policy.transformer.named_parameters() if ".default." in n and not p.requires_grad]
+    assert frozen == [f"transformer_blocks.1.attn.to_add_out.lora_{m}.default.weight" for m in "AB"]
+    x, t = torch.randn(3, *policy.latent_shape, generator=gen), torch.rand(3, generator=gen)
+    policy.velocity(x, t, policy.encode(PROMPTS)).square().sum().backward()
+    assert all(p.grad is not None for p in params.values())
+    for p in params.values():
+        p.grad = None
+
+
 def test_trainer_runs_on_tiny_qwen_image_and_exports_loadable_lora(tmp_path, tiny_qwen, monkeypatch):
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
     cfg = _cfg(tmp_path, tiny_qwen, "train.lr=0.05", "train.shared_batch=true", "train.gradient_checkpointing=true")
