@@ -15,8 +15,10 @@ tests/models/test_<family>.py; SD3 / FLUX.1: benchmarks/_models.py) at the prese
                                          the model, benchmarks/_phases.py)
     MFU      = (rollout + training) x samples/s / peak FLOP/s
 
-The VAE decode and the reward are not counted. Text length: the preset's model.text_tokens (SD3: 77 CLIP + T5);
-for Qwen-Image and Z-Image, whose prompts keep their own length (token masks), that is an upper bound.
+The VAE decode and the reward are not counted. Text length: the preset's model.text_tokens (SD3: 77 CLIP + T5),
+which every padded family computes; Qwen-Image and Z-Image keep each prompt at its own length (token masks, padded
+to a multiple of 32), so they are counted at a short GenEval prompt's length after their chat templates
+(MASKED_TEXT_LEN: 32 and 64 tokens, an estimate; model.text_tokens is only their cap).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from benchmarks import _models  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 / H200 SXM, dense bf16 tensor cores
+MASKED_TEXT_LEN = {"qwen_image": 32, "z_image": 64}  # typical padded prompt tokens of the masked families
 
 
 def latent_shape(cfg: Config) -> tuple[int, ...]:
@@ -76,19 +79,26 @@ def transformer_parameters(kind: str, class_name: str, config_json: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def text_len(cfg: Config) -> int:
+    """Text tokens per sample the transformer sees (module docstring)."""
+    if cfg.model.kind == "sd3":
+        return 77 + cfg.model.text_tokens
+    return min(MASKED_TEXT_LEN.get(cfg.model.kind, cfg.model.text_tokens), cfg.model.text_tokens)
+
+
 def forward_flops(cfg: Config) -> tuple[int, int]:
     """(forward FLOPs per sample, transformer parameters) of a preset's reference architecture."""
     kind, shape = cfg.model.kind, latent_shape(cfg)
     if kind in ("sd3", "flux"):
         config = reference_config(cfg)
-        text = 77 + cfg.model.text_tokens if kind == "sd3" else cfg.model.text_tokens
+        text = text_len(cfg)
         fn = _models.mmdit_forward_flops if kind == "sd3" else _models.flux_forward_flops
         name = "SD3Transformer2DModel" if kind == "sd3" else "FluxTransformer2DModel"
         return fn(config, shape[1:], text), transformer_parameters(kind, name, json.dumps(config))
     family = pipeline_family(kind)
     config = family.REFERENCE_CONFIG
     params = transformer_parameters(kind, family.TRANSFORMER_CLASS, json.dumps(config))
-    return family.forward_flops(config, shape, cfg.model.text_tokens), params
+    return family.forward_flops(config, shape, text_len(cfg)), params
 
 
 def sample_flops(cfg: Config) -> dict:
@@ -99,7 +109,7 @@ def sample_flops(cfg: Config) -> dict:
     calls = 1 + (t.beta > 0) + (effective_ema_beta(t) > 0)
     rollout, training = s.num_steps * cfg_factor * f, t.num_timesteps * (calls * f + 2 * f)
     return {"kind": cfg.model.kind, "model": cfg.model.path, "params_b": params / 1e9,
-            "latent_shape": list(latent_shape(cfg)), "text_len": cfg.model.text_tokens, "forward_tflop": f / 1e12,
+            "latent_shape": list(latent_shape(cfg)), "text_len": text_len(cfg), "forward_tflop": f / 1e12,
             "rollout_steps": s.num_steps, "cfg": cfg_factor == 2, "train_timesteps": t.num_timesteps,
             "forward_calls_per_row": calls, "rollout_tflop": rollout / 1e12, "train_tflop": training / 1e12,
             "total_tflop": (rollout + training) / 1e12}
