@@ -134,10 +134,17 @@ def rng_state(device: torch.device) -> dict:
 
 def train(cfg: Config, *, resume: str | None = None) -> Path:
     """Run the loop (on every rank of a torchrun launch); returns the path of the run's summary.json. Its lines
-    go to the "awm_fast" logger (awm_fast/logs.py), info lines from rank 0 only."""
+    go to the "awm_fast" logger (awm_fast/logs.py), info lines from rank 0 only. run.threads applies to the
+    run only: the process's torch thread count is put back afterwards."""
     d = init_distributed(cfg.run.device, cfg.run.dist_backend, cfg.run.dist_timeout_s)
-    with only_main(d.is_main):
-        path = _train(cfg, d, resume)
+    threads = torch.get_num_threads()
+    try:
+        with only_main(d.is_main):
+            if cfg.run.threads:
+                torch.set_num_threads(cfg.run.threads)
+            path = _train(cfg, d, resume)
+    finally:
+        torch.set_num_threads(threads)
     if d.enabled:
         d.barrier("waiting for rank 0 to write the summary")
         shutdown()
@@ -176,8 +183,6 @@ def save_state(run_dir: Path, step: int, cfg: Config, policy, optimizer, eval_em
 
 
 def _train(cfg: Config, d: Dist, resume: str | None) -> Path:
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
     t, s = cfg.train, cfg.sample
     images_per_step = s.prompts_per_step * s.group_size
     if images_per_step % (d.world * s.batch_size):

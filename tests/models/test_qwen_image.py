@@ -13,10 +13,10 @@ from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
 from awm_fast.models.policy import Conditioning, FlowPolicy, GuidedVelocity
 from awm_fast.models.qwen_image import (forward_flops, load_pipeline, qwen_image_call, set_qwen_attention,
                                         training_memory_estimate)
-from awm_fast.models.shared_batch import separate_velocities, shared_velocities
 from awm_fast.models.tiny_qwen_image import build_tiny_qwen_image
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
+from tests.models.shared_batch_check import assert_same_both_ways, both_ways
 from tests.models.tiny_configs import tiny_model_config
 from tests.tolerances import tol
 
@@ -186,24 +186,11 @@ def test_shared_batch_equals_three_calls(lora_policy, gen):
     mask = torch.ones(3, 6, dtype=torch.bool)
     mask[0, 3:], mask[2, 5:] = False, False
     cond = Conditioning(torch.randn(3, 6, 32, generator=gen), torch.zeros(3, 0), mask)
-    weight = torch.randn(x.shape, generator=gen)
-    params = list(adapter_params(lora_policy.transformer, POLICY).values())
-    results = []
-    for fn in (separate_velocities, shared_velocities):
-        for p in params:
-            p.grad = None
-        v, v_ref, v_ema = fn(lora_policy, x, t, cond, True, True)
-        (v * weight).sum().backward()
-        # the last block's text-stream output is discarded: its to_add_out LoRA gets no gradient
-        results.append((v.detach(), v_ref, v_ema, [None if p.grad is None else p.grad.clone() for p in params]))
-    for a, b in zip(results[0][:3], results[1][:3]):
-        torch.testing.assert_close(b, a, **tol(torch.float32))
+    # the last block's text-stream output is discarded: its to_add_out LoRA gets no gradient
+    results = both_ways(lora_policy, x, t, cond, torch.randn(x.shape, generator=gen))
+    assert_same_both_ways(results)
     assert not torch.allclose(results[0][0], results[0][1], atol=1e-4)  # the LoRA delta is visible
     assert sum(g is None for g in results[0][3]) == 2  # lora_A and lora_B of the last block's to_add_out
-    for g1, g2 in zip(results[0][3], results[1][3]):
-        assert (g1 is None) == (g2 is None)
-        if g1 is not None:
-            torch.testing.assert_close(g2, g1, **tol(torch.float32))
 
 
 def test_compiled_blocks_equal_eager_with_the_token_mask(lora_policy, gen):

@@ -10,13 +10,13 @@ import torch
 from awm_fast.algo.timesteps import shift_time
 from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
 from awm_fast.models.policy import FlowPolicy, GuidedVelocity
-from awm_fast.models.shared_batch import separate_velocities, shared_velocities
 from awm_fast.models.tiny_wan import build_tiny_wan, tiny_wan_transformer_config
 from awm_fast.models.wan import (LORA_TARGETS, REFERENCE_CONFIG, check_single_transformer, forward_flops,
                                  keep_fp32_modules, latent_frames, load_pipeline, training_memory, wan_call)
 from awm_fast.ops import awm_loss, sde_step
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
+from tests.models.shared_batch_check import assert_same_both_ways, both_ways
 from tests.models.tiny_configs import tiny_model_config
 from tests.tolerances import tol
 
@@ -218,18 +218,9 @@ def test_shared_batch_equals_three_calls_on_video_latents(gen, checkpointing):
                         call=wan_call)
     x, t = torch.randn(3, 16, 2, 4, 4, generator=gen), torch.rand(3, generator=gen)
     cond = Conditioning(torch.randn(3, 5, 32, generator=gen), torch.zeros(3, 0))
-    params = list(adapter_params(model, POLICY).values())
-    results = []
-    for fn in (separate_velocities, shared_velocities):
-        for p in params:
-            p.grad = None
-        v, v_ref, v_ema = fn(policy, x, t, cond, True, True)
-        v.square().sum().backward()
-        results.append((v.detach(), v_ref, v_ema, [p.grad.clone() for p in params]))
-    for a, b in zip(results[0][:3], results[1][:3]):
-        torch.testing.assert_close(b, a, **tol(torch.float32))
-    for g1, g2 in zip(results[0][3], results[1][3]):
-        torch.testing.assert_close(g2, g1, **tol(torch.float32))
+    results = both_ways(policy, x, t, cond)
+    assert_same_both_ways(results)
+    assert all(g is not None for g in results[0][3])
 
 
 def test_ops_treat_video_latents_as_rows_of_values(gen):

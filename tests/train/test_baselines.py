@@ -20,7 +20,9 @@ GRPO_SDE = ["sample.sampler=euler_maruyama", "sample.noise_level=0.7"]  # Flow-G
 def _run(tmp_path, name, *extra):
     cfg = load_config(None, SMALL + [f"run.output_dir={tmp_path}", f"run.name={name}", *extra])
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     summary = json.loads(train(cfg).read_text())
+    assert torch.get_num_threads() == threads  # run.threads=1 applied to the run only
     rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return summary, rows
 
