@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from awm_fast.commands.common import add_source_arguments, UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
     weight_choices, weights_in
+from awm_fast.models.finetune import PREFIX
 from awm_fast.models.lora import POLICY
-from awm_fast.train.checkpoint import PREFIX
 
 logger = logging.getLogger(__name__)
 

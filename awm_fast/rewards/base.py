@@ -12,7 +12,6 @@ tensor itself).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 

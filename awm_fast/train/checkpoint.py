@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from awm_fast.models.finetune import PREFIX, load_adapters
+from awm_fast.models.finetune import load_adapters
 from awm_fast.models.lora import EMA, POLICY
 from awm_fast.train.faults import run_event
 

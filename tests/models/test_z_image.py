@@ -8,6 +8,7 @@ import torch
 
 from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
 from awm_fast.models.policy import FlowPolicy, GuidedVelocity
+from awm_fast.models.shared_batch import shared_velocities
 from awm_fast.models.tiny_z_image import TINY_TRANSFORMER, build_tiny_z_image
 from awm_fast.models.z_image import (LORA_TARGETS, REFERENCE_CONFIG, caption_list, forward_flops, load_pipeline,
                                      padded_conditioning, set_z_image_attention, training_memory, z_image_call)

@@ -12,7 +12,6 @@ rank's own share into halves gave {0, 2} | {1, 3} on 2 processes against {0, 1} 
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

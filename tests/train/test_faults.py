@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from awm_fast.config import ConfigError, load_config
-from awm_fast.models.lora import POLICY, adapter_params
 from awm_fast.train.faults import NonFiniteGuard, NonFiniteSteps, RetryingReward, RewardFailed
 from awm_fast.train.trainer import plan_step, train
 
