@@ -7,8 +7,9 @@ from diffusers import SD3Transformer2DModel
 from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.routing import enable_checkpointing
-from awm_fast.models.shared_batch import separate_velocities, shared_velocities
+from awm_fast.models.shared_batch import shared_velocities
 from awm_fast.tasks.digits import tiny_transformer_config
+from tests.models.shared_batch_check import assert_same_both_ways, both_ways
 from tests.tolerances import tol
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -34,24 +35,11 @@ def _rows(gen, n=5):
 @pytest.mark.parametrize("need_ref,need_ema", [(True, True), (True, False), (False, True), (False, False)])
 def test_shared_equals_three_calls(policy, gen, need_ref, need_ema):
     x, t, cond = _rows(gen)
-    weight = torch.randn(x.shape, generator=gen)
-    params = list(adapter_params(policy.transformer, POLICY).values())
-    results = []
-    for fn in (separate_velocities, shared_velocities):
-        for p in params:
-            p.grad = None
-        v, v_ref, v_ema = fn(policy, x, t, cond, need_ref, need_ema)
-        (v * weight).sum().backward()
-        results.append((v.detach(), v_ref, v_ema, [p.grad.clone() for p in params]))
-    (a, a_ref, a_ema, a_grads), (b, b_ref, b_ema, b_grads) = results
-    torch.testing.assert_close(b, a, **tol(torch.float32))
-    for x1, x2 in ((a_ref, b_ref), (a_ema, b_ema)):
-        assert (x1 is None) == (x2 is None)
-        if x1 is not None:
-            torch.testing.assert_close(x2, x1, **tol(torch.float32))
-            assert not x2.requires_grad
-    for g1, g2 in zip(a_grads, b_grads):
-        torch.testing.assert_close(g2, g1, **tol(torch.float32))
+    results = both_ways(policy, x, t, cond, torch.randn(x.shape, generator=gen), need_ref, need_ema)
+    assert_same_both_ways(results)
+    (_, a_ref, a_ema, a_grads), (_, b_ref, b_ema, _) = results
+    assert (a_ref is None) != need_ref and (a_ema is None) != need_ema
+    assert all(x is None or not x.requires_grad for x in (b_ref, b_ema)) and all(g is not None for g in a_grads)
     assert all(p.grad is None for p in adapter_params(policy.transformer, EMA).values())
 
 
