@@ -31,3 +31,16 @@ def assert_same_both_ways(results: list[tuple]) -> None:
         assert (x1 is None) == (x2 is None)
         if x1 is not None:
             torch.testing.assert_close(x2, x1, **tol(torch.float32))
+
+
+def compiled_check_outputs(policy, x, t, cond) -> list:
+    """What the compile tests compare between compiled and eager blocks: the shared-batch velocities, the
+    "default" LoRA gradients of a fixed linear loss, and a no-grad (rollout) velocity."""
+    params = list(adapter_params(policy.transformer, POLICY).values())
+    for p in params:
+        p.grad = None
+    v, v_ref, v_ema = shared_velocities(policy, x, t, cond, True, True)
+    (v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum().backward()
+    with torch.no_grad():
+        v_roll = policy.velocity(x, t, cond)
+    return [v.detach(), v_ref, v_ema, v_roll, *[p.grad.clone() for p in params if p.grad is not None]]

@@ -10,9 +10,9 @@ from awm_fast.models.compile import compile_blocks, uncompile_blocks
 from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.routing import enable_checkpointing
-from awm_fast.models.shared_batch import shared_velocities
 from awm_fast.tasks.digits import tiny_transformer_config
 from awm_fast.train.trainer import train
+from tests.models.shared_batch_check import compiled_check_outputs
 from tests.tolerances import tol
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -40,30 +40,18 @@ def _rows(n: int, seed: int):
             Conditioning(torch.randn(n, 2, 32, generator=gen), torch.randn(n, 32, generator=gen)))
 
 
-def _outputs(policy, x, t, cond):
-    """Shared-batch velocities and the policy LoRA gradient of a random loss."""
-    params = list(adapter_params(policy.transformer, POLICY).values())
-    for p in params:
-        p.grad = None
-    v, v_ref, v_ema = shared_velocities(policy, x, t, cond, True, True)
-    (v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum().backward()
-    with torch.no_grad():
-        v_roll = policy.velocity(x, t, cond)
-    return [v.detach(), v_ref, v_ema, v_roll, *[p.grad.clone() for p in params if p.grad is not None]]
-
-
 @pytest.mark.slow
 def test_compiled_blocks_equal_eager_and_do_not_recompile(policy):
     """With activation checkpointing, whose recompute passes the block inputs by position."""
     enable_checkpointing(policy.transformer)
-    eager = _outputs(policy, *_rows(3, 1))
+    eager = compiled_check_outputs(policy, *_rows(3, 1))
     assert compile_blocks(policy.transformer, backend="aot_eager") == len(policy.transformer.transformer_blocks)
-    compiled = _outputs(policy, *_rows(3, 1))  # the warm-up: every variant compiles here
+    compiled = compiled_check_outputs(policy, *_rows(3, 1))  # the warm-up: every variant compiles here
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, **tol(torch.float32))
     with torch.compiler.set_stance("fail_on_recompile"):
         for n, seed in ((5, 2), (2, 3)):  # other batch sizes, timesteps, inputs
-            _outputs(policy, *_rows(n, seed))
+            compiled_check_outputs(policy, *_rows(n, seed))
         with torch.no_grad():
             policy.velocity(*_rows(4, 4), adapter=EMA)
             policy.velocity(*_rows(7, 5), adapter=None)

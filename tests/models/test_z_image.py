@@ -8,13 +8,12 @@ import torch
 
 from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
 from awm_fast.models.policy import FlowPolicy, GuidedVelocity
-from awm_fast.models.shared_batch import shared_velocities
 from awm_fast.models.tiny_z_image import TINY_TRANSFORMER, build_tiny_z_image
 from awm_fast.models.z_image import (LORA_TARGETS, REFERENCE_CONFIG, caption_list, forward_flops, load_pipeline,
                                      padded_conditioning, set_z_image_attention, training_memory, z_image_call)
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
-from tests.models.shared_batch_check import assert_same_both_ways, both_ways
+from tests.models.shared_batch_check import assert_same_both_ways, both_ways, compiled_check_outputs
 from tests.models.tiny_configs import tiny_model_config
 from tests.tolerances import tol
 
@@ -188,18 +187,6 @@ def test_each_row_is_its_own_sample_after_the_transformers_padding(gen):
                 torch.testing.assert_close(batch[b:b + 1], alone, **tol(torch.float32))
 
 
-def _shared_outputs(policy, x, t, cond):
-    """Shared-batch velocities, the policy LoRA gradient of a random loss, and a no-grad (rollout) velocity."""
-    params = list(adapter_params(policy.transformer, POLICY).values())
-    for p in params:
-        p.grad = None
-    v, v_ref, v_ema = shared_velocities(policy, x, t, cond, True, True)
-    (v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum().backward()
-    with torch.no_grad():
-        v_roll = policy.velocity(x, t, cond)
-    return [v.detach(), v_ref, v_ema, v_roll, *[p.grad.clone() for p in params]]
-
-
 @pytest.mark.slow
 def test_compiled_blocks_equal_eager_and_do_not_recompile_for_other_caption_lengths(gen):
     """Regional compile of the refiners and main layers (fullgraph, eager backend): equal to eager; a batch of
@@ -208,15 +195,15 @@ def test_compiled_blocks_equal_eager_and_do_not_recompile_for_other_caption_leng
 
     policy = _tiny_policy(gen)
     x, t, cond, _ = _rows(gen)
-    eager = _shared_outputs(policy, x, t, cond)
+    eager = compiled_check_outputs(policy, x, t, cond)
     assert compile_blocks(policy.transformer, backend="eager") == 4  # 1 + 1 refiners, 2 layers
     try:
-        for a, b in zip(eager, _shared_outputs(policy, x, t, cond)):
+        for a, b in zip(eager, compiled_check_outputs(policy, x, t, cond)):
             torch.testing.assert_close(b, a, **tol(torch.float32))
         x2, t2, cond2, _ = _rows(gen, lengths=(70, 3, 50))
-        expected = _shared_outputs(policy, x2, t2, cond2)
+        expected = compiled_check_outputs(policy, x2, t2, cond2)
         with torch.compiler.set_stance("fail_on_recompile"):
-            assert len(_shared_outputs(policy, x2, t2, cond2)) == len(expected)
+            assert len(compiled_check_outputs(policy, x2, t2, cond2)) == len(expected)
     finally:
         uncompile_blocks(policy.transformer)
 
