@@ -37,7 +37,7 @@ class AttentionChoice:
 def _diffusers_attention(q, k, v, backend: str):
     from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
-    from awm_fast.models.flux import DIFFUSERS_BACKENDS
+    from awm_fast.models.attention import DIFFUSERS_BACKENDS
 
     # diffusers' layout is (B, S, H, D)
     out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

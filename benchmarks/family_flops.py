@@ -29,13 +29,13 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from awm_fast.algorithms.awm import effective_ema_beta  # noqa: E402
 from awm_fast.config import Config, list_presets, load_config  # noqa: E402
 from awm_fast.families import PIPELINE_KINDS, pipeline_family  # noqa: E402
+from awm_fast.models.pipeline import meta_transformer, parameter_count  # noqa: E402
+from awm_fast.models.wan import latent_frames  # noqa: E402
 from benchmarks import _models  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -50,7 +50,7 @@ def latent_shape(cfg: Config) -> tuple[int, ...]:
     if kind == "flux2":
         return (128, side // 2, side // 2)
     if kind == "wan":
-        return (16, (cfg.model.frames - 1) // 4 + 1, side, side)
+        return (16, latent_frames(cfg.model.frames), side, side)
     return (16, side, side)
 
 
@@ -70,13 +70,9 @@ def reference_config(cfg: Config) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def transformer_parameters(kind: str, class_name: str, config_json: str) -> int:
-    """Parameters of a diffusers transformer built on the meta device (no memory, no init)."""
-    import diffusers
-
-    with torch.device("meta"):
-        model = getattr(diffusers, class_name)(**json.loads(config_json))
-    return sum(p.numel() for p in model.parameters())
+def transformer_parameters(class_name: str, config_json: str) -> int:
+    """Parameters of a diffusers transformer of the given config (built on the meta device), once per config."""
+    return parameter_count(meta_transformer(class_name, json.loads(config_json)))
 
 
 def text_len(cfg: Config) -> int:
@@ -94,10 +90,10 @@ def forward_flops(cfg: Config) -> tuple[int, int]:
         text = text_len(cfg)
         fn = _models.mmdit_forward_flops if kind == "sd3" else _models.flux_forward_flops
         name = "SD3Transformer2DModel" if kind == "sd3" else "FluxTransformer2DModel"
-        return fn(config, shape[1:], text), transformer_parameters(kind, name, json.dumps(config))
+        return fn(config, shape[1:], text), transformer_parameters(name, json.dumps(config))
     family = pipeline_family(kind)
     config = family.REFERENCE_CONFIG
-    params = transformer_parameters(kind, family.TRANSFORMER_CLASS, json.dumps(config))
+    params = transformer_parameters(family.TRANSFORMER_CLASS, json.dumps(config))
     return family.forward_flops(config, shape, text_len(cfg)), params
 
 

@@ -23,6 +23,10 @@ BACKENDS = ("auto", "flash3", "flash2", "xformers", "sdpa_cudnn", "sdpa_flash", 
 PREFERENCE = ("flash3", "flash2", "sdpa_cudnn", "sdpa_flash", "xformers", "sdpa_efficient", "sdpa_math")
 SDPA = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
         "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}
+# Our names -> diffusers' attention dispatch names (the families whose processors go through
+# `set_attention_backend`: FLUX.1/2, Wan, Qwen-Image, Z-Image); diffusers' flash3 is forward-only (no training).
+DIFFUSERS_BACKENDS = {"flash2": "flash", "xformers": "xformers", "sdpa_cudnn": "_native_cudnn",
+                      "sdpa_flash": "_native_flash", "sdpa_efficient": "_native_efficient", "sdpa_math": "_native_math"}
 
 
 def _has(module: str) -> bool:
@@ -127,3 +131,12 @@ class SD3JointAttnProcessor:
 def use_attention_backend(transformer, backend: str) -> None:
     """Install `SD3JointAttnProcessor(backend)` on every attention module of an SD3 transformer."""
     transformer.set_attn_processor(SD3JointAttnProcessor(backend))
+
+
+def set_diffusers_attention(transformer, backend: str, family: str) -> None:
+    """diffusers' attention dispatch on `transformer` for one of our backend names (DIFFUSERS_BACKENDS); flash3
+    stops with one line (no backward pass there)."""
+    if backend == "flash3":
+        raise ValueError(f"model.attention_backend=flash3 has no backward pass in diffusers' {family} attention "
+                         "dispatch: use flash2, sdpa_cudnn or sdpa_flash for training")
+    transformer.set_attention_backend(DIFFUSERS_BACKENDS[backend])

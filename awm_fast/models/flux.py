@@ -15,16 +15,13 @@ import torch
 
 from awm_fast.config import Config
 from awm_fast.models.adapt import freeze_and_adapt
-from awm_fast.models.attention import resolve_attention_backend
+from awm_fast.models.attention import resolve_attention_backend, set_diffusers_attention
 from awm_fast.models.pipeline import (encode_all, from_pretrained, make_decoder, make_encoder, pipeline_sigmas,
                                       prompt_cache_dir)
 from awm_fast.models.policy import Conditioning, FlowPolicy
 
 TRANSFORMER_CLASS, LORA_LOADER = "FluxTransformer2DModel", "FluxLoraLoaderMixin"
 T5_TOKENS = 512
-# Our names -> diffusers' attention dispatch names; flash3 there is forward-only (no training).
-DIFFUSERS_BACKENDS = {"flash2": "flash", "xformers": "xformers", "sdpa_cudnn": "_native_cudnn",
-                      "sdpa_flash": "_native_flash", "sdpa_efficient": "_native_efficient", "sdpa_math": "_native_math"}
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -56,10 +53,7 @@ def flux_call(transformer, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
 
 
 def set_flux_attention(transformer, backend: str) -> None:
-    if backend == "flash3":
-        raise ValueError("model.attention_backend=flash3 has no backward pass in diffusers' FLUX attention dispatch: "
-                         "use flash2, sdpa_cudnn or sdpa_flash for training")
-    transformer.set_attention_backend(DIFFUSERS_BACKENDS[backend])
+    set_diffusers_attention(transformer, backend, "FLUX")
 
 
 def load_pipeline(path: str, dtype: torch.dtype):

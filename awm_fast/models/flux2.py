@@ -29,7 +29,8 @@ from awm_fast.config import Config
 from awm_fast.models.adapt import freeze_and_adapt
 from awm_fast.models.attention import resolve_attention_backend
 from awm_fast.models.flux import set_flux_attention
-from awm_fast.models.pipeline import encode_all, from_pretrained, make_encoder, prompt_cache_dir
+from awm_fast.models.pipeline import (encode_all, from_pretrained, lora_parameter_count, make_encoder, meta_transformer,
+                                      parameter_count, prompt_cache_dir)
 from awm_fast.models.policy import Conditioning, FlowPolicy
 
 TRANSFORMER_CLASS, LORA_LOADER = "Flux2Transformer2DModel", "Flux2LoraLoaderMixin"
@@ -217,16 +218,6 @@ def forward_flops(config: dict, latent_shape: tuple[int, int, int], text_len: in
     return 2 * macs
 
 
-def lora_parameter_count(model: torch.nn.Module, targets: list[str], rank: int) -> int:
-    """Parameters of one LoRA adapter of `rank` on the nn.Linear modules matching `targets` (peft's rule: the
-    module name equals a target or ends with "." + target)."""
-    total = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-            total += rank * (module.in_features + module.out_features)
-    return total
-
-
 def training_memory_estimate(config: dict, latent_shape: tuple[int, int, int], text_len: int, rows: int,
                              lora_rank: int = 32, targets: list[str] = LORA_TARGETS) -> dict:
     """Device memory (bytes) of LoRA training with block checkpointing, from the parameter count of the
@@ -236,12 +227,8 @@ def training_memory_estimate(config: dict, latent_shape: tuple[int, int, int], t
     activations (~40 bf16 values per token and width unit: the 9d fused projection, MLP, norms, their gradients);
     2 GiB of workspace. The text encoder (bf16, encoding only, released before training) is not counted. An
     estimate to decide whether to try, not a measurement."""
-    from diffusers import Flux2Transformer2DModel
-
-    with torch.device("meta"):
-        model = Flux2Transformer2DModel(**config)
-    params = sum(p.numel() for p in model.parameters())
-    lora = lora_parameter_count(model, targets, lora_rank)
+    model = meta_transformer(TRANSFORMER_CLASS, config)
+    params, lora = parameter_count(model), lora_parameter_count(model, targets, lora_rank)
     d = config["num_attention_heads"] * config["attention_head_dim"]
     tokens = latent_shape[1] * latent_shape[2] + text_len
     blocks = config["num_layers"] + config["num_single_layers"]

@@ -113,3 +113,23 @@ def pipeline_sigmas(scheduler, cfg: Config, image_seq_len: int | None = None):
         logger.info(f"[grid] the rollout grid is the scheduler's (shift {shift}); sample.shift={cfg.sample.shift} only "
                     "shifts the uniform / logit_normal training timesteps")
     return functools.partial(scheduler_grid, scheduler, image_seq_len=image_seq_len)
+
+
+def meta_transformer(class_name: str, config: dict) -> torch.nn.Module:
+    """The diffusers model `class_name` of `config` built on the meta device (no memory, no init): for parameter
+    and LoRA counts of the real architectures (memory estimates, FLOP tables)."""
+    import diffusers
+
+    with torch.device("meta"):
+        return getattr(diffusers, class_name)(**config)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def lora_parameter_count(model: torch.nn.Module, targets, rank: int) -> int:
+    """Parameters of one LoRA adapter of `rank` on the nn.Linear modules matching `targets` (peft's rule: the
+    module name equals a target or ends with "." + target)."""
+    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))

@@ -32,9 +32,10 @@ import torch.nn.functional as F
 
 from awm_fast.config import Config
 from awm_fast.models.adapt import freeze_and_adapt
-from awm_fast.models.attention import resolve_attention_backend
+from awm_fast.models.attention import DIFFUSERS_BACKENDS, resolve_attention_backend
 from awm_fast.models.flux import pack, unpack
-from awm_fast.models.pipeline import encode_all, from_pretrained, make_encoder, pipeline_sigmas, prompt_cache_dir
+from awm_fast.models.pipeline import (encode_all, from_pretrained, make_encoder, meta_transformer, parameter_count,
+                                      pipeline_sigmas, prompt_cache_dir)
 from awm_fast.models.policy import Conditioning, FlowPolicy
 
 TRANSFORMER_CLASS, LORA_LOADER = "QwenImageTransformer2DModel", "QwenImageLoraLoaderMixin"
@@ -43,7 +44,7 @@ LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.ad
 MAX_TEXT_TOKENS = 1024  # the pipeline's limit on max_sequence_length
 TEXT_PAD = 32
 # Our names -> diffusers' attention dispatch names, for the backends that apply the prompts' attention mask.
-MASKED_BACKENDS = {"sdpa_cudnn": "_native_cudnn", "sdpa_efficient": "_native_efficient", "sdpa_math": "_native_math"}
+MASKED_BACKENDS = {k: DIFFUSERS_BACKENDS[k] for k in ("sdpa_cudnn", "sdpa_efficient", "sdpa_math")}
 UNMASKED_BACKENDS = {
     "flash3": "takes no attention mask", "flash2": "takes no attention mask", "sdpa_flash": "takes no attention mask",
     # diffusers 0.42's xformers path casts the processor's (B, 1, 1, S) boolean mask to 1.0 / 0.0 and adds it
@@ -240,11 +241,8 @@ def training_memory_estimate(config: dict = REFERENCE_CONFIG, latent_shape=(16, 
     weights' dtype) or, without checkpointing, every block's activations, one block's recomputed activations
     (ACTIVATIONS_PER_TOKEN x (N + L) d per row) and 2 GiB of workspace. rows = train.micro_batch x
     train.num_timesteps (the policy call's rows; the no-grad [reference; ema] call keeps no activations)."""
-    from diffusers import QwenImageTransformer2DModel
-
-    with torch.device("meta"):
-        model = QwenImageTransformer2DModel(**config)
-    params = sum(p.numel() for p in model.parameters())
+    model = meta_transformer(TRANSFORMER_CLASS, config)
+    params = parameter_count(model)
     d = config["num_attention_heads"] * config["attention_head_dim"]
     blocks = config["num_layers"]
     tokens = latent_shape[1] * latent_shape[2] // 4 + text_len

@@ -37,8 +37,9 @@ import torch
 from awm_fast.algo.timesteps import scheduler_grid
 from awm_fast.config import Config
 from awm_fast.models.adapt import freeze_and_adapt
-from awm_fast.models.attention import resolve_attention_backend
-from awm_fast.models.pipeline import encode_all, from_pretrained, make_encoder, prompt_cache_dir
+from awm_fast.models.attention import resolve_attention_backend, set_diffusers_attention
+from awm_fast.models.pipeline import (encode_all, from_pretrained, make_encoder, meta_transformer, parameter_count,
+                                      prompt_cache_dir)
 from awm_fast.models.policy import Conditioning, FlowPolicy
 
 logger = logging.getLogger(__name__)
@@ -54,9 +55,6 @@ TEMPORAL_FACTOR = 4  # the Wan 2.1 / 2.2 VAEs' temporal compression (config.py c
 REFERENCE_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                         out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                         qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None)
-# Our names -> diffusers' attention dispatch names (flash3 there is forward-only: no training)
-DIFFUSERS_BACKENDS = {"flash2": "flash", "xformers": "xformers", "sdpa_cudnn": "_native_cudnn",
-                      "sdpa_flash": "_native_flash", "sdpa_efficient": "_native_efficient", "sdpa_math": "_native_math"}
 
 
 def latent_frames(frames: int, temporal_factor: int = TEMPORAL_FACTOR) -> int:
@@ -97,10 +95,7 @@ def make_video_decoder(vae, batch: int = 2):
 
 
 def set_wan_attention(transformer, backend: str) -> None:
-    if backend == "flash3":
-        raise ValueError("model.attention_backend=flash3 has no backward pass in diffusers' Wan attention dispatch: "
-                         "use flash2, sdpa_cudnn or sdpa_flash for training")
-    transformer.set_attention_backend(DIFFUSERS_BACKENDS[backend])
+    set_diffusers_attention(transformer, backend, "Wan")
 
 
 def keep_fp32_modules(transformer) -> None:
@@ -225,10 +220,7 @@ def training_memory(config: dict, latent_shape: tuple[int, int, int, int], text_
         block = N (21 d + 2 f) x 2 bytes per row (one block's saved tensors: norms, q/k/v, attention outputs,
                 the fp32 residual copies, the feed-forward's two f-wide activations)
     The VAE decode (float32, batches of 2) and the allocator's slack come on top; the rollout needs less."""
-    from diffusers import WanTransformer3DModel
-
-    with torch.device("meta"):
-        params = sum(p.numel() for p in WanTransformer3DModel(**config).parameters())
+    params = parameter_count(meta_transformer(TRANSFORMER_CLASS, config))
     c, f, h, w = latent_shape
     p_t, p_h, p_w = config["patch_size"]
     n = (f // p_t) * (h // p_h) * (w // p_w)

@@ -33,18 +33,18 @@ import torch
 
 from awm_fast.config import Config
 from awm_fast.models.adapt import freeze_and_adapt
-from awm_fast.models.attention import resolve_attention_backend
-from awm_fast.models.pipeline import (encode_all, from_pretrained, make_decoder, make_encoder, pipeline_sigmas,
-                                      prompt_cache_dir)
+from awm_fast.models.attention import DIFFUSERS_BACKENDS, resolve_attention_backend
+from awm_fast.models.pipeline import (encode_all, from_pretrained, lora_parameter_count, make_decoder, make_encoder,
+                                      meta_transformer, parameter_count, pipeline_sigmas, prompt_cache_dir)
 from awm_fast.models.policy import Conditioning, FlowPolicy
 
 TRANSFORMER_CLASS, LORA_LOADER = "ZImageTransformer2DModel", "ZImageLoraLoaderMixin"
 LORA_TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
 SEQ_MULTIPLE = 32  # the transformer pads each sample's image and caption tokens to a multiple of this
 # Our names -> diffusers' dispatch names, for backends that take the attention mask of padded batches.
-DIFFUSERS_BACKENDS = {"flash2": "flash_varlen", "xformers": "xformers", "sdpa_cudnn": "_native_cudnn",
-                      "sdpa_efficient": "_native_efficient", "sdpa_math": "_native_math"}
 MASKLESS_BACKENDS = ("flash3", "sdpa_flash")
+MASKED_DIFFUSERS_BACKENDS = {**{k: v for k, v in DIFFUSERS_BACKENDS.items() if k not in MASKLESS_BACKENDS},
+                             "flash2": "flash_varlen"}
 # Z-Image-Turbo's transformer/config.json (as transcribed in the stored public code of several projects loading
 # it; diffusers' ZImageTransformer2DModel defaults differ only in axes_lens[0], 1024).
 REFERENCE_CONFIG = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
@@ -81,7 +81,7 @@ def set_z_image_attention(transformer, backend: str) -> None:
         raise ValueError(f"model.attention_backend={backend} takes no attention mask, which Z-Image batches of prompts "
                          "of different lengths need (and diffusers' flash3 has no backward): use flash2, sdpa_cudnn, "
                          "sdpa_efficient or auto")
-    transformer.set_attention_backend(DIFFUSERS_BACKENDS[backend])
+    transformer.set_attention_backend(MASKED_DIFFUSERS_BACKENDS[backend])
 
 
 def check_lora_targets(transformer, targets) -> None:
@@ -214,13 +214,8 @@ def training_memory(config: dict = REFERENCE_CONFIG, latent_shape=(16, 64, 64), 
     activations, about 28 d + 8 h bytes per token (q/k/v/out and norms in bf16, the float32 rope copies of q and k,
     SwiGLU's three h-wide tensors), over the 2 x rows of the shared batch's frozen call; 2 GiB of workspace.
     Defaults: the preset (512 px, 512 text tokens, micro-batch 3 x 6 timesteps = 18 rows)."""
-    from diffusers import ZImageTransformer2DModel
-
-    with torch.device("meta"):
-        model = ZImageTransformer2DModel(**config)
-    params = sum(p.numel() for p in model.parameters())
-    lora = sum((m.in_features + m.out_features) * lora_rank for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
+    model = meta_transformer(TRANSFORMER_CLASS, config)
+    params, lora = parameter_count(model), lora_parameter_count(model, targets, lora_rank)
     c, hgt, wid = latent_shape
     p, d, heads = config["all_patch_size"][0], config["dim"], config["n_heads"]
     h = int(d / 3 * 8)

@@ -13,9 +13,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from awm_fast.config import load_config
 from awm_fast.models.flux2 import (LORA_TARGETS, REFERENCE_CONFIG, REFERENCE_CONFIG_9B, empirical_mu, flux2_call,
-                                   forward_flops, latent_ids, lora_parameter_count, pack, text_ids, unpack,
+                                   forward_flops, latent_ids, pack, text_ids, unpack,
                                    unpatchify, training_memory_estimate)
 from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
+from awm_fast.models.pipeline import lora_parameter_count
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.tiny_flux2 import TINY_TRANSFORMER, build_tiny_flux2
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
