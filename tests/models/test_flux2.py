@@ -15,14 +15,14 @@ from awm_fast.config import load_config
 from awm_fast.models.flux2 import (LORA_TARGETS, REFERENCE_CONFIG, REFERENCE_CONFIG_9B, empirical_mu, flux2_call,
                                    forward_flops, latent_ids, pack, text_ids, unpack,
                                    unpatchify, training_memory_estimate)
-from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
+from awm_fast.models.lora import POLICY
 from awm_fast.models.pipeline import lora_parameter_count
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.tiny_flux2 import TINY_TRANSFORMER, build_tiny_flux2
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways
-from tests.models.tiny_configs import tiny_model_config
+from tests.models.tiny_configs import add_distinct_adapters, tiny_model_config
 from tests.tolerances import tol
 
 PROMPTS = ["a red cube", "two green balls", "a cat"]
@@ -144,11 +144,7 @@ def test_packing_and_position_ids_are_the_pipelines(gen):
 def _flux2_policy(gen) -> FlowPolicy:
     torch.manual_seed(0)
     model = Flux2Transformer2DModel(**{**TINY_TRANSFORMER, "num_single_layers": 2}).requires_grad_(False)
-    add_adapters(model, rank=4, alpha=8, init="gaussian", targets=LORA_TARGETS)
-    with torch.no_grad():  # distinct, non-zero deltas for both adapters
-        for name in (POLICY, EMA):
-            for p in adapter_params(model, name).values():
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    add_distinct_adapters(model, LORA_TARGETS, gen)
     return FlowPolicy(model, encode=None, decode=None, latent_shape=(16, 4, 4), device=torch.device("cpu"),
                       call=flux2_call)
 

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from awm_fast.config import load_config
 from awm_fast.models.flux import pack, unpack
-from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
+from awm_fast.models.lora import POLICY
 from awm_fast.models.policy import Conditioning, FlowPolicy, GuidedVelocity
 from awm_fast.models.qwen_image import (forward_flops, load_pipeline, qwen_image_call, set_qwen_attention,
                                         training_memory_estimate)
@@ -17,7 +17,7 @@ from awm_fast.models.tiny_qwen_image import build_tiny_qwen_image
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways
-from tests.models.tiny_configs import tiny_model_config
+from tests.models.tiny_configs import add_distinct_adapters, tiny_model_config
 from tests.tolerances import tol
 
 PROMPTS = ["a red cube", "two green balls on a wooden table", "a cat"]  # different token lengths
@@ -172,11 +172,7 @@ def lora_policy(pipe, gen):
 
     model = copy.deepcopy(pipe.transformer).requires_grad_(False)
     set_qwen_attention(model, "sdpa_math")
-    add_adapters(model, rank=4, alpha=8, init="gaussian", targets=["attn.to_q", "attn.to_v", "attn.to_add_out"])
-    with torch.no_grad():
-        for name in (POLICY, EMA):
-            for p in adapter_params(model, name).values():
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    add_distinct_adapters(model, ["attn.to_q", "attn.to_v", "attn.to_add_out"], gen)
     return FlowPolicy(model, encode=None, decode=None, latent_shape=(4, 8, 8), device=torch.device("cpu"),
                       call=qwen_image_call)
 

@@ -4,12 +4,13 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
+from awm_fast.models.lora import EMA, POLICY, adapter_params
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.routing import enable_checkpointing
 from awm_fast.models.shared_batch import shared_velocities
 from awm_fast.tasks.digits import tiny_transformer_config
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways
+from tests.models.tiny_configs import add_distinct_adapters
 from tests.tolerances import tol
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -19,11 +20,7 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_
 def policy(gen):
     torch.manual_seed(0)
     m = SD3Transformer2DModel(**tiny_transformer_config()).requires_grad_(False)
-    add_adapters(m, rank=4, alpha=8, init="gaussian", targets=TARGETS)
-    with torch.no_grad():  # distinct, non-zero deltas for both adapters
-        for name in (POLICY, EMA):
-            for p in adapter_params(m, name).values():
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    add_distinct_adapters(m, TARGETS, gen)
     return FlowPolicy(m, encode=None, decode=None, latent_shape=(1, 8, 8), device=torch.device("cpu"))
 
 

@@ -10,10 +10,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from awm_fast.config import ModelConfig
 from awm_fast.models.flux import flux_call
-from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
+from awm_fast.models.lora import POLICY, adapter_params
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.routing import enable_checkpointing
 from awm_fast.models.shared_batch import separate_velocities, shared_velocities
+from tests.models.tiny_configs import add_distinct_adapters
 from tests.tolerances import tol
 
 # the transformers of awm_fast.models.tiny's SD3 and FLUX pipelines (same shapes, built in memory)
@@ -30,11 +31,7 @@ def _policy(kind: str, gen: torch.Generator, checkpointing: bool) -> FlowPolicy:
     torch.manual_seed(0)
     model = (SD3Transformer2DModel(**TINY_SD3) if kind == "sd3" else FluxTransformer2DModel(**TINY_FLUX))
     model.requires_grad_(False)
-    add_adapters(model, rank=4, alpha=8, init="gaussian", targets=list(ModelConfig().lora_targets))
-    with torch.no_grad():  # distinct, non-zero deltas for both adapters
-        for name in (POLICY, EMA):
-            for p in adapter_params(model, name).values():
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    add_distinct_adapters(model, list(ModelConfig().lora_targets), gen)
     if checkpointing:
         enable_checkpointing(model)
     call = functools.partial(flux_call, guidance=3.5) if kind == "flux" else None

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from awm_fast.algo.timesteps import shift_time
-from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
+from awm_fast.models.lora import POLICY
 from awm_fast.models.policy import FlowPolicy, GuidedVelocity
 from awm_fast.models.tiny_wan import build_tiny_wan, tiny_wan_transformer_config
 from awm_fast.models.wan import (LORA_TARGETS, REFERENCE_CONFIG, check_single_transformer, forward_flops,
@@ -17,7 +17,7 @@ from awm_fast.ops import awm_loss, sde_step
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways
-from tests.models.tiny_configs import tiny_model_config
+from tests.models.tiny_configs import add_distinct_adapters, tiny_model_config
 from tests.tolerances import tol
 
 PROMPTS = ["a red cube", "two green balls", "a cat"]
@@ -207,11 +207,7 @@ def test_shared_batch_equals_three_calls_on_video_latents(gen, checkpointing):
     from awm_fast.models.routing import enable_checkpointing
 
     model = _tiny_transformer(gen)
-    add_adapters(model, rank=4, alpha=8, init="gaussian", targets=LORA_TARGETS)
-    with torch.no_grad():
-        for name in (POLICY, EMA):
-            for p in adapter_params(model, name).values():
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    add_distinct_adapters(model, LORA_TARGETS, gen)
     if checkpointing:
         enable_checkpointing(model)
     policy = FlowPolicy(model, encode=None, decode=None, latent_shape=(16, 2, 4, 4), device=torch.device("cpu"),

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
+from awm_fast.models.lora import EMA, POLICY
 from awm_fast.models.policy import FlowPolicy, GuidedVelocity
 from awm_fast.models.tiny_z_image import TINY_TRANSFORMER, build_tiny_z_image
 from awm_fast.models.z_image import (LORA_TARGETS, REFERENCE_CONFIG, caption_list, forward_flops, load_pipeline,
@@ -14,7 +14,7 @@ from awm_fast.models.z_image import (LORA_TARGETS, REFERENCE_CONFIG, caption_lis
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways, compiled_check_outputs
-from tests.models.tiny_configs import tiny_model_config
+from tests.models.tiny_configs import add_distinct_adapters, tiny_model_config
 from tests.tolerances import tol
 
 # caption lengths (chat template included: 19 tokens + one per byte) 29, 34 and 84: padded to 32, 64 and 96 inside
@@ -145,11 +145,7 @@ def _tiny_policy(gen, checkpointing=False) -> FlowPolicy:
 
     torch.manual_seed(0)
     model = ZImageTransformer2DModel(**TINY_TRANSFORMER).requires_grad_(False)
-    add_adapters(model, rank=4, alpha=8, init="gaussian", targets=list(LORA_TARGETS))
-    with torch.no_grad():  # distinct, non-zero deltas for both adapters
-        for name in (POLICY, EMA):
-            for p in adapter_params(model, name).values():
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    add_distinct_adapters(model, list(LORA_TARGETS), gen)
     if checkpointing:
         enable_checkpointing(model)
     return FlowPolicy(model, encode=None, decode=None, latent_shape=(16, 8, 8), device=torch.device("cpu"),

@@ -6,6 +6,19 @@ from awm_fast.config import Config, load_config
 BARE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
+def add_distinct_adapters(model, targets, gen: torch.Generator, scale: float = 0.1):
+    """Rank-4 (alpha 8) "default" and "ema" LoRA on `targets`, both moved by scale x N(0, 1) from `gen`: distinct,
+    non-zero deltas, so policy, reference and EMA calls all differ. Returns the model."""
+    from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
+
+    add_adapters(model, rank=4, alpha=8, init="gaussian", targets=list(targets))
+    with torch.no_grad():
+        for name in (POLICY, EMA):
+            for p in adapter_params(model, name).values():
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def tiny_lora_policy(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """The digits transformer (seed 0) on `device` in `dtype` with distinct non-zero "default" and "ema" LoRA
     weights (rank 4, the bare target names: also attn2.* of its dual-attention block)."""
