@@ -119,15 +119,13 @@ def build_policy(cfg: Config, device: torch.device, prompts: list[str]):
 
     art = None
     if cfg.model.kind == "digits":
-        from awm_fast.env import DTYPES
-        from awm_fast.models.load import finish_policy
-        from awm_fast.tasks.digits import PROMPTS, digits_policy, prepare_digits
+        from awm_fast.tasks.digits import PROMPTS, load_digits_policy, prepare_digits
 
         bad = [p for p in prompts if p not in PROMPTS]
         if bad:
             raise UsageError(f"prompt {bad[0]!r}: the digits model knows the prompts {', '.join(PROMPTS)}")
         art = prepare_digits(cfg.digits)
-        policy = finish_policy(digits_policy(cfg, device, DTYPES[cfg.model.dtype], art), cfg, device)
+        policy = load_digits_policy(cfg, device, art)
     else:
         policy = load_policy(cfg, device, prompts=list(prompts))
     return policy, policy.encode([""]), art

@@ -150,13 +150,9 @@ def run(args) -> int:
         stages.update()
         merged_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(merged)))
         if cfg.model.kind == "digits":
-            from awm_fast.env import DTYPES
-            from awm_fast.models.load import finish_policy
-            from awm_fast.tasks.digits import digits_policy
+            from awm_fast.tasks.digits import load_digits_policy
 
-            device = device_of(cfg)
-            mp = finish_policy(digits_policy(merged_cfg, device, DTYPES[cfg.model.dtype],
-                                             dataclasses.replace(art, model_dir=merged)), merged_cfg, device)
+            mp = load_digits_policy(merged_cfg, device_of(cfg), dataclasses.replace(art, model_dir=merged))
         else:
             mp, _, _ = build_policy(merged_cfg, device_of(cfg), probe_prompts)
         v_merged = probe(mp, None)  # the reference path: the merged base weights alone

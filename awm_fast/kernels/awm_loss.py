@@ -25,8 +25,6 @@ import triton.language as tl
 
 WEIGHTING_IDS = {"uniform": 0, "t": 1, "t2": 2, "huber": 3, "ghuber": 4}
 MSE_EPS = 1e-10
-HUBER_SHIFT = 1e-5
-ELBO_TWO_STD2 = 2 * 0.7 * 0.7  # 2 std_t^2 = 0.98 t / (1 - min(t, 0.99))
 
 
 @triton.jit

@@ -200,6 +200,15 @@ def digits_policy(cfg, device: torch.device, dtype: torch.dtype, art: DigitsArti
                       sigmas=functools.partial(sd3_grid, shift=cfg.sample.shift))
 
 
+def load_digits_policy(cfg, device: torch.device, art: DigitsArtifacts):
+    """`digits_policy` of the prepared artifacts in model.dtype, finished as every family's policy
+    (models.load.finish_policy: full fine-tuning's copies, CUDA graphs)."""
+    from awm_fast.env import DTYPES
+    from awm_fast.models.load import finish_policy
+
+    return finish_policy(digits_policy(cfg, device, DTYPES[cfg.model.dtype], art), cfg, device)
+
+
 def build_policy(cfg, device: torch.device, dtype: torch.dtype, prompts: list[str]):
     """The model family of model.kind=digits (awm_fast.families): the prepared (cached) base model's policy;
     every digits prompt is encodable, so `prompts` needs no encoding up front."""

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from awm_fast.rewards.base import to_pil
+
 STRIP_FRAMES = 4  # frames per video in strips and grids
 PREVIEW_VIDEOS = 8  # videos per evaluation that get a GIF
 FPS = 16  # Wan 2.1 / 2.2 generate 16 frames per second
@@ -36,19 +38,9 @@ def frame_strip(videos: torch.Tensor, k: int = STRIP_FRAMES) -> torch.Tensor:
     return picked.permute(0, 2, 3, 1, 4).flatten(3, 4)
 
 
-def _uint8_frames(video: torch.Tensor):
-    """(F, C, H, W) in [0, 1] -> F PIL RGB images."""
-    from PIL import Image
-
-    x = (video.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    return [Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in x]
-
-
 def save_gif(video: torch.Tensor, path: Path, fps: int = FPS) -> None:
     """One video (F, C, H, W) in [0, 1] as an animated GIF that loops."""
-    frames = _uint8_frames(video)
+    frames = to_pil(video)  # the frames (F, C, H, W) as N images
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=10 * max(1, round(100 / fps)), loop=0)
 
 

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from awm_fast.config import Config
-from awm_fast.env import DTYPES
-from awm_fast.models.load import finish_policy, load_policy
+from awm_fast.models.load import load_policy
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.rewards import Reward, build_reward
 from awm_fast.rewards.prompts import load_prompt_set
@@ -29,11 +28,11 @@ class Task:
 
 def build_task(cfg: Config, device: torch.device) -> Task:
     if cfg.model.kind == "digits":
-        from awm_fast.tasks.digits import PROMPTS, digits_policy, prepare_digits
+        from awm_fast.tasks.digits import PROMPTS, load_digits_policy, prepare_digits
 
         art = prepare_digits(cfg.digits)
         logger.info(f"[digits] classifier accuracy on the held-out split: {art.classifier_accuracy:.1%}")
-        policy = finish_policy(digits_policy(cfg, device, DTYPES[cfg.model.dtype], art), cfg, device)
+        policy = load_digits_policy(cfg, device, art)
         reward = build_reward(cfg.reward.name, digits_classifier=art.classifier, weights=cfg.reward.weights,
                               **cfg.reward.options)
         eval_prompts = [p for _ in range(cfg.digits.eval_per_digit) for p in PROMPTS]
