@@ -20,7 +20,8 @@ from awm_fast.commands.common import add_source_arguments, UsageError, split_pos
     weight_choices, weights_in
 from awm_fast.sampling.rollout import SAMPLERS
 from awm_fast.train import report
-from awm_fast.train.previews import frame_strip, save_gif
+from awm_fast.rewards.base import is_video
+from awm_fast.train.previews import frame_strip, write_previews
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +95,13 @@ def run(args) -> int:
                                         sa_noise_window=(cfg.sample.sa_noise_t_min, cfg.sample.sa_noise_t_max))
             images.append(policy.decode(latents).float().cpu())
     images = torch.cat(images)
-    video = images.ndim == 5  # (N, F, C, H, W)
+    video = is_video(images)  # (N, F, C, H, W)
+    if video:  # NNNN.gif + NNNN_frames.png of every video
+        write_previews(images, out, every, max_videos=len(images))
     for i, (prompt, img) in enumerate(zip(every, images)):
         name = f"{i:04d}.gif" if video else f"{i:04d}.png"
-        if video:
-            save_gif(img, out / name)
-        report.save_grid(frame_strip(img[None]) if video else img[None],
-                         out / (f"{i:04d}_frames.png" if video else name), per_row=1, min_cell=1)
+        if not video:
+            report.save_grid(img[None], out / name, per_row=1, min_cell=1)
         records.append({"index": i, "prompt": prompt, "file": name})
     report.save_grid(frame_strip(images[:64]) if video else images[:64], out / "grid.png",
                      per_row=max(1, min(8, args.num_per_prompt)) if

@@ -58,14 +58,14 @@ def write_previews(videos: torch.Tensor, folder: Path, prompts: list[str], *, fi
     index_file = folder / "previews.json"
     listed = json.loads(index_file.read_text()) if index_file.is_file() else []
     written = []
-    strips = frame_strip(videos[:count], k)
+    strips, picked = frame_strip(videos[:count], k), frame_indices(videos.shape[1], k)
     for i in range(count):
         name = f"{first_index + i:04d}"
         save_gif(videos[i], folder / f"{name}.gif", fps)
         save_grid(strips[i:i + 1], folder / f"{name}_frames.png", per_row=1, min_cell=1)
         listed = [e for e in listed if e["index"] != first_index + i]
         listed.append({"index": first_index + i, "prompt": prompts[i], "gif": f"{name}.gif",
-                       "frames": f"{name}_frames.png", "frame_indices": frame_indices(videos.shape[1], k)})
+                       "frames": f"{name}_frames.png", "frame_indices": picked})
         written.append(folder / f"{name}.gif")
     index_file.write_text(json.dumps(sorted(listed, key=lambda e: e["index"]), indent=2))
     return written
