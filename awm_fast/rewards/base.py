@@ -79,12 +79,9 @@ def is_video(images) -> bool:
 
 
 def takes_video(reward) -> bool:
-    """The reward (or a reward it wraps, `.reward`) scores whole clips: `takes_video = True`."""
-    while reward is not None:
-        if getattr(reward, "takes_video", False):
-            return True
-        reward = reward.__dict__.get("reward") if hasattr(reward, "__dict__") else None
-    return False
+    """The reward scores whole clips: `takes_video = True` (wrappers such as train.faults.RetryingReward forward
+    the attribute of the reward they wrap)."""
+    return bool(getattr(reward, "takes_video", False))
 
 
 def num_samples(images) -> int:
