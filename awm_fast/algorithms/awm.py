@@ -36,8 +36,6 @@ def effective_ema_beta(tcfg: TrainConfig) -> float:
 
 
 class AWM(Algorithm):
-    name = "awm"
-
     def sample(self, policy, cond, grid, generator, null_cond) -> Sampled:
         s = self.cfg.sample
         x, _ = sample_latents(policy, cond, grid, sampler=s.sampler, noise_level=s.noise_level, generator=generator,

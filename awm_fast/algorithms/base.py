@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
@@ -82,9 +82,8 @@ class UpdateContext:
 
 
 class Algorithm(ABC):
-    """One RL algorithm: how it samples, how it updates, how its "ema" adapter moves (see the module docstring)."""
-
-    name: ClassVar[str]
+    """One RL algorithm: how it samples, how it updates, how its "ema" adapter moves (see the module docstring);
+    its train.algorithm name is its key in algorithms.ALGORITHMS."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

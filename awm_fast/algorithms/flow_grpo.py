@@ -94,8 +94,6 @@ def sample_trajectory(policy: FlowPolicy, cond: Conditioning, grid: torch.Tensor
 
 
 class FlowGRPO(Algorithm):
-    name = "flow_grpo"
-
     def sample(self, policy, cond, grid, generator, null_cond) -> Sampled:
         s = self.cfg.sample
         traj = sample_trajectory(policy, cond, grid, sampler=s.sampler, noise_level=s.noise_level, generator=generator,

@@ -41,8 +41,6 @@ def nft_rows(x0: torch.Tensor, times: torch.Tensor, fraction: float, generator: 
 
 
 class NFT(Algorithm):
-    name = "nft"
-
     def sample(self, policy, cond, grid, generator, null_cond) -> Sampled:
         w = self.cfg.sample.guidance_scale
         if self.cfg.nft.sampler == "dpm2":
