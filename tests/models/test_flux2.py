@@ -22,7 +22,7 @@ from awm_fast.models.tiny_flux2 import TINY_TRANSFORMER, build_tiny_flux2
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways
-from tests.models.tiny_configs import add_distinct_adapters, tiny_model_config
+from tests.models.tiny_configs import add_distinct_adapters, base_policy_at, tiny_model_config
 from tests.tolerances import tol
 
 PROMPTS = ["a red cube", "two green balls", "a cat"]
@@ -54,12 +54,8 @@ def trained(tmp_path_factory, tiny_flux2):
 
 @pytest.fixture(scope="module")
 def base_policy(tmp_path_factory, tiny_flux2):
-    from awm_fast.models.load import load_policy
-
     tmp = tmp_path_factory.mktemp("flux2_policy")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWM_FAST_CACHE", str(tmp / "cache"))
-        return load_policy(_cfg(tmp, tiny_flux2), torch.device("cpu"), prompts=PROMPTS)
+    return base_policy_at(tmp, _cfg(tmp, tiny_flux2), PROMPTS)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from awm_fast.models.tiny_qwen_image import build_tiny_qwen_image
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways
-from tests.models.tiny_configs import add_distinct_adapters, tiny_model_config
+from tests.models.tiny_configs import add_distinct_adapters, base_policy_at, tiny_model_config
 from tests.tolerances import tol
 
 PROMPTS = ["a red cube", "two green balls on a wooden table", "a cat"]  # different token lengths
@@ -36,12 +36,8 @@ def pipe(tiny_qwen):
 @pytest.fixture(scope="module")
 def policy(tiny_qwen, tmp_path_factory):
     """The family's policy (base model: fresh LoRA, B = 0) with every test prompt encoded."""
-    from awm_fast.models.load import load_policy
-
     tmp = tmp_path_factory.mktemp("qwen_policy")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWM_FAST_CACHE", str(tmp / "cache"))
-        return load_policy(_cfg(tmp, tiny_qwen), torch.device("cpu"), prompts=PROMPTS)
+    return base_policy_at(tmp, _cfg(tmp, tiny_qwen), PROMPTS)
 
 
 def _cfg(tmp_path, model_path, *extra):

@@ -17,7 +17,7 @@ from awm_fast.ops import awm_loss, sde_step
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways
-from tests.models.tiny_configs import add_distinct_adapters, tiny_model_config
+from tests.models.tiny_configs import add_distinct_adapters, base_policy_at, tiny_model_config
 from tests.tolerances import tol
 
 PROMPTS = ["a red cube", "two green balls", "a cat"]
@@ -90,12 +90,8 @@ def test_lora_loads_into_wan_pipeline_and_reproduces_the_policy(trained, tiny_wa
 
 @pytest.fixture(scope="module")
 def base_policy(tmp_path_factory, tiny_wan):
-    from awm_fast.models.load import load_policy
-
     tmp = tmp_path_factory.mktemp("wan_base")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWM_FAST_CACHE", str(tmp / "cache"))
-        return load_policy(_cfg(tmp, tiny_wan), torch.device("cpu"), prompts=PROMPTS)
+    return base_policy_at(tmp, _cfg(tmp, tiny_wan), PROMPTS)
 
 
 def test_grid_is_the_unipc_flow_sigmas_as_the_pipeline_sets_them(base_policy, tiny_wan):

@@ -39,6 +39,18 @@ def tiny_lora_policy(device: torch.device | str = "cpu", dtype: torch.dtype = to
     return FlowPolicy(model, encode=None, decode=None, latent_shape=(1, 8, 8), device=torch.device(device), dtype=dtype)
 
 
+def base_policy_at(tmp_path, cfg: Config, prompts: list[str]):
+    """load_policy(cfg) on the CPU (fresh LoRA: the base model) with `prompts` encoded, its prompt cache under
+    tmp_path/cache."""
+    import pytest
+
+    from awm_fast.models.load import load_policy
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
+        return load_policy(cfg, torch.device("cpu"), prompts=prompts)
+
+
 def tiny_model_config(tmp_path, kind: str, model_path, prompts: list[str], *extra: str) -> Config:
     """A config for `kind` at `model_path` training on `prompts`; runs go to tmp_path/<kind>."""
     prompt_file = tmp_path / "prompts.txt"
