@@ -9,7 +9,9 @@ Sampling grid = the model's own scheduler grid, diffusers' `FlowMatchEulerDiscre
 - dynamic shifting (FLUX): sigma_i = e^mu / (e^mu + (1 / u_i - 1)), u = linspace(1, 1 / N, N), then 0, with
   mu = m L + b from the image sequence length L (the pipeline's calculate_shift over the scheduler config's
   base/max sequence lengths and shifts).
-- static shift on the pipeline's own input sigmas (Z-Image): sigma_i = shift(linspace(1, 1 / N, N)_i), then 0.
+- static shift on the pipeline's own input sigmas (Z-Image; FLUX.1-schnell, shift 1): sigma_i =
+  shift(linspace(1, 1 / N, N)_i), then 0. FluxPipeline always passes linspace(1, 1 / N, N) (`linear_input_sigmas`),
+  so schnell steps through 1, .75, .5, .25, 0 at N = 4, not the scheduler's own set_timesteps(N) grid.
 - flow sigmas (UniPCMultistepScheduler / DPMSolverMultistepScheduler with use_flow_sigmas: Wan), flow_shift s:
   sigma_i = shift(linspace(1, 1 / 1000, N + 1)_i) for i < N, then 0; the scheduler nudges sigma_0 to 1 - 1e-6
   (its multistep update takes log sigma), read here as 1, where every rollout starts.
@@ -73,6 +75,12 @@ def dynamic_grid(num_steps: int, mu: float, dtype: torch.dtype = torch.float64) 
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
 
 
+def linear_input_sigmas(num_steps: int) -> list[float]:
+    """linspace(1, 1/N, N), the sigmas FluxPipeline / Flux2KleinPipeline pass to set_timesteps (before shifting)."""
+    _check_steps(num_steps)
+    return torch.linspace(1, 1 / num_steps, num_steps, dtype=torch.float64).tolist()
+
+
 def scheduler_grid(scheduler, num_steps: int, image_seq_len: int | None = None, input_sigmas=None,
                    mu: float | None = None) -> torch.Tensor:
     """The N + 1 sigmas (float64) that `scheduler.set_timesteps(N)` builds, as the diffusers pipeline calls it:
@@ -89,8 +97,8 @@ def scheduler_grid(scheduler, num_steps: int, image_seq_len: int | None = None, 
         if mu is None:
             mu = flux_mu(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
                          config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-        u = torch.linspace(1, 1 / num_steps, num_steps, dtype=torch.float64).tolist()
-        sched.set_timesteps(num_steps, sigmas=list(input_sigmas(num_steps)) if input_sigmas else u, mu=mu)
+        sigmas = list((input_sigmas or linear_input_sigmas)(num_steps))
+        sched.set_timesteps(num_steps, sigmas=sigmas, mu=mu)
     elif input_sigmas is not None:
         sched.set_timesteps(num_steps, sigmas=list(input_sigmas(num_steps)))
     else:

@@ -6,6 +6,9 @@ passes timestep = t in float32 (FLUX scales by 1000 inside, after casting it to 
 FluxPipeline does) and, for guidance-distilled models (dev), the guidance
 value, then unpacks the predicted velocity. Attention goes through diffusers' dispatch
 (`set_attention_backend`), mapped from our backend names.
+The time grid is the one FluxPipeline steps through: set_timesteps(sigmas=linspace(1, 1/N, N), mu) for both
+models, shifted dynamically (dev: mu from the packed sequence length) or statically (schnell: shift 1, so
+1, .75, .5, .25, 0 at N = 4).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import functools
 
 import torch
 
+from awm_fast.algo.timesteps import linear_input_sigmas
 from awm_fast.config import Config
 from awm_fast.models.adapt import freeze_and_adapt
 from awm_fast.models.attention import resolve_attention_backend, set_diffusers_attention
@@ -73,7 +77,8 @@ def build_tiny(path):
 
 def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts: list[str]) -> FlowPolicy:
     """All `prompts` (and "") are encoded up front; the text encoders are then released. The time grid is the
-    pipeline scheduler's, dynamically shifted for the packed image sequence length (side / 2)^2."""
+    pipeline scheduler's on FluxPipeline's input sigmas linspace(1, 1/N, N), dynamically shifted (dev) for the packed
+    image sequence length (side / 2)^2 or statically (schnell)."""
     pipe = load_pipeline(cfg.model.path, dtype)
     side = cfg.model.resolution // pipe.vae_scale_factor
     if side % 2:
@@ -94,4 +99,5 @@ def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts:
     call = functools.partial(flux_call, guidance=cfg.model.guidance)
     return FlowPolicy(transformer, make_encoder(cache, device), make_decoder(pipe.vae.to(device)),
                       (transformer.config.in_channels // 4, side, side), device, dtype, call=call,
-                      sigmas=pipeline_sigmas(pipe.scheduler, cfg, image_seq_len=(side // 2) ** 2))
+                      sigmas=functools.partial(pipeline_sigmas(pipe.scheduler, cfg, image_seq_len=(side // 2) ** 2),
+                                               input_sigmas=linear_input_sigmas))

@@ -78,3 +78,47 @@ def test_policy_grid_is_the_dynamically_shifted_scheduler_grid(tmp_path, tiny_fl
         pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu)  # as FluxPipeline calls it
         torch.testing.assert_close(policy.time_grid(n), pipe.scheduler.sigmas.double(), atol=0, rtol=0)
         torch.testing.assert_close(policy.time_grid(n), dynamic_grid(n, mu), atol=1e-6, rtol=0)
+
+
+SCHNELL_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256, "base_shift": 0.5,
+                     "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 1.0,
+                     "use_dynamic_shifting": False}  # FLUX.1-schnell's scheduler_config.json
+
+
+def _stepped_sigmas(pipe, n: int, resolution: int) -> list[float]:
+    """The sigmas FluxPipeline itself steps through: the scheduler's sigma at each step, read in the step callback,
+    then the final one."""
+    seen = []
+
+    def record(p, i, t, kwargs):
+        seen.append(float(p.scheduler.sigmas[p.scheduler.step_index - 1]))
+        return {}
+
+    pipe(prompt="a red cube", height=resolution, width=resolution, num_inference_steps=n, guidance_scale=3.5,
+         output_type="latent", max_sequence_length=16, callback_on_step_end=record,
+         generator=torch.Generator().manual_seed(0))
+    return seen + [float(pipe.scheduler.sigmas[-1])]
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_policy_grid_is_the_grid_flux_pipeline_steps_through(tmp_path, tiny_flux, monkeypatch, variant):
+    """schnell (no dynamic shifting, shift 1): FluxPipeline passes sigmas = linspace(1, 1/N, N), so 4 steps are
+    1, .75, .5, .25, 0, not set_timesteps(4)'s 1, .667, .334, .001; dev: the same input sigmas shifted with mu."""
+    import shutil
+
+    from awm_fast.models.load import load_policy
+
+    monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
+    path = tiny_flux
+    if variant == "schnell":
+        path = tmp_path / "schnell"
+        shutil.copytree(tiny_flux, path)
+        (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHNELL_SCHEDULER))
+    cfg = _cfg(tmp_path, path)
+    policy = load_policy(cfg, torch.device("cpu"), prompts=["a red cube"])
+    pipe = load_flux_pipeline(str(path), torch.float32)
+    for n in (4, 6):
+        stepped = torch.tensor(_stepped_sigmas(pipe, n, cfg.model.resolution), dtype=torch.float64)
+        torch.testing.assert_close(policy.time_grid(n), stepped, atol=1e-7, rtol=0)
+    if variant == "schnell":
+        torch.testing.assert_close(policy.time_grid(4), torch.tensor([1, .75, .5, .25, 0], dtype=torch.float64))
