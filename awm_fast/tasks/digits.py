@@ -6,10 +6,14 @@
 - "Text encoder": a fixed, seeded table of token and pooled embeddings per digit (index 10 = empty prompt).
 - Classifier: a small MLP trained on a train split; its held-out accuracy is reported. The reward of a
   sample is the classifier's probability of the prompted digit.
-Everything is produced with fixed seeds and cached on disk under `cache_root()/digits/<key>/`.
+Everything is produced with fixed seeds and cached on disk under `cache_root()/digits/<key>/`. Building them draws
+from a forked RNG (`own_rng`): the process's global random state after `prepare_digits` is the same whether the
+cache was empty or not, so a run on an empty cache computes what the same run on a warm one does (the trainer
+seeds the LoRA initialisation before building the task).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -104,11 +108,24 @@ def _cache_key(cfg: DigitsConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+@contextlib.contextmanager
+def own_rng(seed: int):
+    """A block whose global (CPU) torch RNG is seeded with `seed` and restored afterwards (torch.random.fork_rng):
+    module initialisations inside it draw the same numbers every time and leave the caller's random state alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def pretrain_base_model(cfg: DigitsConfig, text: DigitsTextEncoder, seed: int = 0):
     """Flow-matching pretraining of the tiny transformer with 10% empty prompts (for optional CFG)."""
+    with own_rng(seed):
+        return _pretrain_base_model(cfg, text, seed)
+
+
+def _pretrain_base_model(cfg: DigitsConfig, text: DigitsTextEncoder, seed: int):
     from diffusers import SD3Transformer2DModel
 
-    torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = SD3Transformer2DModel(**tiny_transformer_config())
     images, labels = load_digit_images()
@@ -133,7 +150,11 @@ def pretrain_base_model(cfg: DigitsConfig, text: DigitsTextEncoder, seed: int = 
 
 def train_classifier(steps: int, seed: int = 0) -> tuple[DigitClassifier, float]:
     """Returns the classifier and its accuracy on the held-out split."""
-    torch.manual_seed(seed)
+    with own_rng(seed):
+        return _train_classifier(steps, seed)
+
+
+def _train_classifier(steps: int, seed: int) -> tuple[DigitClassifier, float]:
     g = torch.Generator().manual_seed(seed)
     images, labels = load_digit_images()
     train_idx, test_idx = split_indices(len(images))
