@@ -1,6 +1,6 @@
 """Reward registry: `load_reward(name_or_import_path, **options)` and the trainer's `build_reward`.
 
-Names: digits, jpeg_compressibility, jpeg_incompressibility, pickscore, clipscore, aesthetic, ocr, geneval,
+Names: digits, jpeg_compressibility, jpeg_incompressibility, pickscore, clipscore, aesthetic, ocr, geneval, hpsv2,
 http (a reward served over HTTP by `awm-fast serve-reward`);
 "package.module:function" for a user reward; several joined by "+" for a weighted sum (CombinedReward).
 Model-based rewards import their dependencies only when built.
@@ -53,6 +53,7 @@ REWARDS: dict[str, Callable] = {
     "aesthetic": LazyReward("aesthetic", "AestheticReward"),
     "ocr": LazyReward("ocr", "OcrReward"),
     "geneval": LazyReward("geneval", "GenEvalReward"),
+    "hpsv2": LazyReward("hpsv2", "HPSv2Reward"),
     "http": LazyReward("http", "HttpReward"),  # a reward served by `awm-fast serve-reward` (rewards/http.py)
 }
 
