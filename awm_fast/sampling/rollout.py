@@ -24,6 +24,7 @@ def sample_latents(
     null_cond: Conditioning | None = None,
     adapter: str | None = POLICY,
     sa_noise_window: tuple[float, float] = (0.3, 0.9),
+    initial_noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns the final latents x0 (B, *latent_shape) and the summed per-step log-probs (B,).
 
@@ -37,10 +38,11 @@ def sample_latents(
 
         return sa_solver_sample(policy, cond, grid, tau=noise_level, noise_window=sa_noise_window,
                                 generator=generator, guidance_scale=guidance_scale, null_cond=null_cond,
-                                adapter=adapter)
+                                adapter=adapter, initial_noise=initial_noise)
     batch = cond.embeds.shape[0]
     velocity = GuidedVelocity(policy, cond, guidance_scale, null_cond)
-    x = torch.randn((batch, *policy.latent_shape), generator=generator, device=policy.device, dtype=torch.float32)
+    x = initial_noise.float() if initial_noise is not None else torch.randn(
+        (batch, *policy.latent_shape), generator=generator, device=policy.device, dtype=torch.float32)
     log_prob = torch.zeros(batch, device=policy.device)
     for sigma, sigma_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
         v_cond, v_uncond = velocity(x, sigma, adapter)
@@ -49,3 +51,11 @@ def sample_latents(
         x = step.x_next
         log_prob += step.log_prob
     return x, log_prob
+
+
+def per_sample_noise(shape: tuple[int, ...], seeds: list[int], device: torch.device | str) -> torch.Tensor:
+    """x_1 (len(seeds), *shape): row i is N(0, I) drawn from a generator seeded by seeds[i] alone, so a sample's
+    noise does not depend on the batch it is drawn in, the batch size or the number of processes."""
+    rows = [torch.randn(shape, generator=torch.Generator(device=device).manual_seed(s), device=device,
+                        dtype=torch.float32) for s in seeds]
+    return torch.stack(rows)

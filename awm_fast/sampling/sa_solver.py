@@ -77,8 +77,8 @@ def few_steps_coefficients(nodes: list[float], lam_s: float, lam_t: float, c: fl
 @torch.no_grad()
 def sa_solver_sample(policy: FlowPolicy, cond: Conditioning, grid: torch.Tensor, *, tau: float,
                      noise_window: tuple[float, float], generator: torch.Generator, guidance_scale: float = 1.0,
-                     null_cond: Conditioning | None = None, adapter: str | None = POLICY
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     null_cond: Conditioning | None = None, adapter: str | None = POLICY,
+                     initial_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (x0 (B, ...) float32, zeros (B,)): SA-Solver has no per-step log-prob here."""
     if tau < 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
@@ -96,7 +96,8 @@ def sa_solver_sample(policy: FlowPolicy, cond: Conditioning, grid: torch.Tensor,
         return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32).double()
 
     shape = (batch, *policy.latent_shape)
-    x = torch.randn(shape, generator=generator, device=policy.device, dtype=torch.float32).double()
+    x = (initial_noise.float() if initial_noise is not None
+         else torch.randn(shape, generator=generator, device=policy.device, dtype=torch.float32)).double()
     draw(x)  # the official sampler draws (and never uses) one noise before the first step
     x0s = [data_prediction(x, times[0])]
     for k in range(1, len(times) - 1):

@@ -1,7 +1,8 @@
 """Evaluation: deterministic ODE samples from fixed seeds on a fixed prompt list, scored by the reward.
 
-Batch k (prompts [k B, (k + 1) B)) starts from noise seeded by (seed, k), so the samples do not depend on how
-many processes share the work: on N ranks, rank r evaluates batches r, r + N, ...; the reward sums are gathered
+Sample i starts from noise x_1 seeded by (seed, "eval", i) alone (`per_sample_noise`) and the ODE adds no
+noise, so a sample does not depend on the batch size or on how many processes share the work: before/after and
+run/run comparisons hold across both. On N ranks, rank r evaluates batches r, r + N, ...; the reward sums are gathered
 on every rank and the images (uint8) on rank 0; the other ranks return an empty tensor. Videos (N, F, C, H, W)
 are scored as rewards.base.score_batch says (by frame, or whole clips) and returned as frame strips (N, C, H, k W)
 (train.previews); with `preview_dir`, rank 0 also writes GIFs and frames of the first videos there.
@@ -15,7 +16,7 @@ import torch
 from awm_fast.models.policy import FlowPolicy
 from awm_fast.rewards import Reward, check_reward_output
 from awm_fast.rewards.base import evaluation_mode, is_video, score_batch
-from awm_fast.sampling.rollout import sample_latents
+from awm_fast.sampling.rollout import per_sample_noise, sample_latents
 from awm_fast.train.distributed import Dist, current
 from awm_fast.train.previews import frame_strip, write_previews
 from awm_fast.algorithms.update_loop import derived_seed
@@ -44,8 +45,11 @@ def evaluate(policy: FlowPolicy, reward: Reward, prompts: list[str], metadata: l
         start = starts[k]
         p, m = prompts[start:start + batch_size], metadata[start:start + batch_size]
         generator = torch.Generator(device=policy.device).manual_seed(derived_seed(seed, "eval", k))
+        noise = per_sample_noise(policy.latent_shape, [derived_seed(seed, "eval", i) for i in
+                                                        range(start, start + len(p))], policy.device)
         latents, _ = sample_latents(policy, policy.encode(p), grid, sampler="ode", noise_level=0.0,
-                                    generator=generator, guidance_scale=guidance_scale, null_cond=null_cond)
+                                    generator=generator, guidance_scale=guidance_scale, null_cond=null_cond,
+                                    initial_noise=noise)
         img = policy.decode(latents)
         with evaluation_mode(reward):
             out = score_batch(reward, img, p, m)
