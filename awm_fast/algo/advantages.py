@@ -2,6 +2,8 @@
 
     A = (r - mean_{group of r's prompt}(r)) / (std over ALL rewards of the step + 1e-4)
     A = clip(A, -clip_max, clip_max) / clip_max
+A group whose rewards are all equal gets exactly 0 (its mean, a rounded sum / count, may differ from them in the
+last bit): Flow-GRPO drops the zero-advantage samples (algo.flow_grpo.informative_samples).
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, clip_max: f
     sums = torch.zeros(len(uniq), dtype=torch.float64, device=r.device).index_add_(0, inverse, r)
     means = sums / counts.to(torch.float64)
     std = r.std(unbiased=False) if r.numel() > 1 else torch.zeros((), dtype=torch.float64)
-    adv = (r - means[inverse]) / (std + STD_EPS)
+    lows = torch.full_like(means, torch.inf).scatter_reduce(0, inverse, r, "amin")
+    flat = lows == torch.full_like(means, -torch.inf).scatter_reduce(0, inverse, r, "amax")
+    adv = torch.where(flat[inverse], 0.0, (r - means[inverse]) / (std + STD_EPS))  # exactly 0: sum / count may round
     return adv.clamp(-clip_max, clip_max) / clip_max
 
 

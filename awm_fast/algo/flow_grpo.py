@@ -12,6 +12,15 @@ mean_theta / mean_ref: the Gaussian means of the step under the policy and the r
 disabled); std: the official code's `std_dev_t` (`kl_std`): for Euler-Maruyama the noise scale per unit time
 a sqrt(sigma / (1 - sigma~)), NOT the transition's std (which is that times sqrt(sigma - sigma')), for CPS the
 transition's std. Official: c = 1e-4, beta 0.04 (GenEval, OCR).
+
+Which samples train (`informative_samples`, official scripts/train_sd3.py and train_sd3_fast.py): only those
+with A != 0, the local k of them split into the same M micro-batches of k / M rows each (the loss is a mean over a
+micro-batch, so a flat group no longer dilutes the others); when k is not a multiple of M (or is 0), M - k mod M
+zero-advantage samples drawn at random join them.
+
+The last rollout step of Euler-Maruyama (`euler_maruyama_final`, sigma -> 0, never trained) adds its noise as the
+official `sde_step_with_logprob` does: std = a sqrt(sigma / (1 - sigma~)), mean = x (1 - std^2 / 2) -
+v (sigma + std^2 (1 - sigma) / 2), x' = mean + std sqrt(sigma) xi.
 """
 from __future__ import annotations
 
@@ -45,6 +54,34 @@ def kl_std(kind: str, sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level
     if kind == "cps":
         return s_next * math.sin(noise_level * math.pi / 2)
     raise ValueError(f"kind={kind!r}: Flow-GRPO trains stochastic steps only (euler_maruyama or cps)")
+
+
+def informative_samples(advantages: torch.Tensor, num_batches: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices (ascending) of the samples an update trains: those with a non-zero advantage, plus
+    M - k mod M random zero-advantage ones when their count k is not a multiple of M = num_batches (or is 0)."""
+    if advantages.dim() != 1:
+        raise ValueError(f"advantages must be 1-d (one per sample), got shape {tuple(advantages.shape)}")
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or not 1 <= num_batches <= advantages.numel():
+        raise ValueError(f"num_batches={num_batches!r} must be an int in [1, {advantages.numel()}] (the samples)")
+    keep = advantages != 0
+    count = int(keep.sum())
+    if count % num_batches or count == 0:
+        zeros = (~keep).nonzero()[:, 0]
+        need = num_batches - count % num_batches
+        order = torch.randperm(zeros.numel(), generator=generator, device=generator.device).to(zeros.device)
+        keep[zeros[order[:need]]] = True
+    return keep.nonzero()[:, 0]
+
+
+def euler_maruyama_final(x: torch.Tensor, v: torch.Tensor, sigma: float, noise_level: float,
+                         noise: torch.Tensor) -> torch.Tensor:
+    """The official Euler-Maruyama step from sigma to 0 (module docstring), in float64, returned in x's dtype."""
+    if not 0 < sigma <= 1:
+        raise ValueError(f"sigma={sigma!r} must be in (0, 1] for the last step to 0")
+    s = torch.tensor(sigma, dtype=torch.float64)
+    std = noise_level * torch.sqrt(s / (1 - s)) if sigma < 1 else torch.tensor(float(noise_level), dtype=torch.float64)
+    mean = x.to(torch.float64) * (1 - std**2 / 2) - v.to(torch.float64) * (s + std**2 * (1 - s) / 2)
+    return (mean + std * torch.sqrt(s) * noise.to(torch.float64)).to(x.dtype)
 
 
 def flow_grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, *,

@@ -6,8 +6,10 @@ Sampling (`sample_trajectory`): steps k = 0 .. N-1 go from sigma_k to sigma_{k+1
 log-prob kept. With sde_window = W > 0 (Flow-GRPO-Fast) only W consecutive steps starting at
 k0 ~ U{0, ..., N // 2 - W} are stochastic; the others are Euler ODE steps (official yifan123/flow_grpo:
 sde_window_range = (0, num_steps // 2) in config/grpo.py, start = random.randint(range[0], range[1] - W), both
-ends inclusive; N = 10, W = 3: k0 in {0, 1, 2}). The last step (sigma_N = 0) is always deterministic.
-`sde_mask` marks the stochastic steps: the ones trained.
+ends inclusive; N = 10, W = 3: k0 in {0, 1, 2}). The last step (to sigma_N = 0) is never trained; without a
+window Euler-Maruyama still adds its noise there as the official rollout does (algo.flow_grpo.euler_maruyama_final;
+its stored log-prob is 0), with a window it is an Euler step (official Fast: noise 0 outside the window), and a
+CPS step to 0 has no noise. `sde_mask` marks the trained steps.
 
 Update: rows are (sample, step) pairs of a micro-batch over the masked steps. For each row the policy's
 log-prob of the stored transition x_k -> x_{k+1} is recomputed with sde_step(..., x_next=x_{k+1}) (same
@@ -16,7 +18,9 @@ the combine v = v_uncond + w (v_cond - v_uncond) (official scripts/train_sd3.py 
 in commit 2d76907 of 2025-07-15; a later revision, 74db691, combines without it; the Fast recipe trains without
 CFG, so it is unaffected). The reference (adapters disabled) gives the KL mean; the loss uses
 A = clip(A_raw, -5, 5) (the trainer's advantages, divided by adv_clip_max, times adv_clip_max).
-The shuffled samples are split into flow_grpo.optimizer_steps parts (official 2), round robin
+Only the samples with A != 0 train (official; algo.flow_grpo.informative_samples): the n / micro_batch
+micro-batches keep their number and shrink to k / M rows. The shuffled samples are split into
+flow_grpo.optimizer_steps parts (official 2), round robin
 (algorithms.update_loop); from the second part on the policy has moved, so r != 1 and the ratio clip acts
 (`clipfrac_later` says how often; `clipfrac_first` is on-policy, 0).
 
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from awm_fast.algo.flow_grpo import flow_grpo_loss, kl_std
+from awm_fast.algo.flow_grpo import euler_maruyama_final, flow_grpo_loss, informative_samples, kl_std
 from awm_fast.algorithms.base import Algorithm, Rollout, Sampled, UpdateContext
 from awm_fast.algorithms.update_loop import UpdateResult, run_update
 from awm_fast.models.lora import POLICY
@@ -82,8 +86,16 @@ def sample_trajectory(policy: FlowPolicy, cond: Conditioning, grid: torch.Tensor
     mask = sde_window_mask(num_steps, sde_window, generator)
     x = torch.randn((batch, *policy.latent_shape), generator=generator, device=policy.device, dtype=torch.float32)
     xs, log_probs = [x], []
+    noisy_last = sampler == "euler_maruyama" and sde_window == 0
     for k, (sigma, sigma_next) in enumerate(zip(grid[:-1].tolist(), grid[1:].tolist())):
         v_cond, v_uncond = velocity(x, sigma, adapter)
+        if noisy_last and sigma_next == 0:
+            v = v_cond if v_uncond is None else v_uncond + guidance_scale * (v_cond - v_uncond)
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            x = euler_maruyama_final(x, v, sigma, noise_level, noise)
+            xs.append(x)
+            log_probs.append(torch.zeros(batch, device=x.device, dtype=torch.float32))
+            continue
         step = sde_step(x, v_cond, sigma, sigma_next, generator=generator, noise_level=noise_level,
                         kind=sampler if mask[k] else "ode", v_uncond=v_uncond, guidance_scale=guidance_scale,
                         return_log_prob=True)
@@ -110,11 +122,16 @@ class FlowGRPO(Algorithm):
         xs, old_lp, mask = traj.xs, traj.log_probs, traj.sde_mask
         if advantages.shape != (xs.shape[0],):
             raise ValueError(f"advantages {tuple(advantages.shape)} must have one value per trajectory ({xs.shape[0]})")
+        if xs.shape[0] % tcfg.micro_batch:
+            raise ValueError(f"micro_batch {tcfg.micro_batch} must divide the {xs.shape[0]} local samples")
+        kept = informative_samples(advantages, xs.shape[0] // tcfg.micro_batch, ctx.rng)
+        kept_frac = torch.tensor(kept.numel() / xs.shape[0], dtype=torch.float64)
         adv_all = advantages.to(torch.float64) * tcfg.adv_clip_max
         sig = ctx.grid.to(xs.device, torch.float32)
         rollout_step = dict(noise_level=scfg.noise_level, kind=scfg.sampler, guidance_scale=scfg.guidance_scale)
 
-        def loss_fn(idx: torch.Tensor, _gen: torch.Generator, part: int):
+        def loss_fn(pos: torch.Tensor, _gen: torch.Generator, part: int):
+            idx = kept.to(pos.device)[pos]
             b, k = mask[idx].nonzero(as_tuple=True)
             rows = idx[b]
             x, x_next, sigma, sigma_next = xs[rows, k], xs[rows, k + 1], sig[k], sig[k + 1]
@@ -133,10 +150,11 @@ class FlowGRPO(Algorithm):
                                  mean=step.mean, mean_ref=mean_ref, std=std)
             parts = {"loss": out.loss.detach(), "policy_loss": out.policy_loss, "kl": out.kl,
                      "clipfrac": out.clipfrac, "approx_kl": out.approx_kl, "log_prob": step.log_prob.detach().mean(),
-                     "clipfrac_first" if part == 0 else "clipfrac_later": out.clipfrac}
+                     "clipfrac_first" if part == 0 else "clipfrac_later": out.clipfrac, "kept": kept_frac}
             return out.loss, parts
 
-        result = run_update(ctx, xs.shape[0], tcfg.micro_batch, tcfg.max_grad_norm, loss_fn,
+        rows_per_micro = kept.numel() // (xs.shape[0] // tcfg.micro_batch)
+        result = run_update(ctx, kept.numel(), rows_per_micro, tcfg.max_grad_norm, loss_fn,
                             optimizer_steps=g.optimizer_steps, device=xs.device)
         result.losses.setdefault("clipfrac_later", 0.0)
         return result

@@ -25,6 +25,13 @@ def test_all_equal_rewards_give_zero_advantages_without_nan():
     assert torch.equal(adv, torch.zeros(6, dtype=torch.float64))
 
 
+def test_flat_groups_get_exactly_zero_even_when_their_mean_rounds(gen):
+    # 0.1 + 0.1 + 0.1 = 0.30000000000000004: the group mean is not 0.1, yet the group carries no signal
+    r = torch.cat([torch.full((3,), 0.1, dtype=torch.float64), torch.rand(3, generator=gen, dtype=torch.float64)])
+    adv = group_advantages(r, torch.arange(2).repeat_interleave(3))
+    assert torch.equal(adv[:3], torch.zeros(3, dtype=torch.float64)) and (adv[3:] != 0).all()
+
+
 def test_groups_need_not_be_contiguous(gen):
     r = torch.rand(6, generator=gen, dtype=torch.float64)
     g = torch.tensor([1, 0, 1, 0, 1, 0])

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from awm_fast.algo.flow_grpo import flow_grpo_loss, kl_std
+from awm_fast.algo.flow_grpo import euler_maruyama_final, flow_grpo_loss, informative_samples, kl_std
 from awm_fast.ops import sde_step
 
 f64 = torch.float64
@@ -64,3 +64,35 @@ def test_kl_std_against_the_noise_scale_of_sde_step(gen, kind):
     if kind == "euler_maruyama":
         std = std * (sigma - sigma_next).sqrt()
     torch.testing.assert_close(step.x_next - step.mean, std.view(-1, 1, 1, 1) * noise)
+
+
+def test_informative_samples_as_the_official_filter(gen):
+    """Official train_sd3.py: keep A != 0; if their count k is not a multiple of the M batches (or is 0), add
+    M - k mod M random zero-advantage samples."""
+    adv = torch.rand(12, generator=gen, dtype=f64) - 0.5
+    adv[[1, 4, 5, 9]] = 0.0
+    assert informative_samples(adv, 4, gen).tolist() == [0, 2, 3, 6, 7, 8, 10, 11]  # k = 8: nothing added
+    picked = set()
+    for _ in range(40):
+        kept = informative_samples(adv, 3, gen)  # k = 8 -> 9: one of the four zeros joins
+        assert kept.numel() == 9 and kept.tolist() == sorted(kept.tolist())
+        extra = set(kept.tolist()) - {0, 2, 3, 6, 7, 8, 10, 11}
+        assert len(extra) == 1 and extra <= {1, 4, 5, 9}
+        picked |= extra
+    assert picked == {1, 4, 5, 9}  # drawn at random
+    assert informative_samples(torch.zeros(12, dtype=f64), 4, gen).numel() == 4  # all flat: one per batch
+    assert informative_samples(adv.abs() + 0.1, 4, gen).tolist() == list(range(12))
+    with pytest.raises(ValueError, match="num_batches=13"):
+        informative_samples(adv, 13, gen)
+
+
+def test_euler_maruyama_final_is_the_official_step_to_zero(gen):
+    x, v, xi = (torch.randn(3, 2, 4, 4, generator=gen, dtype=f64) for _ in range(3))
+    for s, a in ((0.3, 0.7), (0.05, 1.0)):
+        std, dt = a * math.sqrt(s / (1 - s)), -s
+        mean = x * (1 + std**2 * dt / (2 * s)) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt  # official formula
+        torch.testing.assert_close(euler_maruyama_final(x, v, s, a, xi), mean + std * math.sqrt(-dt) * xi)
+    # sigma = 1 (a one-step grid): official sigma~ = sigma_next = 0, so std = a
+    torch.testing.assert_close(euler_maruyama_final(x, v, 1.0, 0.7, xi), x * (1 - 0.49 / 2) - v + 0.7 * xi)
+    with pytest.raises(ValueError, match="sigma=0.0"):
+        euler_maruyama_final(x, v, 0.0, 0.7, xi)

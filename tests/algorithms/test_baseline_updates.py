@@ -82,6 +82,36 @@ def test_flow_grpo_cfg_gradient_flows_through_the_conditional_branch_only():
     torch.testing.assert_close(got, ref, **tol(torch.float32))
 
 
+def test_flow_grpo_trains_only_the_nonzero_advantage_samples():
+    """Official train_sd3.py drops the A = 0 samples before the update: the 2 informative samples of 4, in the
+    same 2 micro-batches (now of 1 row each), give the gradient of the mean loss over those 2 alone (twice the
+    gradient of a mean over all 4)."""
+    policy, gen = _lora_policy(), torch.Generator().manual_seed(2)
+    n, w, a = 4, 4.5, 0.7
+    cond, null = _cond(n, gen), _cond(1, gen)
+    grid = time_grid(4, 3.0)
+    traj = sample_trajectory(policy, cond, grid, sampler="euler_maruyama", noise_level=a, generator=gen,
+                             guidance_scale=w, null_cond=null)
+    adv = torch.rand(n, generator=gen, dtype=f64) * 2 - 1
+    adv[[1, 2]] = 0.0
+    params = list(adapter_params(policy.transformer, POLICY).values())
+    lp, b = _official_grpo_log_prob(policy, traj.xs, traj.sde_mask, cond, null, grid, w, a, detach_uncond=True)
+    informative = adv[b] != 0
+    loss = (-(5 * adv[b]) * torch.exp(lp - lp.detach()))[informative].mean()  # on-policy: r == 1
+    ref = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+    traj.log_probs = traj.log_probs.clone()
+    traj.log_probs[traj.sde_mask] = lp.detach().float()
+    before = [p.detach().clone() for p in params]
+    cfg = Config(train=TrainConfig(algorithm="flow_grpo", micro_batch=2, max_grad_norm=1e12),
+                 sample=SampleConfig(sampler="euler_maruyama", noise_level=a, guidance_scale=w),
+                 flow_grpo=FlowGRPOConfig(optimizer_steps=1, beta=0.0, clip_range=0.5))
+    stats = update_on(cfg, policy, traj.xs[:, -1], cond, adv, grid, MicroBatchRNG(1, 0),
+                      torch.optim.SGD(params, lr=1.0), params, kept=traj, null_cond=null)
+    assert stats.skipped == 0 and stats.losses["kept"] == 0.5
+    got = -torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(params, before)])  # SGD lr 1: delta = -grad
+    torch.testing.assert_close(got, ref, **tol(torch.float32))
+
+
 def test_nft_trains_nine_distinct_rollout_timesteps_per_sample():
     policy, gen = _lora_policy(), torch.Generator().manual_seed(2)
     seen = []
