@@ -1,7 +1,7 @@
 """Reward registry: `load_reward(name_or_import_path, **options)` and the trainer's `build_reward`.
 
 Names: digits, jpeg_compressibility, jpeg_incompressibility, pickscore, clipscore, aesthetic, ocr, geneval, hpsv2,
-http (a reward served over HTTP by `awm-fast serve-reward`);
+imagereward, http (a reward served over HTTP by `awm-fast serve-reward`);
 "package.module:function" for a user reward; several joined by "+" for a weighted sum (CombinedReward).
 Model-based rewards import their dependencies only when built.
 """
@@ -54,6 +54,7 @@ REWARDS: dict[str, Callable] = {
     "ocr": LazyReward("ocr", "OcrReward"),
     "geneval": LazyReward("geneval", "GenEvalReward"),
     "hpsv2": LazyReward("hpsv2", "HPSv2Reward"),
+    "imagereward": LazyReward("imagereward", "ImageRewardReward"),
     "http": LazyReward("http", "HttpReward"),  # a reward served by `awm-fast serve-reward` (rewards/http.py)
 }
 
@@ -70,6 +71,39 @@ def _load_one(name: str, options: dict):
     except TypeError as exc:
         raise TypeError(f"reward {name!r}: bad option ({exc})") from None
     return builder(**options)  # a TypeError from inside the constructor is its own, not a bad option
+
+
+def _accepted(name: str) -> list[str] | None:
+    """The option names registered reward `name` takes (the digits classifier is the task's, not an option);
+    None when it takes any (a `**kwargs` constructor) or cannot be known before import (an import path)."""
+    builder = REWARDS.get(name)
+    if builder is None:
+        return None
+    signature = builder.signature() if isinstance(builder, LazyReward) else inspect.signature(builder)
+    params = [p for p in signature.parameters.values() if not (name == "digits" and p.name == "classifier")]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+
+
+def unknown_option(name: str, options: dict) -> tuple[str, str] | None:
+    """The first key of `options` (reward.options) that reward `name` does not take, as (its dotted path inside
+    options, what is taken there), or None. A combination "a+b" takes one mapping per component, keyed by the
+    component's name; import-path rewards are not checked (their options are known only once imported)."""
+    parts = [p.strip() for p in name.split("+")]
+    if len(parts) == 1:
+        taken = _accepted(parts[0])
+        bad = [k for k in options if taken is not None and k not in taken]
+        return (bad[0], ", ".join(taken) or "no options") if bad else None
+    for key, sub in options.items():
+        if key not in parts:
+            return key, "one mapping per component: " + ", ".join(parts)
+        if not isinstance(sub, dict):
+            return key, f"a mapping of {key}'s options"
+        found = unknown_option(key, sub)
+        if found:
+            return f"{key}.{found[0]}", found[1]
+    return None
 
 
 def load_reward(name: str, **options) -> Reward:
@@ -106,4 +140,4 @@ def build_reward(name: str, *, digits_classifier=None, weights: list[float] | No
 
 
 __all__ = ["REWARDS", "CombinedReward", "FunctionReward", "LazyReward", "Reward", "build_reward",
-           "check_reward_output", "load_reward"]
+           "check_reward_output", "load_reward", "unknown_option"]
