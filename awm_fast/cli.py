@@ -79,6 +79,7 @@ def _train_config(args):
         raise ConfigError(f"--config {args.config} with --resume: a resumed run continues with its own config "
                           f"(saved in {args.resume}); give only the overrides that change it (section.key=value)")
     cfg, changes, ckpt = resume_config(args.resume, args.overrides)
+    args.resume = str(ckpt)  # the one resolved (a run folder's newest readable checkpoint), not resolved again
     if os.environ.get("RANK", "0") == "0":
         print(f"[resume] {ckpt} with its saved config" + (
             "; resuming with changed: " + ", ".join(str(c) for c in changes) if changes else ""), flush=True)
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")
     try:
         summary_path = train(cfg, resume=args.resume)
-    except (ValueError, FileNotFoundError, TrainingError) as exc:
+    except (ValueError, OSError, TrainingError) as exc:  # OSError: a full disk (state_file.DiskFull), ...
         where = f" (rank {rank})" if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
         return _error(exc, 1, where)
     if rank == "0":

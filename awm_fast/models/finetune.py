@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from awm_fast.models.lora import EMA, POLICY, adapter_params, update_ema_adapter
+from awm_fast.state_file import STATE_FILE, CheckpointError, load_state
 
 if TYPE_CHECKING:
     from awm_fast.models.policy import FlowPolicy
@@ -83,13 +84,13 @@ class Lora(Finetune):
 
     def load_checkpoint(self, ckpt, policy, optimizer):
         load_adapters(ckpt, policy.transformer)
-        state = torch.load(Path(ckpt) / "state.pt", weights_only=False)
+        state = load_state(Path(ckpt) / STATE_FILE)
         optimizer.load_state_dict(state["optimizer"])
         return state
 
     def load_trained(self, ckpt, policy):
         load_adapters(ckpt, policy.transformer)
-        return torch.load(Path(ckpt) / "state.pt", weights_only=False)
+        return load_state(Path(ckpt) / STATE_FILE)
 
 
 class Full(Finetune):
@@ -121,17 +122,21 @@ class Full(Finetune):
     def load_checkpoint(self, ckpt, policy, optimizer):
         from awm_fast.models.full_finetune import load_full_state
 
-        state = torch.load(Path(ckpt) / "state.pt", weights_only=False)
+        state = load_state(Path(ckpt) / STATE_FILE)
         load_full_state(ckpt, policy, optimizer, state["optimizer"])
         return state
 
     def load_trained(self, ckpt, policy):
-        from safetensors.torch import load_file
-
         from awm_fast.models.full_finetune import WEIGHTS
 
-        policy.transformer.load_state_dict(load_file(str(Path(ckpt) / POLICY / WEIGHTS)))  # default/: the trained one
-        return torch.load(Path(ckpt) / "state.pt", weights_only=False, map_location="cpu")
+        weights = read_weights(Path(ckpt) / POLICY / WEIGHTS)
+        try:
+            policy.transformer.load_state_dict(weights)  # default/: the trained one
+        except RuntimeError as exc:
+            detail = [line.strip() for line in str(exc).splitlines() if line.strip()][-1]
+            raise CheckpointError(f"checkpoint {ckpt} does not fit this model ({detail}): a checkpoint of another "
+                                  "model or size") from None
+        return load_state(Path(ckpt) / STATE_FILE)
 
 
 LORA, FULL = Lora(), Full()
@@ -145,21 +150,36 @@ def get_finetune(name: str) -> Finetune:
     return FINETUNES[name]
 
 
-def load_adapters(ckpt: Path, transformer) -> None:
-    """Copy both adapters' weights of a LoRA checkpoint (default/ and ema/, the pipeline LoRA format) into the
-    transformer."""
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; CheckpointError (one line) when it is truncated or not safetensors."""
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type: truncated, garbage, missing
+        raise CheckpointError(f"checkpoint weights {path} are unreadable ({str(exc).strip().splitlines()[0]}): "
+                              "truncated or damaged; use an earlier checkpoint") from None
+
+
+def load_adapters(ckpt: Path, transformer) -> None:
+    """Copy both adapters' weights of a LoRA checkpoint (default/ and ema/, the pipeline LoRA format) into the
+    transformer; CheckpointError naming a file that cannot be read, or a shape (another model.lora_rank) that
+    differs from the model's."""
     for name in (POLICY, EMA):
         path = Path(ckpt) / name / LORA_WEIGHTS
         if not path.is_file():
             raise ValueError(f"checkpoint {ckpt} has no {name}/{path.name}: not a LoRA checkpoint "
                              "(a train.finetune=full one holds diffusion_pytorch_model.safetensors)")
-        weights = {k.removeprefix(PREFIX): v for k, v in load_file(str(path)).items()}
+        weights = {k.removeprefix(PREFIX): v for k, v in read_weights(path).items()}
         params = adapter_params(transformer, name)
         missing = sorted(set(params) - set(weights))
         if missing:
             raise ValueError(f"checkpoint {ckpt} adapter {name!r} lacks {len(missing)} tensors, e.g. {missing[0]}")
+        for key, p in params.items():
+            if weights[key].shape != p.shape:
+                raise CheckpointError(
+                    f"checkpoint {ckpt} adapter {name!r} does not fit this model: {key} is {tuple(weights[key].shape)}, "
+                    f"the model's {tuple(p.shape)} (a checkpoint of another model.lora_rank or model)")
         with torch.no_grad():
             for key, p in params.items():
                 p.copy_(weights[key])

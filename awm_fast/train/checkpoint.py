@@ -9,24 +9,32 @@ Layout of `<run>/checkpoints/step_000050/`:
     config.yaml: the run's resolved config at that step (what `awm-fast train --resume` continues with)
     state.pt: optimizer, evaluation EMA, every rank's RNG states, sampler position (seed, step, world size),
         step, metrics history, evaluations
-A checkpoint is written to a temporary folder and renamed into place, so a run killed while writing leaves
-the previous checkpoints intact (and a `.tmp_*` folder that the next save removes); older ones beyond `keep`
-are renamed to `.trash_*` before being deleted, so a half-deleted folder is never taken for a checkpoint.
+A checkpoint is written to a temporary folder, fsync'ed (every file, then the folders) and renamed into place,
+the checkpoints folder fsync'ed after (as PyTorch DCP publishes), so a run killed or a machine lost while
+writing leaves the previous checkpoints intact (and a `.tmp_*` folder that the next save removes); older ones
+beyond `keep` are renamed to `.trash_*` before being deleted, so a half-deleted folder is never taken for a
+checkpoint. A full disk (ENOSPC) is one DiskFull line saying what to do. state.pt holds tensors and plain
+containers only and is read with weights_only=True (awm_fast/state_file.py); a run folder's newest checkpoint
+that cannot be read is skipped for the newest readable one, with a warning naming both.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from awm_fast.models.finetune import load_adapters
 from awm_fast.models.lora import EMA, POLICY
+from awm_fast.state_file import DISK_FULL, STATE_FILE, CheckpointError, DiskFull, disk_full, fsync_dir, fsync_tree, load_state, \
+    save_state
 from awm_fast.train.faults import run_event
+
+logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -40,8 +48,19 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, transformer, state: dict, keep: int, weights: dict | None = None) -> Path:
-    """weights (full fine-tuning): {"default": state dict, "ema": state dict} saved instead of the adapters."""
+    """weights (full fine-tuning): {"default": state dict, "ema": state dict} saved instead of the adapters.
+    `state` may hold tensors and plain containers (numpy arrays, paths, dataclasses are converted:
+    state_file.to_plain); a full disk raises DiskFull (an OSError) saying what to do."""
     folder = Path(run_dir) / "checkpoints"
+    try:
+        return _save(folder, step, transformer, state, keep, weights)
+    except OSError as exc:
+        if exc.errno in DISK_FULL and not isinstance(exc, DiskFull):
+            raise disk_full(exc, f"checkpoint step_{step:06d}", folder) from None
+        raise
+
+
+def _save(folder: Path, step: int, transformer, state: dict, keep: int, weights: dict | None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:06d}"
     for stale in folder.glob(".t*_step_*"):  # left by a run killed while writing or deleting
@@ -53,14 +72,16 @@ def save_checkpoint(run_dir: Path, step: int, transformer, state: dict, keep: in
         else:
             save_model(transformer, weights[name], tmp / name)
     run_event("checkpoint", step)  # a SIGKILL here must leave the earlier checkpoints usable
-    torch.save({**state, "step": step}, tmp / "state.pt")
+    save_state({**state, "step": step}, tmp / STATE_FILE)
     if isinstance(state.get("config"), dict):  # the config it was trained with, readable (`--resume` takes it)
         import yaml
 
         (tmp / "config.yaml").write_text(yaml.safe_dump(state["config"], sort_keys=False))
+    fsync_tree(tmp)  # the files' contents are on disk before the rename publishes them
     _remove(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    fsync_dir(folder)  # ... and the rename itself
+    for old in list_checkpoints(folder.parent)[:-keep]:
         _remove(old)
     return final
 
@@ -98,18 +119,46 @@ def save_lora(transformer, adapter: str, folder: Path) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its newest checkpoint)."""
+    """A checkpoint folder (itself), or a run folder: its newest readable checkpoint (`check_readable`); a newer
+    one that cannot be read is skipped with a warning naming it and the one taken instead."""
     path = Path(path)
-    if (path / "state.pt").is_file():
+    if (path / STATE_FILE).is_file():
         return path
     found = list_checkpoints(path)
     if not found:
         raise FileNotFoundError(f"no checkpoint in {path} (expected {path}/checkpoints/step_NNNNNN/state.pt)")
-    return found[-1]
+    first_error = None
+    for ckpt in reversed(found):
+        try:
+            check_readable(ckpt)
+        except CheckpointError as exc:
+            first_error = first_error or exc
+            continue
+        if first_error is not None:
+            logger.warning(f"[warn] the newest checkpoint of {path} cannot be read ({first_error}); falling back to "
+                           f"the newest readable one, {ckpt}")
+        return ckpt
+    raise CheckpointError(f"no readable checkpoint in {path}: {first_error}")
+
+
+def check_readable(ckpt: Path) -> None:
+    """CheckpointError unless `ckpt`'s state.pt loads (weights_only, tensors not read) and every weights file's
+    header is whole (safetensors checks that the data covers the file)."""
+    from safetensors import safe_open
+
+    load_state(Path(ckpt) / STATE_FILE, mmap=True)
+    for file in sorted(Path(ckpt).glob("*/*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type: truncated, garbage
+            raise CheckpointError(f"checkpoint weights {file} are unreadable ({str(exc).splitlines()[0]}); resume "
+                                  "from an earlier checkpoint (--resume RUN/checkpoints/step_NNNNNN) or start a new "
+                                  "run") from None
 
 
 def load_checkpoint(ckpt: Path, transformer) -> dict:
     """Copy both adapters' weights into the transformer (models.finetune.load_adapters); return the saved
-    training state."""
+    training state (read with weights_only=True: state_file.load_state)."""
     load_adapters(ckpt, transformer)
-    return torch.load(ckpt / "state.pt", weights_only=False)
+    return load_state(Path(ckpt) / STATE_FILE)

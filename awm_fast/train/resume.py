@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 
 from awm_fast.config import NON_RESUMABLE, Config, ConfigError, _merge, parse_override, set_value, validate
+from awm_fast.state_file import STATE_FILE, CheckpointError, load_state
 from awm_fast.train.checkpoint import resolve_checkpoint
 
 CONFIG_FILE = "config.yaml"
@@ -54,7 +54,7 @@ def saved_config(ckpt: Path) -> tuple[dict, str]:
     run_file = ckpt.parent.parent / CONFIG_FILE
     for path in (ckpt / CONFIG_FILE, None, run_file):
         if path is None:
-            state = torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")
+            state = load_state(ckpt / STATE_FILE, mmap=True)  # weights_only: nothing in it runs
             if isinstance(state.get("config"), dict):
                 return state["config"], str(ckpt / "state.pt")
         elif path.is_file():
@@ -101,9 +101,9 @@ def resume_config(resume: str | Path, overrides: list[str] | tuple[str, ...] = (
     """(config to continue with, its changes from the saved one, the checkpoint) for `--resume RUN|CKPT`."""
     try:
         ckpt = resolve_checkpoint(resume)
-    except FileNotFoundError as exc:
+        data, source = saved_config(ckpt)
+    except (FileNotFoundError, CheckpointError) as exc:
         raise ResumeError(str(exc)) from None
-    data, source = saved_config(ckpt)
     saved = build_config(data, source)
     cfg = build_config(data, source, overrides)
     changes = config_changes(saved, cfg)

@@ -14,27 +14,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from awm_fast.algo.advantages import count_flat_groups, group_advantages
 from awm_fast.algorithms import get_algorithm
 from awm_fast.algorithms.base import Algorithm, Rollout, UpdateContext
 from awm_fast.algorithms.update_loop import MicroBatchRNG, UpdateResult, derived_seed
 from awm_fast.config import Config
-from awm_fast.logs import only_main
+from awm_fast.logs import only_main, progress_bar
 from awm_fast.models.lora import EvalEMA
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.train import checkpoint as ckpt
-from awm_fast.train import report
+from awm_fast.train import progress, report
 from awm_fast.train.distributed import Dist, current, init_distributed, shutdown, wrap_for_training
 from awm_fast.train.evaluate import evaluate
 from awm_fast.train.faults import NonFiniteGuard, RetryingReward, out_of_memory, run_event
 from awm_fast.train.logger import MetricsLogger
-from awm_fast.train.resume import build_config, check_resumable, config_changes, dump_config, saved_config
+from awm_fast.train.resume import dump_config
+from awm_fast.train.run_folder import lineage, open_run_folder
 from awm_fast.train.wandb_logger import open_wandb
 from awm_fast.train.task import Task, build_task
 
@@ -77,7 +76,7 @@ def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, seed: int, al
     cond = task.policy.encode(prompts)
     t0 = time.perf_counter()
     batches = []
-    for b in tqdm(range(0, n_local, s.batch_size), desc="sample", unit="batch", leave=False, disable=None):
+    for b in progress_bar(range(0, n_local, s.batch_size), desc="sample", unit="batch", leave=False):
         gen = torch.Generator(device=task.policy.device).manual_seed(
             derived_seed(seed, step, "rollout", (lo + b) // s.batch_size))
         batches.append(algo.sample(task.policy, cond[b:b + s.batch_size], grid, gen, task.null_cond))
@@ -142,7 +141,8 @@ def train(cfg: Config, *, resume: str | None = None) -> Path:
         with only_main(d.is_main):
             if cfg.run.threads:
                 torch.set_num_threads(cfg.run.threads)
-            path = _train(cfg, d, resume)
+            with contextlib.ExitStack() as held:  # the run folder's lock (train/run_folder.py)
+                path = _train(cfg, d, resume, held)
     finally:
         torch.set_num_threads(threads)
     if d.enabled:
@@ -182,7 +182,7 @@ def save_state(run_dir: Path, step: int, cfg: Config, policy, optimizer, eval_em
         ckpt.save_checkpoint(run_dir, step, policy.transformer, state, cfg.run.keep_checkpoints, weights)
 
 
-def _train(cfg: Config, d: Dist, resume: str | None) -> Path:
+def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack) -> Path:
     t, s = cfg.train, cfg.sample
     images_per_step = s.prompts_per_step * s.group_size
     if images_per_step % (d.world * s.batch_size):
@@ -191,13 +191,9 @@ def _train(cfg: Config, d: Dist, resume: str | None) -> Path:
                          f"(needs a multiple of {d.world * s.batch_size})")
     torch.manual_seed(t.seed)  # the LoRA initialisation: the same in every run and on every rank
     device = d.device
-    ckpt_path = ckpt.resolve_checkpoint(resume) if resume else None
-    run_dir = ckpt_path.parent.parent if ckpt_path else \
-        Path(cfg.run.output_dir) / d.broadcast_object(cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if ckpt_path:  # the Python API's check (the CLI reports every change first: train/resume.py)
-        check_resumable(config_changes(build_config(*saved_config(ckpt_path)), cfg))
+    # created and locked; a resume goes on in place or in a new branch folder that records its parent
+    run_dir, ckpt_path, cfg = open_run_folder(cfg, resume, d, held)
     if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")  # at the start: a killed run can be resumed as it was
     t_start = time.perf_counter()
     with d.main_first():  # rank 0 builds the caches (digits model, prompt embeddings), the others read them
@@ -245,6 +241,7 @@ def _train(cfg: Config, d: Dist, resume: str | None) -> Path:
         if metrics_logger is not None:
             metrics_logger.log(done, metrics)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{result.losses['loss']:.4f}", refresh=False)
+        lines.update(done, metrics, step_s)
         nonfinite.update(done, result.skipped > 0)
         if metrics["flat_groups"] == s.prompts_per_step:
             logger.warning(f"[warn] step {done}: every prompt group has identical rewards: zero advantages, "
@@ -261,8 +258,10 @@ def _train(cfg: Config, d: Dist, resume: str | None) -> Path:
     micro_per_rank = images_per_step // d.world // t.micro_batch
     scorer = AsyncRewardScorer(task.reward, cfg.reward.num_workers)
     with scorer:
-        bar = tqdm(range(start, t.steps), desc=t.algorithm, unit="step", initial=start, total=t.steps, mininterval=1.0,
-                   disable=not d.is_main or None)
+        bar = progress_bar(range(start, t.steps), main=d.is_main, desc=t.algorithm, unit="step", initial=start,
+                           total=t.steps, mininterval=1.0)
+        lines = progress.StepLines(t.steps, start, every_s=cfg.run.log_every_s,
+                                   enabled=d.is_main and bar.disable)  # a log line where no bar shows
         for step in bar:
             clock = StepClock(device)
             with clock.phase("rollout"), out_of_memory_stops("the rollout", device):
@@ -285,7 +284,7 @@ def _train(cfg: Config, d: Dist, resume: str | None) -> Path:
         return run_dir / "summary.json"
     summary = {"eval_before": {k: v for k, v in evals[0].items() if k not in ("step", "weights")},
                "eval_after": after, "train_seconds": train_seconds, "steps": t.steps, "world_size": d.world,
-               "total_seconds_this_process": time.perf_counter() - t_start, **task.info}
+               "total_seconds_this_process": time.perf_counter() - t_start, **task.info, **lineage(run_dir)}
     if after_ema is not None:
         summary["eval_after_ema"] = after_ema
     report.plot_curves(metrics_logger.history, evals, run_dir / "curves.png")
