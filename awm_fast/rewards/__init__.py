@@ -1,7 +1,8 @@
 """Reward registry: `load_reward(name_or_import_path, **options)` and the trainer's `build_reward`.
 
 Names: digits, jpeg_compressibility, jpeg_incompressibility, pickscore, clipscore, aesthetic, ocr, geneval, hpsv2,
-imagereward, http (a reward served over HTTP by `awm-fast serve-reward`);
+imagereward, vlm_judge (a VLM over an OpenAI-compatible chat API), http (a reward served over HTTP by
+`awm-fast serve-reward`);
 "package.module:function" for a user reward; several joined by "+" for a weighted sum (CombinedReward).
 Model-based rewards import their dependencies only when built.
 """
@@ -55,6 +56,7 @@ REWARDS: dict[str, Callable] = {
     "geneval": LazyReward("geneval", "GenEvalReward"),
     "hpsv2": LazyReward("hpsv2", "HPSv2Reward"),
     "imagereward": LazyReward("imagereward", "ImageRewardReward"),
+    "vlm_judge": LazyReward("vlm_judge", "VlmJudgeReward"),  # a VLM over an OpenAI-compatible chat API
     "http": LazyReward("http", "HttpReward"),  # a reward served by `awm-fast serve-reward` (rewards/http.py)
 }
 
