@@ -88,7 +88,8 @@ class TrainConfig:
     beta: float = 0.001
     ema_beta: float = 1.0
     ema_kl_without_beta: bool = False  # official: no KL term at all when beta = 0; true keeps the EMA KL alone
-    kl_weighting: str = "uniform"  # uniform | elbo
+    kl_weighting: str = "uniform"  # uniform | elbo: the reference KL term's (official kl_weight)
+    kl_ema_weighting: str = "uniform"  # uniform | elbo: the EMA KL term's (official kl_ema_weight)
     adv_clip_max: float = 5.0
     lr: float = 3e-4
     adam_beta1: float = 0.9
@@ -123,6 +124,7 @@ class NFTConfig:
     kl_beta: float = 1e-4  # weight of mean (v - v_ref)^2
     decay_rate: float = 0.001  # "old" policy (the "ema" adapter) decay d = min(decay_cap, decay_rate * step)
     decay_cap: float = 0.5
+    decay_flat: int = 0  # d = 0 for the first decay_flat steps, then min(decay_cap, decay_rate (step - decay_flat))
     timestep_fraction: float = 0.99  # each sample trains int(num_steps * this) rollout timesteps (official: 9 of 10)
     sampler: str = "dpm2"  # rollout of the "old" policy: dpm2 (official, sampling/dpm_solver.py) | ode (Euler)
 
@@ -239,6 +241,7 @@ CHOICES = {  # each list lives with its owner
     "train.weighting": _Owned("awm_fast.ops.awm_loss_torch:WEIGHTINGS"),
     "train.ratio_mode": _Owned("awm_fast.ops.awm_loss_torch:RATIO_MODES"),
     "train.kl_weighting": _Owned("awm_fast.ops.awm_loss_torch:KL_WEIGHTINGS"),
+    "train.kl_ema_weighting": _Owned("awm_fast.ops.awm_loss_torch:KL_WEIGHTINGS"),
     "reward.name": _RewardNames("awm_fast.rewards:REWARDS"),
     "run.device": _Owned("awm_fast.env:DEVICES"),
     "run.dist_backend": ("auto", "nccl", "gloo"),
@@ -263,7 +266,7 @@ POSITIVE = ["model.text_tokens", "model.lora_rank", "model.lora_alpha", "model.r
             "run.dist_timeout_s"]
 NON_NEGATIVE = ["reward.num_workers", "sample.eval_batch_size", "sample.noise_level", "train.beta", "train.ema_beta", "train.weight_decay", "train.ema_decay_rate",
                 "train.ema_decay_cap", "flow_grpo.beta", "flow_grpo.sde_window", "nft.kl_beta",
-                "nft.decay_rate", "nft.decay_cap", "digits.pretrain_steps", "digits.classifier_steps", "run.eval_every",
+                "nft.decay_rate", "nft.decay_cap", "nft.decay_flat", "digits.pretrain_steps", "digits.classifier_steps", "run.eval_every",
                 "run.checkpoint_every", "run.threads", "train.max_nonfinite_steps", "reward.retries",
                 "reward.retry_wait_s"]
 

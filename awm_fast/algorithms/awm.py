@@ -10,9 +10,10 @@ official), then for every (timestep k, sample b) row (timestep-major, row = k B 
 x_t = (1 - t) x0 + t eps and u = eps - x0. The same rows go to the policy ("default" adapter, with grad), the
 reference (adapters disabled) and the "ema" adapter (three calls, or with train.shared_batch the policy call and
 one no-grad call over the [ref; ema] rows: models.shared_batch); as in the official code both KL terms run only
-when beta > 0 (`effective_ema_beta`). `awm_fast.ops.awm_loss` turns the three velocities into the loss
-(weighting, clipping and KL forms in its docstring). Micro-batches, their random numbers and DDP:
-algorithms.update_loop.
+when beta > 0 (`effective_ema_beta`), each with its own weighting (train.kl_weighting / kl_ema_weighting, official
+kl_weight / kl_ema_weight; when they differ the EMA term is added outside the fused op: ops.awm_loss_torch.kl_rows).
+`awm_fast.ops.awm_loss` turns the three velocities into the loss (weighting, clipping and KL forms in its
+docstring). Micro-batches, their random numbers and DDP: algorithms.update_loop.
 
 After the step the "ema" adapter moves with d = min(train.ema_decay_cap, train.ema_decay_rate step).
 """
@@ -26,6 +27,7 @@ from awm_fast.algorithms.update_loop import UpdateResult, noisy_rows, run_update
 from awm_fast.config import TrainConfig
 from awm_fast.models.shared_batch import separate_velocities, shared_velocities
 from awm_fast.ops import awm_loss
+from awm_fast.ops.awm_loss_torch import kl_rows
 from awm_fast.sampling.rollout import sample_latents
 
 
@@ -64,11 +66,16 @@ class AWM(Algorithm):
                                    fraction=tcfg.timestep_fraction, generator=g, batch=x0.shape[0])
         xt, target, t_rows = noisy_rows(x0, t, g)
         v, v_ref, v_ema = velocities(policy, xt, t_rows, cond.repeat(T), need_ref=tcfg.beta > 0, need_ema=ema_beta > 0)
-        out = awm_loss(v, target, t_rows, advantages.to(torch.float32).repeat(T), v_ref=v_ref, v_ema=v_ema,
-                       beta=tcfg.beta, ema_beta=ema_beta, weighting=tcfg.weighting, ghuber_power=tcfg.ghuber_power,
-                       clip_range=tcfg.clip_range, kl_weighting=tcfg.kl_weighting, ratio_mode=tcfg.ratio_mode,
-                       num_timesteps=T, backend=backend)
-        kl, kl_ema, loss = out.kl.mean(), out.kl_ema.mean(), out.loss.detach()
-        return out.loss, {"loss": loss, "policy_loss": loss - tcfg.beta * kl - ema_beta * kl_ema, "kl": kl,
+        own_ema = ema_beta > 0 and tcfg.kl_ema_weighting != tcfg.kl_weighting  # the EMA term outside the op
+        out = awm_loss(v, target, t_rows, advantages.to(torch.float32).repeat(T), v_ref=v_ref,
+                       v_ema=None if own_ema else v_ema, beta=tcfg.beta, ema_beta=0.0 if own_ema else ema_beta,
+                       weighting=tcfg.weighting, ghuber_power=tcfg.ghuber_power, clip_range=tcfg.clip_range,
+                       kl_weighting=tcfg.kl_weighting, ratio_mode=tcfg.ratio_mode, num_timesteps=T, backend=backend)
+        total, kl, kl_ema = out.loss, out.kl.mean(), out.kl_ema.mean()
+        if own_ema:
+            ema_term = kl_rows(v, v_ema, t_rows, tcfg.kl_ema_weighting).mean()
+            total, kl_ema = total + ema_beta * ema_term.to(total.dtype), ema_term.detach().float()
+        loss = total.detach()
+        return total, {"loss": loss, "policy_loss": loss - tcfg.beta * kl - ema_beta * kl_ema, "kl": kl,
                           "kl_ema": kl_ema, "clipfrac": out.clipfrac, "mse": out.mse.mean(),
                           "log_prob": out.log_prob.mean()}

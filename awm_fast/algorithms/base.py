@@ -6,6 +6,7 @@ through the trainer's step:
     update(UpdateContext, Rollout, advantages) -> UpdateResult         the optimizer step(s) on it
     adapter_decay() -> (rate, cap)                                     how the "ema" adapter moves after a step:
                                                                        ema <- d ema + (1 - d) theta, d = min(cap, rate step)
+    decay_step(step) -> int                                            the step that d is computed at (default: step)
 
 An algorithm is built from the whole Config (its own section and the shared train / sample keys) and keeps it.
 """
@@ -98,3 +99,7 @@ class Algorithm(ABC):
     def adapter_decay(self) -> tuple[float, float]:
         """(rate, cap) of the "ema" adapter: train.ema_decay_rate / ema_decay_cap unless the algorithm says."""
         return self.cfg.train.ema_decay_rate, self.cfg.train.ema_decay_cap
+
+    def decay_step(self, step: int) -> int:
+        """The step the "ema" adapter's decay is computed at after optimizer step `step` (1-based)."""
+        return step

@@ -10,8 +10,10 @@ excluded), the first K of its own random permutation (algo.nft.nft_timestep_indi
 each row with fresh eps: x_t = (1 - t) x0 + t eps. The same rows go to the policy ("default" adapter, with
 grad), the old policy and, when nft.kl_beta > 0, the reference (adapters disabled).
 
-After each step the old policy moves: d = min(nft.decay_rate step, nft.decay_cap). Official (NVlabs/
-DiffusionNFT config/nft.py): 10 steps, CFG 1, beta 1, kl 1e-4, decay min(0.001 step, 0.5).
+After each step the old policy moves: d = 0 for step < nft.decay_flat, then d = min(nft.decay_rate (step -
+nft.decay_flat), nft.decay_cap) (official `return_decay` of scripts/train_nft_sd3.py, at its optimizer step count).
+Official (NVlabs/DiffusionNFT config/nft.py): 10 steps, CFG 1, beta 1, kl 1e-4, decay_type 1 = min(0.001 step, 0.5);
+OCR: decay_type 2 = flat 75, rate 0.0075, cap 0.999 (nft.decay_flat=75 nft.decay_rate=0.0075 nft.decay_cap=0.999).
 """
 from __future__ import annotations
 
@@ -74,3 +76,7 @@ class NFT(Algorithm):
 
     def adapter_decay(self) -> tuple[float, float]:
         return self.cfg.nft.decay_rate, self.cfg.nft.decay_cap
+
+    def decay_step(self, step: int) -> int:
+        """max(0, step - nft.decay_flat): d = 0 (the old policy copies the policy) during the flat steps."""
+        return max(0, step - self.cfg.nft.decay_flat)

@@ -56,6 +56,14 @@ def kl_weight(t: torch.Tensor, kl_weighting: str) -> torch.Tensor:
     raise ValueError(f"kl_weighting={kl_weighting!r} is not one of {KL_WEIGHTINGS}")
 
 
+def kl_rows(v: torch.Tensor, v_other: torch.Tensor, t: torch.Tensor, kl_weighting: str) -> torch.Tensor:
+    """(R,) float64 w(t_i) mean_d (v_i - v_other_i)^2, differentiable in v (a KL term's rows, see the module
+    docstring)."""
+    rows = v.shape[0]
+    diff = v.reshape(rows, -1).to(torch.float64) - v_other.reshape(rows, -1).to(torch.float64)
+    return kl_weight(t.to(torch.float64), kl_weighting) * diff.pow(2).mean(1)
+
+
 def awm_loss_torch(
     v: torch.Tensor,
     target: torch.Tensor,
@@ -96,14 +104,13 @@ def awm_loss_torch(
     policy = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
     clipfrac = ((ratio - 1).abs() > clip_range).to(f64).mean()
     loss = policy.mean()
-    w = kl_weight(td, kl_weighting)
     zeros = torch.zeros(rows, dtype=f64, device=v.device)
     kl = kl_ema = zeros
     if v_ref is not None:
-        kl = w * (vd - v_ref.reshape(rows, -1).to(f64)).pow(2).mean(1)
+        kl = kl_rows(v, v_ref, t, kl_weighting)
         loss = loss + beta * kl.mean()
     if v_ema is not None:
-        kl_ema = w * (vd - v_ema.reshape(rows, -1).to(f64)).pow(2).mean(1)
+        kl_ema = kl_rows(v, v_ema, t, kl_weighting)
         loss = loss + ema_beta * kl_ema.mean()
     f32 = torch.float32
     return (loss, log_prob.detach().to(f32), mse.detach().to(f32), kl.detach().to(f32),

@@ -273,7 +273,7 @@ def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack)
                     d.guard("the update (DDP gradient all-reduce)", any_error=False):
                 result = algo.update(ctx, roll, advantages)
             rate, cap = algo.adapter_decay()
-            decay = policy.finetune.update_ema(policy, step + 1, rate=rate, cap=cap)
+            decay = policy.finetune.update_ema(policy, algo.decay_step(step + 1), rate=rate, cap=cap)
             if eval_ema is not None:
                 eval_ema.update(policy.transformer)
             train_seconds += after_step(step + 1, roll, result, decay, clock)
