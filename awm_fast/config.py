@@ -157,6 +157,7 @@ class RunConfig:
     output_dir: str = "runs"
     name: str = ""  # empty: a timestamped name
     eval_every: int = 0  # 0: only before and after
+    log_every_s: float = 30.0  # stdout not a terminal: a progress line at most this often (0: every step)
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     tensorboard: bool = True
@@ -268,7 +269,7 @@ NON_NEGATIVE = ["reward.num_workers", "sample.eval_batch_size", "sample.noise_le
                 "train.ema_decay_cap", "flow_grpo.beta", "flow_grpo.sde_window", "nft.kl_beta",
                 "nft.decay_rate", "nft.decay_cap", "nft.decay_flat", "digits.pretrain_steps", "digits.classifier_steps", "run.eval_every",
                 "run.checkpoint_every", "run.threads", "train.max_nonfinite_steps", "reward.retries",
-                "reward.retry_wait_s"]
+                "reward.retry_wait_s", "run.log_every_s"]
 
 
 def _check_type(key: str, value, annotation):

@@ -20,6 +20,17 @@ from tqdm import tqdm
 ROOT_LOGGER = "awm_fast"
 
 
+def on_terminal() -> bool:
+    """Whether tqdm's stream (stderr) is a terminal."""
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def progress_bar(iterable=None, *, main: bool = True, **kwargs) -> tqdm:
+    """A tqdm bar under the project's one rule: shown on the main rank and only on a terminal (elsewhere the
+    training loop prints progress lines instead: train/progress.py)."""
+    return tqdm(iterable, disable=not (main and on_terminal()), **kwargs)
+
+
 class TqdmStdoutHandler(logging.Handler):
     """Writes each formatted record on the current sys.stdout with `tqdm.write` (above any progress bar)."""
 

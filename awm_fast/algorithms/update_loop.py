@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.distributed.tensor import DTensor
-from tqdm.auto import tqdm
+from awm_fast.logs import progress_bar
 
 # Observers of each optimizer step's gradients, called as hook(params) after accumulation and before clipping
 # (e.g. saving them: tests/train/grad_dump.py). Empty by default.
@@ -64,8 +64,8 @@ def micro_batches(n: int, micro_batch: int, rng: MicroBatchRNG, device: torch.de
     processes."""
     if not isinstance(rng, MicroBatchRNG):
         raise TypeError(f"the update needs the trainer's MicroBatchRNG(seed, step, first_index), got {type(rng).__name__}")
-    for i in tqdm(range(n // micro_batch) if order is None else order, desc="train", unit="mb", leave=False,
-                  disable=None):
+    for i in progress_bar(range(n // micro_batch) if order is None else order, desc="train", unit="mb",
+                          leave=False):
         yield i, torch.arange(i * micro_batch, (i + 1) * micro_batch, device=device), rng.micro(i)
 
 

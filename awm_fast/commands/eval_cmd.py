@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from awm_fast.logs import progress_bar
 
 from awm_fast.commands.common import (add_source_arguments, UsageError, build_policy, device_of, load_sources, load_weights,
                                       split_positionals, weight_choices, weights_in)
@@ -147,7 +147,7 @@ def run(args) -> int:
     for source in sources:
         state = load_weights(policy, source)
         for weights in weight_choices(state, args.weights if not source.is_base else "raw"):
-            with tqdm(total=len(prompts), desc=f"eval {source.label} ({weights})", unit="img", disable=None) as bar:
+            with progress_bar(total=len(prompts), desc=f"eval {source.label} ({weights})", unit="img") as bar:
                 recorder = ScoreRecorder(rewards, bar)
                 with weights_in(policy, state, weights):
                     metrics, images = evaluate(policy, recorder, prompts, metadata, **kw,

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from awm_fast.logs import progress_bar
 
 from awm_fast.commands.common import add_source_arguments, UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
     weight_choices, weights_in
@@ -131,7 +131,7 @@ def run(args) -> int:
                          ".from_pretrained); there is no LoRA to export")
     out = Path(args.out)
     probe_prompts = ["3", "7"] if cfg.model.kind == "digits" else ["a red cube", "two cats"]
-    stages = tqdm(total=4 if args.merged else 1, desc="export", unit="stage", disable=None)
+    stages = progress_bar(total=4 if args.merged else 1, desc="export", unit="stage")
     policy, _, art = build_policy(cfg, device_of(cfg), probe_prompts)
     state = load_weights(policy, source)
     (weights,) = weight_choices(state, args.weights)

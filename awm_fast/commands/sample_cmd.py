@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from awm_fast.logs import progress_bar
 
 from awm_fast.commands.common import add_source_arguments, UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
     weight_choices, weights_in
@@ -86,8 +86,8 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     images, records = [], []
     with weights_in(policy, state, weights):
-        for k, start in enumerate(tqdm(range(0, len(every), args.batch_size), desc="sample", unit="batch",
-                                       disable=None)):
+        for k, start in enumerate(progress_bar(range(0, len(every), args.batch_size), desc="sample",
+                                               unit="batch")):
             chunk = every[start:start + args.batch_size]
             gen = torch.Generator(device=policy.device).manual_seed(derived_seed(args.seed, "sample", k))
             latents, _ = sample_latents(policy, policy.encode(chunk), grid, sampler=args.sampler, noise_level=noise,

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from awm_fast.logs import progress_bar
 
 from awm_fast.algo.timesteps import scheduler_grid
 from awm_fast.config import Config, cache_root
@@ -59,7 +59,7 @@ def encode_all(encode_batch, prompts: list[str], cache_dir: Path, batch: int = 3
         else:
             todo.append(p)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for start in tqdm(range(0, len(todo), batch), desc="encode prompts", unit="batch", leave=False, disable=None):
+    for start in progress_bar(range(0, len(todo), batch), desc="encode prompts", unit="batch", leave=False):
         chunk = todo[start:start + batch]
         encoded = encode_batch(chunk)
         for i, p in enumerate(chunk):

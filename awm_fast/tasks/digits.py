@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from awm_fast.logs import progress_bar
 
 from awm_fast.config import DigitsConfig, cache_root
 
@@ -132,7 +132,7 @@ def _pretrain_base_model(cfg: DigitsConfig, text: DigitsTextEncoder, seed: int):
     train_idx, _ = split_indices(len(images))
     images, labels = images[train_idx], labels[train_idx]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
-    for _ in tqdm(range(cfg.pretrain_steps), desc="pretrain base model", unit="step", leave=False):
+    for _ in progress_bar(range(cfg.pretrain_steps), desc="pretrain base model", unit="step", leave=False):
         idx = torch.randint(0, len(images), (cfg.pretrain_batch,), generator=g)
         x0, y = images[idx], labels[idx]
         y = torch.where(torch.rand(len(y), generator=g) < 0.1, torch.full_like(y, 10), y)
@@ -160,7 +160,7 @@ def _train_classifier(steps: int, seed: int) -> tuple[DigitClassifier, float]:
     train_idx, test_idx = split_indices(len(images))
     clf = DigitClassifier()
     opt = torch.optim.AdamW(clf.parameters(), lr=3e-3, weight_decay=1e-4)
-    for _ in tqdm(range(steps), desc="train digit classifier", unit="step", leave=False):
+    for _ in progress_bar(range(steps), desc="train digit classifier", unit="step", leave=False):
         idx = train_idx[torch.randint(0, len(train_idx), (128,), generator=g)]
         x = images[idx] + 0.05 * torch.randn(images[idx].shape, generator=g)
         loss = nn.functional.cross_entropy(clf(x), labels[idx])
