@@ -50,7 +50,15 @@ def disk_full(exc: OSError, what: str, where: Path) -> DiskFull:
 
 def to_plain(obj, where: str = "state"):
     """`obj` as tensors and plain containers (module docstring); TypeError naming the key of anything else."""
-    if obj is None or isinstance(obj, (torch.Tensor, torch.Size, torch.dtype, str, bool, int, float, bytes)):
+    if type(obj).__module__.split(".")[0] == "numpy":  # before the numbers: numpy.float64 is a float subclass
+        import numpy as np
+
+        if isinstance(obj, np.ndarray):
+            return torch.from_numpy(obj.copy())
+        if isinstance(obj, np.generic):
+            return obj.item()
+    if obj is None or type(obj) in (str, bool, int, float, bytes, torch.Size, torch.dtype) or \
+            isinstance(obj, torch.Tensor):  # exact types: a subclass would be pickled as its class
         return obj
     if isinstance(obj, enum.Enum):
         return to_plain(obj.value, where)
@@ -63,13 +71,6 @@ def to_plain(obj, where: str = "state"):
     if isinstance(obj, (list, tuple)):
         items = [to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
         return items if isinstance(obj, list) else tuple(items)
-    if type(obj).__module__ == "numpy":
-        import numpy as np
-
-        if isinstance(obj, np.ndarray):
-            return torch.from_numpy(obj.copy())
-        if isinstance(obj, np.generic):
-            return obj.item()
     raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: a checkpoint's state holds only "
                     "tensors, numbers, strings and dict/list/tuple of them (loaded with weights_only=True)")
 

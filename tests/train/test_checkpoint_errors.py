@@ -146,3 +146,96 @@ def test_loading_a_bad_checkpoint_names_what_is_missing(tmp_path, lora_transform
     with pytest.raises(ValueError, match=rf"adapter '{EMA}' lacks 1 tensors, e\.g\. "
                                          rf"{dropped.removeprefix('transformer.')}"):
         ckpt.load_checkpoint(short, transformer)
+
+
+def test_a_checkpoint_is_fsynced_before_the_rename_that_publishes_it(tmp_path, monkeypatch):
+    _full_save(tmp_path, 1)
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    final = _full_save(tmp_path, 2)
+    publish = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(final))
+    tmp = events[publish][1]
+    synced_before = {e[1] for e in events[:publish] if e[0] == "fsync"}
+    written = {str(p).replace(str(final), tmp) for p in final.rglob("*")} | {tmp}
+    assert written <= synced_before, sorted(written - synced_before)  # every file and folder, state.pt included
+    assert ("fsync", str(final.parent)) in events[publish + 1:]  # the rename itself
+    assert {str(p.relative_to(final)) for p in final.rglob("*") if p.is_file()} >= {"state.pt", "config.yaml"}
+
+
+def test_a_full_disk_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
+    import errno
+
+    from awm_fast.state_file import DiskFull
+
+    _full_save(tmp_path, 1)
+
+    def disk_full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(DiskFull) as info:
+        _full_save(tmp_path, 2)
+    message = str(info.value)
+    assert info.value.errno == errno.ENOSPC and "\n" not in message
+    assert message.startswith(f"No space left on device writing checkpoint step_000002 to {tmp_path / 'checkpoints'} (")
+    assert "GiB free" in message and "awm-fast train --resume RUN" in message
+    assert _steps(tmp_path) == [1]
+
+
+def test_a_run_folder_whose_newest_checkpoint_is_unreadable_falls_back_saying_so(tmp_path, caplog):
+    import logging
+
+    from awm_fast.state_file import CheckpointError
+
+    caplog.set_level(logging.WARNING, logger="awm_fast")
+    for step in (1, 2, 3):
+        _full_save(tmp_path, step)
+    folder = tmp_path / "checkpoints"
+    state = folder / "step_000003" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # truncated
+    assert ckpt.resolve_checkpoint(tmp_path) == folder / "step_000002"
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"[warn] the newest checkpoint of {tmp_path} cannot be read (checkpoint state {state} "
+                              f"is not a torch.save archive") and warning.endswith(
+        f"falling back to the newest readable one, {folder / 'step_000002'}")
+    weights = folder / "step_000002" / "ema" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])  # a truncated weights file counts too
+    assert ckpt.resolve_checkpoint(tmp_path) == folder / "step_000001"
+    (folder / "step_000001" / "state.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"^no readable checkpoint in {tmp_path}: checkpoint state {state} is"):
+        ckpt.resolve_checkpoint(tmp_path)
+    assert ckpt.resolve_checkpoint(folder / "step_000003") == folder / "step_000003"  # named: loading says why
+
+
+def test_a_truncated_lora_file_or_another_rank_is_one_line(tmp_path, lora_transformer):
+    from awm_fast.models.lora import EMA, POLICY
+    from awm_fast.state_file import CheckpointError
+
+    good = ckpt.save_checkpoint(tmp_path / "run", 1, lora_transformer, {"optimizer": {}}, keep=3)
+    cut = tmp_path / "cut"
+    shutil.copytree(good, cut)
+    path = cut / POLICY / "pytorch_lora_weights.safetensors"
+    path.write_bytes(path.read_bytes()[:-64])
+    with pytest.raises(CheckpointError, match=rf"^checkpoint weights {path} are unreadable \(.*\): truncated") as info:
+        ckpt.load_checkpoint(cut, lora_transformer)
+    assert "\n" not in str(info.value)
+
+    wider = tmp_path / "rank_x2"  # the same adapters at twice the LoRA rank
+    shutil.copytree(good, wider)
+    for name in (POLICY, EMA):
+        path = wider / name / "pytorch_lora_weights.safetensors"
+        tensors = load_file(str(path))
+        save_file({k: torch.cat([v, v], dim=0 if "lora_A" in k else 1) for k, v in tensors.items()}, str(path))
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {wider} adapter '{POLICY}' does not fit this model: .* "
+                                              r"\(a checkpoint of another model.lora_rank or model\)$"):
+        ckpt.load_checkpoint(wider, lora_transformer)
