@@ -94,10 +94,18 @@ class ModelSpec:
     kind: str = "sd3"  # "sd3": SD3Transformer2DModel; "flux": FluxTransformer2DModel (packed latents, flux_call)
     guidance: float = 3.5  # FLUX guidance-embedding value (model.guidance of the presets); unused for SD3
     gradient_checkpointing: bool = False  # train.gradient_checkpointing of the presets (FLUX: on, for memory)
+    preset: str = "geneval_sd35m"  # the preset whose workload this is (`--phases preset`: the phases it uses)
 
     @property
     def uses_cfg(self) -> bool:
         return self.guidance_scale != 1.0
+
+    def preset_phases(self, phases: tuple[str, ...]) -> tuple[str, ...]:
+        """`phases` less those the preset does not run: rollout_cfg unless its sample.guidance_scale != 1."""
+        from awm_fast.config import load_config
+
+        cfg_on = load_config(self.preset).sample.guidance_scale != 1.0
+        return tuple(p for p in phases if p != "rollout_cfg" or cfg_on)
 
 
 def model_spec(size: str, model: str = "sd35m") -> ModelSpec:
@@ -107,7 +115,7 @@ def model_spec(size: str, model: str = "sd35m") -> ModelSpec:
     if model not in MODELS:
         raise ValueError(f"model={model!r} is not one of {', '.join(MODELS)}")
     flux = model == "flux"
-    kw = dict(kind="flux", guidance_scale=1.0, gradient_checkpointing=True) if flux else {}
+    kw = dict(kind="flux", guidance_scale=1.0, gradient_checkpointing=True, preset="geneval_flux_dev") if flux else {}
     if size in ("full", "quick"):
         if flux:
             return ModelSpec("flux1dev-512px", FLUX_DEV_CONFIG, FLUX_VAE_CONFIG, (16, 64, 64), 512, **kw)

@@ -51,7 +51,7 @@ from awm_fast.rewards.jpeg import JpegReward
 from awm_fast.sampling.rollout import sample_latents
 
 from benchmarks._attention import working_attention_backend
-from benchmarks._models import ModelSpec, build_transformer, build_vae, count_flops, forward_flops
+from benchmarks._models import ModelSpec, build_transformer, build_vae
 from benchmarks._official import PeftSwitchedPolicy
 from benchmarks._telemetry import Telemetry
 from benchmarks._timing import Budget, peak_memory_bytes, time_runs
@@ -178,51 +178,6 @@ class Bench:
             idx = torch.arange(i * mb, (i + 1) * mb, device=self.device)
             self.train_micro_batch(policy, variant, x0, adv, idx, gen, num_micro)
 
-    # --- FLOPs ---------------------------------------------------------------------------------------------
-    def _count_base_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> int:
-        """FlopCounterMode on the base model alone (the routed LoRA layers compute both adapters' deltas)."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        if self.spec.kind == "flux":
-            diffusers_default_attention()
-        base = build_transformer(self.spec, self.device, self.seed)
-        with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-            if self.spec.kind == "flux":
-                return count_flops(lambda: flux_call(base, x, t, cond, self.spec.guidance))
-            return count_flops(lambda: base(hidden_states=x, encoder_hidden_states=cond.embeds,
-                                            pooled_projections=cond.pooled, timestep=t * 1000, return_dict=False))
-
-    def model_flops(self) -> dict:
-        """Forward FLOPs per image (formula, and FlopCounterMode as a check), backward FLOPs per training row."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        spec, dev = self.spec, self.device
-        flux = spec.kind == "flux"
-        x = torch.randn(1, *spec.latent, device=dev)
-        t = torch.full((1,), 0.5, device=dev)
-        cond = self.cond[:1]
-        fwd_counted = self._count_base_forward(x, t, cond)
-        release_memory(dev)
-        policy, _ = self.policy(replace(BASELINE, name="flops"), log=lambda *_: None)
-        with sdpa_kernel(SDPBackend.MATH):
-            full = count_flops(lambda: policy.velocity(x, t, cond).float().sum().backward())
-            lora_fwd = count_flops(lambda: policy.velocity(x, t, cond).detach())
-        del policy
-        release_memory(dev)
-        fwd = forward_flops(spec)
-        bwd = full - lora_fwd
-        T = spec.num_timesteps
-        formula = ("F_fwd = 2 (embed + B double + B1 single + out)" if flux else
-                   "F_fwd = 2 (embed + B block + K dual + out)")
-        recompute = " (F_bwd includes the checkpointed blocks' recompute)" if spec.gradient_checkpointing else ""
-        return {"forward_per_image": fwd, "forward_counted": fwd_counted, "lora_forward_counted": lora_fwd,
-                "backward_per_row_counted": bwd, "train_per_image": T * (3 * fwd + bwd),
-                "rollout_per_image": spec.num_steps * fwd,
-                "rollout_cfg_per_image": spec.num_steps * 2 * fwd if spec.uses_cfg else None,
-                "end_to_end_per_image": spec.num_steps * fwd + T * (3 * fwd + bwd),
-                "formula": f"{formula} [benchmarks/_models.py]; train = T (3 F_fwd + F_bwd){recompute}"
-                           "; rollout = steps F_fwd (x2 with CFG); e2e = rollout + train"}
-
 
 def overlap_fields(overlap: dict) -> dict:
     """Per end-to-end call: the reward's own ms and the ms the loop blocked on it (end_to_end rows only)."""
@@ -239,8 +194,11 @@ def _reps(device: torch.device, quick: bool, spec: ModelSpec) -> dict:
 
 
 def run_variant(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: bool, flops: dict,
-                matmul_flops: float | None, log=print) -> list[dict]:
-    """Every phase of one variant: images/s (median, 20/80 %), peak memory, telemetry, MFU."""
+                matmul_flops: float | None, log=print, *, emit: Callable[[dict], None],
+                budget: Budget | None = None) -> None:
+    """Every phase of one variant: images/s (median, 20/80 %), peak memory, telemetry, MFU; each phase's row is
+    handed to `emit` as soon as it is measured (a run cut later keeps it). A phase due after `budget` is spent is
+    emitted as not run."""
     dev, spec = bench.device, bench.spec
     row0 = {"variant": variant.name, "model": spec.name, "images_per_call": None,
             **{f"opt_{k}": v for k, v in asdict(variant).items() if k != "name"}}
@@ -248,7 +206,9 @@ def run_variant(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: 
         policy, attention = bench.policy(variant, log=log)
     except torch.cuda.OutOfMemoryError:  # e.g. the float32 weights of a large model
         release_memory(dev)
-        return [{**row0, "phase": phase, "status": "oom (building the model)"} for phase in phases]
+        for phase in phases:
+            emit({**row0, "phase": phase, "status": "oom (building the model)"})
+        return
     _, autocast = precision(variant, dev)
     lora = list(adapter_params(policy.transformer, POLICY).values())
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -267,13 +227,15 @@ def run_variant(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: 
         for p in lora:
             p.grad = None
 
-    rows = []
     for phase in phases:
         fn, images = work[phase]
         bench.reward_overlap = {"score_s": 0.0, "wait_s": 0.0, "calls": 0}
         row = {"variant": variant.name, "phase": phase, "model": spec.name, "images_per_call": images,
                "attention": attention, "grad_checkpointing": spec.gradient_checkpointing,
                **{f"opt_{k}": v for k, v in asdict(variant).items() if k != "name"}}
+        if budget is not None and budget.spent():
+            emit({**row, "status": budget.skip()})
+            continue
         try:
             with autocast(), ops_backend(variant.fused_ops):
                 clear_grads()
@@ -281,56 +243,69 @@ def run_variant(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: 
                 with Telemetry(dev) as tel:
                     timing = time_runs(fn, dev, setup=clear_grads, **_reps(dev, quick, spec))
         except torch.cuda.OutOfMemoryError:
-            rows.append({**row, "status": "oom"})
             release_memory(dev)
+            emit({**row, "status": "oom"})
             continue
         ips = images / (timing.median_ms * 1e-3)
         model_flops = flops.get(f"{phase}_per_image")
         mfu = 100 * model_flops * ips / matmul_flops if model_flops and matmul_flops else None
-        rows.append({**row, "status": "ok", **timing.as_dict(), "images_per_s": ips,
-                     "images_per_s_p20": images / (timing.p80_ms * 1e-3),
-                     "images_per_s_p80": images / (timing.p20_ms * 1e-3), "peak_mem_bytes": peak,
-                     "model_tflop_per_image": model_flops / 1e12 if model_flops else None, "mfu_pct": mfu,
-                     **{f"telemetry_{k}": v for k, v in tel.summary().items()},
-                     **overlap_fields(bench.reward_overlap)})
+        emit({**row, "status": "ok", **timing.as_dict(), "images_per_s": ips,
+              "images_per_s_p20": images / (timing.p80_ms * 1e-3),
+              "images_per_s_p80": images / (timing.p20_ms * 1e-3), "peak_mem_bytes": peak,
+              "model_tflop_per_image": model_flops / 1e12 if model_flops else None, "mfu_pct": mfu,
+              **{f"telemetry_{k}": v for k, v in tel.summary().items()},
+              **overlap_fields(bench.reward_overlap)})
     del policy, work
     release_memory(dev)
-    return rows
 
 
 def run_phases(bench: Bench, phases: tuple[str, ...], quick: bool, allow_compile: bool, matmul_flops: float | None,
                flops: dict, log=print, *, only: str | None = None, budget: Budget | None = None,
-               rows: list[dict] | None = None, on_variant: Callable[[], None] | None = None) -> list[dict]:
-    """Every variant (or those `only` names, see `variants`), fast and baseline first, with `flops` the bench's
-    `model_flops()`; a compile failure falls back to eager for that variant (noted in `status`). A variant due
-    after `budget` is spent is reported as not run. The rows are appended to `rows` (a new list by default), so a
-    caller holds what was measured even if a later variant raises; `on_variant()` runs after each variant."""
+               rows: list[dict] | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Every variant (or those `only` names, see `variants`), fast and baseline first, with `flops` the model's
+    FLOPs (`benchmarks._flops.model_flops`); a compile failure falls back to eager for that variant's remaining
+    phases (noted in the rows). A variant or phase due after `budget` is spent is reported as not run. Each row is
+    appended to `rows` (a new list by default) as soon as it is measured and `on_row(row)` runs then, so a caller
+    holds (and can save) every finished phase even if a later one raises or the process is killed."""
     rows = [] if rows is None else rows
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        with_speedups(rows)
+        if on_row is not None:
+            on_row(row)
+
     if "rollout_cfg" in phases and not bench.spec.uses_cfg:
         phases = tuple(p for p in phases if p != "rollout_cfg")
-        rows.append({"variant": "*", "phase": "rollout_cfg", "model": bench.spec.name,
-                     "status": "skipped: no CFG in this model's presets (guidance-distilled FLUX.1-dev samples with "
-                               f"guidance embedding {bench.spec.guidance}, guidance_scale 1)"})
+        emit({"variant": "*", "phase": "rollout_cfg", "model": bench.spec.name,
+              "status": "skipped: no CFG in this model's presets (guidance-distilled FLUX.1-dev samples with "
+                        f"guidance embedding {bench.spec.guidance}, guidance_scale 1)"})
     for variant in tqdm(variants(only), desc="phases", unit="variant", disable=None):
         reason = inactive_reason(variant, bench.device, allow_compile)
         status = f"skipped: {reason}" if reason else (budget.skip() if budget is not None and budget.spent() else None)
         if status:
-            rows.append({"variant": variant.name, "phase": "*", "model": bench.spec.name, "status": status})
+            emit({"variant": variant.name, "phase": "*", "model": bench.spec.name, "status": status})
             continue
         if not allow_compile:
             variant = replace(variant, compile_blocks=False)
-        rows.extend(run_variant_or_eager(bench, variant, phases, quick, flops, matmul_flops, log))
-        with_speedups(rows)
-        if on_variant is not None:
-            on_variant()
+        run_variant_or_eager(bench, variant, phases, quick, flops, matmul_flops, log, emit=emit, budget=budget)
     return with_speedups(rows)
 
 
 def run_variant_or_eager(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: bool, flops: dict,
-                         matmul_flops: float | None, log=print) -> list[dict]:
-    """`run_variant`; when compiling the blocks fails, the same variant with eager blocks (the rows say so)."""
+                         matmul_flops: float | None, log=print, *, emit: Callable[[dict], None],
+                         budget: Budget | None = None) -> None:
+    """`run_variant`; when compiling the blocks fails, the phases not yet measured run again with eager blocks
+    (their rows say so in `note`); the phases measured before the failure keep their compiled rows."""
+    done: list[str] = []
+
+    def keep(row: dict) -> None:
+        done.append(row["phase"])
+        emit(row)
+
     try:
-        return run_variant(bench, variant, phases, quick, flops, matmul_flops, log=log)
+        run_variant(bench, variant, phases, quick, flops, matmul_flops, log=log, emit=keep, budget=budget)
+        return
     except Exception as exc:
         if not variant.compile_blocks:
             raise
@@ -339,8 +314,9 @@ def run_variant_or_eager(bench: Bench, variant: Variant, phases: tuple[str, ...]
     log(f"[phases] {variant.name}: {note}")
     torch._dynamo.reset()
     release_memory(bench.device)
-    got = run_variant(bench, replace(variant, compile_blocks=False), phases, quick, flops, matmul_flops, log)
-    return [{**r, "note": note} for r in got]
+    rest = tuple(p for p in phases if p not in done)
+    run_variant(bench, replace(variant, compile_blocks=False), rest, quick, flops, matmul_flops, log,
+                emit=lambda row: emit({**row, "note": note}), budget=budget)
 
 
 def with_speedups(rows: list[dict]) -> list[dict]:

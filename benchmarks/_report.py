@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 from benchmarks._models import model_spec
@@ -208,14 +209,33 @@ def plot_phases(path: Path, result: dict) -> None:
     plt.close(fig)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """path's new text, written to a temporary file, flushed to disk and renamed over it: a process killed at
+    any moment leaves the old file or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One measured row appended to a JSON-lines file, flushed to disk before returning."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_outputs(result: dict, out_dir: Path, stem: str, final: bool = True) -> dict[str, str]:
     """stem.json and stem.md under out_dir, and when `final` also stem.csv, stem_kernels.png and stem_phases.png
     (a run's checkpoints after each variant write the first two only); returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
     saved = {k: v for k, v in result.items() if k != "files"}  # where this machine put the files: not a result
-    paths["json"].write_text(json.dumps(saved, indent=1, default=str) + "\n")
-    paths["md"].write_text(render(result) + "\n")
+    write_atomic(paths["json"], json.dumps(saved, indent=1, default=str) + "\n")
+    write_atomic(paths["md"], render(result) + "\n")
     if not final:
         return {k: str(v) for k, v in paths.items()}
     paths["csv"] = out_dir / f"{stem}.csv"

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `awm_fas
 
 import torch  # noqa: E402
 
-from benchmarks import _kernels, _merge, _models, _phases, _report, _telemetry, _timing, _variants  # noqa: E402
+from benchmarks import _flops, _kernels, _merge, _models, _phases, _report, _telemetry, _timing, _variants  # noqa: E402
 from benchmarks._models import model_spec  # noqa: E402
 from benchmarks._variants import TOGGLES  # noqa: E402
 from awm_fast import env  # noqa: E402
@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="phase model: SD3.5-M-shaped, FLUX.1-dev-shaped (skipped if GPU memory is short), or both; "
                          "on a CPU the tiny shapes of each")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (kernels and transformer blocks)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile even with --tiny (the dry run of device.sh: inductor on the CPU)")
     ap.add_argument("--variants", default=None,
                     help="phase variants, a comma list of fast, baseline, toggles (every 'fast -X'), -X for X in "
                          f"{', '.join(TOGGLES)} (default: all; fast and baseline always run first)")
@@ -58,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="wall-clock budget: no kernel case, phase variant or phase model starts after this many "
                          "seconds (one already running finishes); what was left out is reported as not run")
     ap.add_argument("--phases", default=None,
-                    help=f"comma list of phases to run, among {', '.join(_phases.PHASES)} (default: all)")
+                    help=f"comma list of phases to run, among {', '.join(_phases.PHASES)}, or 'preset': those the "
+                         "model's preset runs (no rollout_cfg without CFG) (default: all)")
     ap.add_argument("--min-mb", type=float, default=None,
                     help="kernels: only the shapes whose AWM-loss working set (full mode) is at least this many MB")
     ap.add_argument("--tag", default="", help="appended to the output file names (step_time_<gpu>[_quick]_<tag>)")
@@ -73,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
         ap.error(f"--tag {args.tag!r}: use letters, digits, '.', '_' and '-' only")
     args.sections = sections
-    args.phase_list = _phases.PHASES if args.phases is None else tuple(
+    args.phase_list = _phases.PHASES if args.phases in (None, "preset") else tuple(
         p.strip() for p in args.phases.split(",") if p.strip())
     if not args.phase_list or any(p not in _phases.PHASES for p in args.phase_list):
         ap.error(f"--phases {args.phases!r}: phases must be among {', '.join(_phases.PHASES)}")
@@ -127,21 +130,24 @@ def memory_skip_reason(spec: _models.ModelSpec, device: torch.device) -> str | N
 
 
 def run_phase_models(args, device: torch.device, size: str, quick: bool, with_compile: bool, cal: dict,
-                     result: dict, notes: list[str], budget: _timing.Budget, save) -> None:
+                     result: dict, notes: list[str], budget: _timing.Budget, save, record) -> None:
     """The phases of each asked-for model, one after the other (each Bench freed before the next is built). The
     first model's name, workload and FLOPs keep the single-model fields; `phase_models`, `phase_workloads` and
-    `flops_by_model` list them all, and every phase row carries its `model`. `save()` writes the files after each
-    variant, so a run stopped from outside still leaves what it measured."""
+    `flops_by_model` list them all, and every phase row carries its `model`. As soon as a phase is measured,
+    `record(row)` appends its row to the rows file and `save()` rewrites the JSON and Markdown (atomically), so a
+    run stopped from outside, even by SIGKILL, still leaves every phase it finished."""
     names = list(_models.MODELS) if args.model == "both" else [args.model]
-    rows: list[dict] = []  # every model's rows, appended as each variant finishes
+    rows: list[dict] = []  # every model's rows, appended as each phase finishes
     workloads: dict = {}
     flops: dict = {}
     skipped: dict = {}
-    finished: set[str] = set()  # models with at least one finished variant
+    finished: set[str] = set()  # models with at least one measured phase
     result["phase_models_skipped"] = skipped
 
-    def publish(model: str | None = None) -> None:
-        finished.update([model] if model else [])
+    def publish(model: str | None = None, row: dict | None = None) -> None:
+        finished.update([model] if model and row and row.get("status") == "ok" else [])
+        if row is not None:
+            record(row)
         if not workloads:
             return
         first = next(iter(workloads))
@@ -162,10 +168,11 @@ def run_phase_models(args, device: torch.device, size: str, quick: bool, with_co
         try:
             bench = _phases.Bench(spec, device)
             workloads[spec.name] = workload_fields(spec)
-            flops[spec.name] = bench.model_flops()
-            _phases.run_phases(bench, args.phase_list, quick, with_compile, cal["matmul"]["tflops"] * 1e12,
+            flops[spec.name] = _flops.model_flops(spec, args.out)
+            phases = spec.preset_phases(args.phase_list) if args.phases == "preset" else args.phase_list
+            _phases.run_phases(bench, phases, quick, with_compile, cal["matmul"]["tflops"] * 1e12,
                                flops[spec.name], log=lambda msg: print(msg, file=sys.stderr), only=args.variants,
-                               budget=budget, rows=rows, on_variant=lambda: publish(spec.name))
+                               budget=budget, rows=rows, on_row=lambda row: publish(spec.name, row))
         except Exception as exc:  # the FLUX phase is an extra: its failure keeps the SD3.5-M results
             if spec.kind != "flux":
                 raise
@@ -247,7 +254,7 @@ def run(args: argparse.Namespace, device: torch.device, size: str) -> dict:
     print(f"[step_time] {info['nvml']}")
     is_gpu = device.type == "cuda"
     label = (f"GPU {info.get('gpu_name')}" if is_gpu else NOT_GPU) + f" ({size} shapes)"
-    with_compile, compile_note = compile_available(device, not (args.no_compile or args.tiny))
+    with_compile, compile_note = compile_available(device, not args.no_compile and (args.compile or not args.tiny))
     notes = [] if is_gpu else [f"{NOT_GPU}: tiny shapes and CPU backends; the GPU figures remain to be measured "
                                f"(benchmarks/README.md)."]
     notes += [compile_note] if compile_note else []
@@ -277,7 +284,11 @@ def run(args: argparse.Namespace, device: torch.device, size: str) -> dict:
         result["kernels_telemetry"] = tel.summary()
         save()
     if "phases" in args.sections:
-        run_phase_models(args, device, size, quick, with_compile, cal, result, notes, budget, save)
+        rows_path = args.out / f"{stem}_rows.jsonl"  # every phase row, appended and flushed as it is measured
+        args.out.mkdir(parents=True, exist_ok=True)
+        rows_path.unlink(missing_ok=True)
+        run_phase_models(args, device, size, quick, with_compile, cal, result, notes, budget, save,
+                         lambda row: _report.append_row(rows_path, row))
     if budget.skipped:
         notes.append(f"--budget-s {args.budget_s:g}: {budget.skipped} unit(s) of work started too late and are "
                      "reported as not run; run them with --only/--model/--variants and combine with --merge.")
