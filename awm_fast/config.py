@@ -49,6 +49,9 @@ class ModelConfig:
     compile: bool = False  # regional torch.compile of the transformer blocks (models/compile.py)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: trace without code generation)
+    fp8: bool = False  # frozen base projections in float8 (models/fp8.py): CUDA sm_89+, emulated on the CPU
+    merged_lora: bool = False  # no-grad calls on merged LoRA weight copies (models/merged_lora.py)
+    vae_compile: bool = True  # the VAE decoder compiled, channels_last (CUDA only; the CPU decodes eager)
 
 
 @dataclass
@@ -474,5 +477,13 @@ def validate(cfg: Config) -> None:
         key = "train.shared_batch" if t.shared_batch else "train.eval_ema" if t.eval_ema else "sample.cuda_graphs"
         raise ConfigError(f"{key}=true needs train.finetune=lora (LoRA routing / a LoRA shadow / graphs without FSDP "
                           "collectives); set it to false for train.finetune=full")
+    if (m.fp8 or m.merged_lora) and t.finetune != "lora":
+        key = "model.fp8" if m.fp8 else "model.merged_lora"
+        raise ConfigError(f"{key}=true acts on the frozen base under LoRA; train.finetune={t.finetune!r} has none")
+    if m.fp8 and m.dtype != "bfloat16":
+        raise ConfigError(f"model.fp8=true needs model.dtype=bfloat16 (the float8 GEMMs write bf16), got {m.dtype!r}")
+    if m.fp8 and m.merged_lora:
+        raise ConfigError("model.merged_lora=true with model.fp8=true would round the LoRA delta to float8 (2^-3 "
+                          "relative spacing); use one of the two")
     if not m.lora_targets:
         raise ConfigError("model.lora_targets is empty: name the modules that carry LoRA")
