@@ -32,6 +32,12 @@ class ConfigError(ValueError):
     """A configuration problem, reported as one line before any work starts."""
 
 
+AUTO = "auto"
+# A fast-path switch: true | false | auto ("on where it works": on for a CUDA device, off on the CPU and where the
+# run cannot use it; resolved against the device by awm_fast.models.fast_path)
+Switch = typing.Union[bool, typing.Literal["auto"]]
+
+
 @dataclass
 class ModelConfig:
     kind: str = "digits"  # digits | sd3 | flux
@@ -46,7 +52,7 @@ class ModelConfig:
     text_tokens: int = 128  # T5 tokens per prompt (128 as the official SD3 RL code; FLUX presets use 512)
     guidance: float = 3.5  # FLUX guidance-embedding value (ignored by models without one)
     attention_backend: str = "auto"  # auto | flash3 | flash2 | xformers | sdpa_cudnn | sdpa_flash | sdpa_efficient | sdpa_math
-    compile: bool = False  # regional torch.compile of the transformer blocks (models/compile.py)
+    compile: Switch = AUTO  # regional torch.compile of the transformer blocks (models/compile.py); auto: on CUDA
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: trace without code generation)
     fp8: bool = False  # frozen base projections in float8 (models/fp8.py): CUDA sm_89+, emulated on the CPU
@@ -63,7 +69,7 @@ class SampleConfig:
     sa_noise_t_min: float = 0.3  # sa_solver: noise only where sa_noise_t_min <= t <= sa_noise_t_max
     sa_noise_t_max: float = 0.9
     guidance_scale: float = 1.0  # 1 = classifier-free guidance off
-    cuda_graphs: bool = False  # replay the no-grad transformer calls (rollout steps) as CUDA graphs (CUDA only)
+    cuda_graphs: Switch = AUTO  # replay the no-grad transformer calls (rollout steps) as CUDA graphs; auto: on CUDA
     prompts_per_step: int = 72
     group_size: int = 24
     batch_size: int = 6  # images per rollout batch
@@ -103,7 +109,7 @@ class TrainConfig:
     ema_decay_rate: float = 0.001  # "ema" adapter decay d = min(ema_decay_cap, ema_decay_rate * step)
     ema_decay_cap: float = 0.3
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward (less memory)
-    shared_batch: bool = False  # policy call + ONE no-grad [ref; ema] call per micro-batch (models/shared_batch.py)
+    shared_batch: Switch = AUTO  # policy call + ONE no-grad [ref; ema] call per micro-batch (models/shared_batch.py)
     eval_ema: bool = True  # evaluation EMA of the LoRA weights, decay min((1 + n) / (10 + n), 0.99)
     max_nonfinite_steps: int = 3  # stop after this many steps in a row with a non-finite loss/grad (0: never)
     seed: int = 42
@@ -286,6 +292,10 @@ def _check_type(key: str, value, annotation):
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation == Switch:
+        if not isinstance(value, bool) and value != AUTO:
+            raise ConfigError(f"{key}: expected true, false or auto, got {value!r}")
+        return value
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -409,7 +419,7 @@ def validate(cfg: Config) -> None:
         if not _get(cfg, dotted) >= 0:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)!r} must be >= 0")
     s, t, m = cfg.sample, cfg.train, cfg.model
-    if s.cuda_graphs and m.compile and m.compile_mode in ("reduce-overhead", "max-autotune"):
+    if s.cuda_graphs is True and m.compile is not False and m.compile_mode in ("reduce-overhead", "max-autotune"):
         raise ConfigError(f"sample.cuda_graphs=true with model.compile_mode={m.compile_mode!r}: that mode captures CUDA "
                           "graphs of its own; use one or the other (e.g. compile_mode=max-autotune-no-cudagraphs)")
     if s.group_size < 2:
@@ -473,8 +483,8 @@ def validate(cfg: Config) -> None:
     if cfg.reward.weights and len(cfg.reward.weights) != len(parts):
         raise ConfigError(f"reward.weights has {len(cfg.reward.weights)} values for the {len(parts)} parts of "
                           f"reward.name={cfg.reward.name!r}")
-    if t.finetune == "full" and (t.shared_batch or t.eval_ema or s.cuda_graphs):
-        key = "train.shared_batch" if t.shared_batch else "train.eval_ema" if t.eval_ema else "sample.cuda_graphs"
+    if t.finetune == "full" and (t.shared_batch is True or t.eval_ema or s.cuda_graphs is True):  # auto: off there
+        key = "train.shared_batch" if t.shared_batch is True else "train.eval_ema" if t.eval_ema else "sample.cuda_graphs"
         raise ConfigError(f"{key}=true needs train.finetune=lora (LoRA routing / a LoRA shadow / graphs without FSDP "
                           "collectives); set it to false for train.finetune=full")
     if (m.fp8 or m.merged_lora) and t.finetune != "lora":

@@ -13,6 +13,7 @@ but digits) also defines
     build_tiny(path) -> path   a tiny random-weight pipeline saved there (tests, `awm-fast tiny-<kind>`)
     TRANSFORMER_CLASS, LORA_LOADER   the diffusers transformer class name and the LoRA loader mixin
                                      (diffusers.loaders) whose format `pipeline.load_lora_weights` reads
+and, when CUDA graphs cannot replay its transformer calls, CUDA_GRAPHS_REFUSED: why (models.fast_path).
 
 Adding a family is one module plus its entry here. The table names modules instead of importing them: config
 validates model.kind against its keys without loading diffusers, and no package below the families (models/)

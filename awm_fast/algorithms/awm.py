@@ -25,6 +25,7 @@ from awm_fast.algo.timesteps import sample_train_timesteps
 from awm_fast.algorithms.base import Algorithm, Rollout, Sampled, UpdateContext
 from awm_fast.algorithms.update_loop import UpdateResult, noisy_rows, run_update
 from awm_fast.config import TrainConfig
+from awm_fast.models.fast_path import fast_path
 from awm_fast.models.shared_batch import separate_velocities, shared_velocities
 from awm_fast.ops import awm_loss
 from awm_fast.ops.awm_loss_torch import kl_rows
@@ -48,9 +49,10 @@ class AWM(Algorithm):
     def update(self, ctx: UpdateContext, roll: Rollout, advantages: torch.Tensor) -> UpdateResult:
         """Loss parts averaged over the micro-batches, grad_norm, skipped (1.0 when a non-finite step was dropped)."""
         tcfg, latents, cond = self.cfg.train, roll.latents, roll.cond
+        grid = ctx.grid.to(latents.device)  # once per update: the micro-batches index it on the device
 
         def loss_fn(idx: torch.Tensor, g: torch.Generator, _part: int):
-            return self.micro_batch_loss(ctx.policy, latents[idx], cond[idx], advantages[idx], ctx.grid, g)
+            return self.micro_batch_loss(ctx.policy, latents[idx], cond[idx], advantages[idx], grid, g)
 
         return run_update(ctx, latents.shape[0], tcfg.micro_batch, tcfg.max_grad_norm, loss_fn, device=latents.device)
 
@@ -61,7 +63,7 @@ class AWM(Algorithm):
         (`backend`: its backend, ops.awm_loss). parts: 0-dim tensors."""
         tcfg, T = self.cfg.train, self.cfg.train.num_timesteps
         ema_beta = effective_ema_beta(tcfg)
-        velocities = shared_velocities if tcfg.shared_batch else separate_velocities
+        velocities = shared_velocities if fast_path(self.cfg, x0.device).shared_batch else separate_velocities
         t = sample_train_timesteps(tcfg.timestep_sampling, T, grid, shift=self.cfg.sample.shift,
                                    fraction=tcfg.timestep_fraction, generator=g, batch=x0.shape[0])
         xt, target, t_rows = noisy_rows(x0, t, g)

@@ -7,6 +7,13 @@ effect on SD3); `SD3JointAttnProcessor` is the same computation with the attenti
 
 Backends, fastest first (all with a backward pass): flash3 (FlashAttention-3, Hopper), flash2 (flash-attn),
 sdpa_cudnn, sdpa_flash, xformers, sdpa_efficient, sdpa_math (PyTorch's reference).
+
+`resolve_attention_backend` takes the first backend (of `auto`'s preference list, or the one asked for) that is
+present AND passes its probe: one forward and backward of `attention` on random q, k, v at head sizes 64 and
+128 in the run's device and dtype, finite, with ||out - out_math|| / ||out_math|| <= PROBE_MAX_ERR against
+sdpa_math in float64. A present backend can still fail on a new machine (a flash build without this GPU's
+arch, cuDNN attention's backward); each one passed over gets one log line with the reason. sdpa_math, the last
+resort, is not probed.
 """
 from __future__ import annotations
 
@@ -52,17 +59,51 @@ def backend_available(name: str, device: torch.device, dtype: torch.dtype) -> bo
     return name == "sdpa_math"
 
 
+PROBE_SHAPES = ((1, 2, 24, 64), (1, 2, 24, 128))  # (B, H, S, D): SD3's head size; FLUX, Wan, Qwen-Image, Z-Image's
+PROBE_MAX_ERR = 2e-2
+
+
+def probe_failure(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `name` fails its probe (module docstring) on this device and dtype; None when it passes."""
+    try:
+        for shape in PROBE_SHAPES:
+            gen = torch.Generator(device=device).manual_seed(0)
+            q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=torch.float64) for _ in range(3))
+            ins = [a.to(dtype).requires_grad_(True) for a in (q, k, v)]
+            out = attention(*ins, name)
+            out.float().square().sum().backward()
+            ref = attention(q, k, v, "sdpa_math")
+            err = float((out.detach().double() - ref).norm() / ref.norm())
+            if not all(bool(torch.isfinite(a).all()) for a in (out, *(i.grad for i in ins))):
+                return f"a non-finite output or gradient at head size {shape[-1]}"
+            if not err <= PROBE_MAX_ERR:
+                return f"relative error {err:.1e} against sdpa_math at head size {shape[-1]}"
+    except (RuntimeError, ImportError, ValueError, TypeError) as exc:
+        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+    return None
+
+
+def _passes_probe(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    reason = None if name == "sdpa_math" else probe_failure(name, device, dtype)
+    if reason is not None:
+        logger.warning(f"[attention] {name} failed its probe on {device.type}/{str(dtype).removeprefix('torch.')} "
+                       f"({reason}): trying the next backend")
+    return reason is None
+
+
 def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtype,
                               skip: tuple[str, ...] = ()) -> str:
-    """`auto`: the fastest available (not in `skip`); an unavailable explicit choice falls back with a
-    one-line notice."""
+    """`auto`: the fastest available (not in `skip`) that passes its probe; an explicit choice that is not
+    available or fails its probe falls back the same way with a one-line notice."""
     if name not in BACKENDS:
         raise ValueError(f"model.attention_backend={name!r} is not one of {BACKENDS}")
-    if name != "auto" and backend_available(name, device, dtype):
+    present = name != "auto" and backend_available(name, device, dtype)
+    if present and _passes_probe(name, device, dtype):
         return name
-    chosen = next(b for b in PREFERENCE if b not in skip and backend_available(b, device, dtype))
-    if name == "auto":
-        logger.info(f"[attention] auto -> {chosen} ({device.type}, {str(dtype).removeprefix('torch.')})")
+    chosen = next(b for b in PREFERENCE if b not in skip and b != name and backend_available(b, device, dtype)
+                  and _passes_probe(b, device, dtype))
+    if name == "auto" or present:  # present: its probe failure was the one warning
+        logger.info(f"[attention] {name} -> {chosen} ({device.type}, {str(dtype).removeprefix('torch.')})")
     else:
         logger.warning(f"[attention] {name} is not available for {device.type}/{str(dtype).removeprefix('torch.')} "
                        f"(missing package or unsupported device): using {chosen}")

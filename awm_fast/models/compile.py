@@ -12,13 +12,22 @@ adapters are a tensor input (models.routing), so switching between policy, refer
 nothing. Variants that torch.compile must specialise remain: grad mode (rollout vs training) and whether
 the block input requires grad; all are compiled in the first training step, and none after (tested with
 `torch.compiler.set_stance("fail_on_recompile")`).
+
+A compile that fails on the user's machine (a dynamo / inductor error, a missing compiler or Triton) or a
+recompile storm (a block class hitting torch._dynamo's recompile limit) does not stop the run: every block of
+that transformer runs its eager forward from then on, after one log line naming the block class and the reason.
+(`fail_on_recompile` stances, used by the tests, still raise.)
 """
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 
 import torch
+from torch._dynamo.exc import FailOnRecompileLimitHit, RecompileError, TorchDynamoException
+
+logger = logging.getLogger(__name__)
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks",
                "noise_refiner", "context_refiner", "layers",  # Z-Image: image / caption refiners, main layers
@@ -33,19 +42,48 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 # compiled variants per block class: grad off; grad on with the input not requiring / requiring grad;
 # times two for activation checkpointing's recompute, with room to spare
 VARIANTS_PER_CLASS = 8
+# what a compiled block may raise that its eager forward does not: compile errors (BackendCompilerFailed, its
+# InductorError, Unsupported, ...) and the recompile limit (raised under fullgraph=True)
+COMPILE_ERRORS = (TorchDynamoException, FailOnRecompileLimitHit)
+
+
+def _reason(exc: BaseException) -> str:
+    """'Outer: Inner: first line' of an exception and the innermost error it wraps (dynamo wraps the backend's)."""
+    inner = exc
+    while (getattr(inner, "inner_exception", None) or inner.__cause__) is not None:
+        inner = getattr(inner, "inner_exception", None) or inner.__cause__
+    line = next((x for x in str(inner).strip().splitlines() if x.strip()), "")[:200]
+    return f"{type(exc).__name__}: " + (f"{type(inner).__name__}: " if inner is not exc else "") + line
+
+
+class _EagerFallback:
+    """Shared by the blocks of one compiled transformer: set once a compiled block failed (see the docstring)."""
+
+    def __init__(self) -> None:
+        self.eager = False
+
+    def fail(self, block, exc: BaseException) -> None:
+        self.eager = True
+        what = ("hit torch._dynamo's recompile limit (a recompile storm)" if isinstance(exc, FailOnRecompileLimitHit)
+                else f"failed to compile ({_reason(exc)})")
+        logger.warning(f"[compile] off: {type(block).__name__} {what}; the transformer's blocks run eager")
 
 
 def transformer_blocks(transformer) -> list[torch.nn.Module]:
     return [b for name in BLOCK_LISTS for b in getattr(transformer, name, None) or []]
 
 
-def _batch_dynamic_call(compiled, block):
+def _batch_dynamic_call(compiled, block, fallback: _EagerFallback):
     """block.forward(...) through `compiled`, with dim 0 of the batch inputs marked dynamic whether they come
-    by keyword (the transformers' loops) or by position (diffusers' gradient checkpointing)."""
+    by keyword (the transformers' loops) or by position (diffusers' gradient checkpointing); the eager forward
+    once `fallback` is set, or when this call's compile fails (which sets it)."""
     positions = list(inspect.signature(type(block).forward).parameters)[1:]
+    eager = type(block).forward
 
     @functools.wraps(compiled)
     def forward(*args, **kwargs):
+        if fallback.eager:
+            return eager(block, *args, **kwargs)
         named = {**dict(zip(positions, args)), **kwargs}
         for name in BATCH_INPUTS:
             if isinstance(named.get(name), torch.Tensor):
@@ -53,7 +91,13 @@ def _batch_dynamic_call(compiled, block):
         for name in SEQUENCE_INPUTS:
             if isinstance(named.get(name), torch.Tensor):
                 torch._dynamo.maybe_mark_dynamic(named[name], 1)
-        return compiled(block, *args, **kwargs)
+        try:
+            return compiled(block, *args, **kwargs)
+        except RecompileError:
+            raise  # a fail_on_recompile stance asked for it
+        except COMPILE_ERRORS as exc:
+            fallback.fail(block, exc)
+            return eager(block, *args, **kwargs)
 
     return forward
 
@@ -67,12 +111,13 @@ def compile_blocks(transformer, *, mode: str = "default", backend: str = "induct
     if not blocks:
         raise ValueError(f"{type(transformer).__name__} has none of {BLOCK_LISTS}: no blocks to compile")
     compiled: dict[type, object] = {}
+    fallback = _EagerFallback()
     for block in blocks:
         cls = type(block)
         if cls not in compiled:
             compiled[cls] = torch.compile(cls.forward, fullgraph=True, backend=backend,
                                           mode=None if mode == "default" else mode)
-        block.forward = _batch_dynamic_call(compiled[cls], block)
+        block.forward = _batch_dynamic_call(compiled[cls], block, fallback)
     limit = VARIANTS_PER_CLASS * 4  # up to four block structures per class (tests build several models)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     return len(blocks)

@@ -19,8 +19,9 @@ the adapters its rows use; `routed(mask, adapters=...)` may name them), so no la
     policy and EMA rows, or a mask of unknown origin   -> both (rank 2r), right for any mask values
 and a call under grad mode always runs the "default" product (rows without it give it a zero gradient, and a
 loss over the output backpropagates as with peft's forward).
-A mask that is copied (`clone()`, `.to()`, CUDA graphs' static input buffers) loses the descriptor and runs
-both adapters: correct for whatever values are copied into it later.
+A mask that is copied (`clone()`, `.to()`) loses the descriptor and runs both adapters: correct for whatever
+values are copied into it later. CUDA graphs' static mask buffers keep it (graphs are keyed by it:
+models.cuda_graphs).
 
 The per-layer scales s_a live on the device as the non-persistent buffer `routing_scales` (created by
 `enable_routing` from peft's `scaling`, moved by `.to()`, absent from state dicts and checkpoints; call

@@ -41,6 +41,8 @@ from awm_fast.models.policy import Conditioning, FlowPolicy
 TRANSFORMER_CLASS, LORA_LOADER = "ZImageTransformer2DModel", "ZImageLoraLoaderMixin"
 LORA_TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
 SEQ_MULTIPLE = 32  # the transformer pads each sample's image and caption tokens to a multiple of this
+# why sample.cuda_graphs cannot serve this family (models.fast_path: auto leaves them off)
+CUDA_GRAPHS_REFUSED = "its transformer reads the caption lengths on the host, which a captured graph would freeze"
 # Our names -> diffusers' dispatch names, for backends that take the attention mask of padded batches.
 MASKLESS_BACKENDS = ("flash3", "sdpa_flash")
 MASKED_DIFFUSERS_BACKENDS = {**{k: v for k, v in DIFFUSERS_BACKENDS.items() if k not in MASKLESS_BACKENDS},
@@ -118,9 +120,8 @@ def build_policy(cfg: Config, device: torch.device, dtype: torch.dtype, prompts:
     released. The time grid is the pipeline scheduler's, set as ZImagePipeline sets it."""
     from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 
-    if cfg.sample.cuda_graphs and device.type == "cuda":
-        raise ValueError("sample.cuda_graphs=true is not supported for model.kind=z_image: its transformer reads the "
-                         "caption lengths on the host, which a captured graph would freeze")
+    if cfg.sample.cuda_graphs is True and device.type == "cuda":  # auto: off here (models.fast_path)
+        raise ValueError(f"sample.cuda_graphs=true is not supported for model.kind=z_image: {CUDA_GRAPHS_REFUSED}")
     pipe = load_pipeline(cfg.model.path, dtype)
     side = latent_side(cfg.model.resolution, pipe.vae_scale_factor)
     if cfg.train.finetune == "lora":

@@ -49,3 +49,38 @@ def test_auto_and_fallback_say_so_in_one_line(caplog):
     assert len(lines) == 2 and "flash2 is not available" in lines[1] and all("\n" not in x for x in lines)
     with pytest.raises(ValueError, match="model.attention_backend='flash9'"):
         resolve_attention_backend("flash9", torch.device("cpu"), torch.float32)
+
+
+def test_a_backend_failing_its_probe_falls_back_with_one_line(caplog, monkeypatch):
+    """A present backend that raises on this machine (forced: sdpa_flash) gives way to the next that runs."""
+    import awm_fast.models.attention as attention_module
+
+    real = attention_module.attention
+
+    def broken_flash(q, k, v, backend):
+        if backend == "sdpa_flash":
+            raise RuntimeError("no kernel image is available for execution on the device (forced for the test)")
+        return real(q, k, v, backend)
+
+    monkeypatch.setattr(attention_module, "attention", broken_flash)
+    caplog.set_level(logging.INFO, logger="awm_fast")
+    cpu = torch.device("cpu")
+    assert resolve_attention_backend("auto", cpu, torch.float32) == "sdpa_math"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "sdpa_flash failed its probe" in warnings[0] and "no kernel image" in warnings[0]
+    caplog.clear()
+    assert resolve_attention_backend("sdpa_flash", cpu, torch.float32) == "sdpa_math"  # asked for explicitly
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "sdpa_flash failed its probe" in warnings[0]
+
+
+def test_a_backend_with_wrong_values_fails_its_probe(monkeypatch):
+    import awm_fast.models.attention as attention_module
+
+    real = attention_module.attention
+    monkeypatch.setattr(attention_module, "attention",
+                        lambda q, k, v, backend: real(q, k, v, backend) * (1.5 if backend == "sdpa_flash" else 1))
+    reason = attention_module.probe_failure("sdpa_flash", torch.device("cpu"), torch.float32)
+    assert reason is not None and "relative error" in reason
+    monkeypatch.setattr(attention_module, "attention", real)
+    assert attention_module.probe_failure("sdpa_flash", torch.device("cpu"), torch.float32) is None

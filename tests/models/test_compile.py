@@ -94,3 +94,45 @@ def test_trainer_steps_rollout_and_eval_never_recompile(tmp_path):
     with torch.compiler.set_stance("fail_on_recompile"):
         summary = json.loads(train(cfg("steady", 2, 1)).read_text())
     assert summary["steps"] == 2
+
+
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("inductor exploded (forced for the test)")
+
+
+def _compile_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("[compile]")]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_a_compile_error_falls_back_to_eager_with_one_line(policy, caplog, grad):
+    x, t, cond = _rows(3, 7)
+    with torch.set_grad_enabled(grad):
+        eager = policy.velocity(x, t, cond)
+        compile_blocks(policy.transformer, backend=_failing_backend)
+        first, second = policy.velocity(x, t, cond), policy.velocity(x, t, cond)
+    for out in (first, second):
+        torch.testing.assert_close(out, eager, **tol(torch.float32))
+    lines = _compile_warnings(caplog)
+    assert len(lines) == 1 and "JointTransformerBlock failed to compile" in lines[0], lines
+    assert "inductor exploded" in lines[0] and "run eager" in lines[0] and "\n" not in lines[0]
+    if grad:
+        first.square().sum().backward()  # the eager fallback trains the LoRA as usual
+        assert any(p.grad is not None for n, p in policy.transformer.named_parameters() if "lora_A.default" in n)
+
+
+def test_a_recompile_storm_falls_back_to_eager_with_one_line(policy, caplog, monkeypatch):
+    """Each grad mode is a compiled variant: with the recompile limit at 1 the second one is a storm."""
+    torch._dynamo.reset()
+    x, t, cond = _rows(3, 8)
+    with torch.no_grad():
+        eager = policy.velocity(x, t, cond)
+    compile_blocks(policy.transformer, backend="eager")
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    with torch.no_grad():
+        policy.velocity(x, t, cond)  # the no-grad variant compiles
+    stormed = policy.velocity(x, t, cond)  # the grad variant would be a recompile past the limit
+    torch.testing.assert_close(stormed.detach(), eager, **tol(torch.float32))
+    lines = _compile_warnings(caplog)
+    assert len(lines) == 1 and "recompile limit" in lines[0], lines
+    torch._dynamo.reset()
