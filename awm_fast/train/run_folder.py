@@ -145,6 +145,7 @@ def start_branch(plan: ResumePlan, cfg: Config) -> Path:
         (run_dir / PARENT_FILE).write_text(json.dumps({"checkpoint": str(parent.resolve()), "run": str(
             parent.parent.parent.resolve()), "step": step, "reason": plan.reason}, indent=2) + "\n")
     except OSError as exc:
+        shutil.rmtree(folder, ignore_errors=True)  # the branch folder is left as empty as it was: retry it
         if exc.errno in DISK_FULL:
             raise disk_full(exc, f"a copy of {parent}", folder) from None
         raise
