@@ -9,8 +9,9 @@
     awm-fast check-config | presets | tiny-KIND PATH (KIND: a family with a diffusers pipeline, sd3, flux, ...)
 
 Bad input (a path, an override, a reward, a resume that changes a non-resumable key) stops with one line and
-exit code 2; a failure while working with one line and exit code 1. Several processes: `torchrun
---nproc_per_node N -m awm_fast.cli train ...` (every rank runs the same command; rank 0 prints the report).
+exit code 2; a failure while working with one line and exit code 1. Several processes: `awm-fast train` starts
+one per visible GPU itself (run.nproc, awm_fast/train/launch.py); `torchrun --nproc_per_node N -m awm_fast.cli
+train ...` as before (every rank runs the same command; rank 0 prints the report).
 """
 from __future__ import annotations
 
@@ -124,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    from awm_fast.train.launch import maybe_launch
+
+    try:
+        launched = maybe_launch(cfg, argv)  # several GPUs, not under torchrun: one process per GPU (run.nproc)
+    except ConfigError as exc:
+        return _error(exc, 2, " (config)")
+    if launched is not None:
+        return launched
     from diffusers.utils import logging as diffusers_logging
 
     from awm_fast.train.distributed import TrainingError

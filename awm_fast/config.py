@@ -174,6 +174,7 @@ class RunConfig:
     threads: int = 0  # torch CPU threads; 0 = all cores
     dist_backend: str = "auto"  # torchrun runs: auto (nccl on GPUs, gloo on CPU) | nccl | gloo
     dist_timeout_s: float = 1800.0  # a collective waiting longer (a rank died or hangs) stops the run with an error
+    nproc: int = 0  # `awm-fast train` outside torchrun: processes on this node (0: one per visible GPU, 1 on CPU)
     wandb: bool = False  # also log to Weights & Biases (pip install awm-fast[wandb]; train/wandb_logger.py)
     wandb_project: str = "awm-fast"
     wandb_name: str = ""  # empty: the run folder's name
@@ -277,7 +278,7 @@ POSITIVE = ["model.text_tokens", "model.lora_rank", "model.lora_alpha", "model.r
 NON_NEGATIVE = ["reward.num_workers", "sample.eval_batch_size", "sample.noise_level", "train.beta", "train.ema_beta", "train.weight_decay", "train.ema_decay_rate",
                 "train.ema_decay_cap", "flow_grpo.beta", "flow_grpo.sde_window", "nft.kl_beta",
                 "nft.decay_rate", "nft.decay_cap", "nft.decay_flat", "digits.pretrain_steps", "digits.classifier_steps", "run.eval_every",
-                "run.checkpoint_every", "run.threads", "train.max_nonfinite_steps", "reward.retries",
+                "run.checkpoint_every", "run.threads", "run.nproc", "train.max_nonfinite_steps", "reward.retries",
                 "reward.retry_wait_s", "run.log_every_s"]
 
 
@@ -474,7 +475,7 @@ def validate(cfg: Config) -> None:
     if m.kind != "digits" and not m.path:
         raise ConfigError(f"model.path is empty: give a diffusers folder or hub id for model.kind={m.kind}")
     parts = [p.strip() for p in cfg.reward.name.split("+")]
-    model_rewards = [p for p in parts if p in ("pickscore", "clipscore", "aesthetic", "ocr", "geneval")]
+    model_rewards = [p for p in parts if p in _Owned("awm_fast.rewards:NOT_FOR_DIGITS")]
     if m.kind == "digits" and model_rewards:
         raise ConfigError(f"reward.name={cfg.reward.name!r}: {model_rewards[0]} does not apply to model.kind=digits "
                           f"(8x8 digits; use digits, jpeg_* or your own import path)")

@@ -60,6 +60,9 @@ REWARDS: dict[str, Callable] = {
     "http": LazyReward("http", "HttpReward"),  # a reward served by `awm-fast serve-reward` (rewards/http.py)
 }
 
+# Model rewards made for generated pictures, not for the digits task's 8x8 digits (config.validate refuses them there)
+NOT_FOR_DIGITS = ("pickscore", "clipscore", "aesthetic", "ocr", "geneval", "hpsv2", "imagereward", "vlm_judge")
+
 
 def _load_one(name: str, options: dict):
     if ":" in name:

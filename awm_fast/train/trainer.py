@@ -31,6 +31,7 @@ from awm_fast.train import progress, report
 from awm_fast.train.distributed import Dist, current, init_distributed, shutdown, wrap_for_training
 from awm_fast.train.evaluate import evaluate
 from awm_fast.train.faults import NonFiniteGuard, RetryingReward, out_of_memory, run_event
+from awm_fast.train.launch import split_problem
 from awm_fast.train.logger import MetricsLogger
 from awm_fast.train.resume import dump_config
 from awm_fast.train.run_folder import lineage, open_run_folder
@@ -185,10 +186,9 @@ def save_state(run_dir: Path, step: int, cfg: Config, policy, optimizer, eval_em
 def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack) -> Path:
     t, s = cfg.train, cfg.sample
     images_per_step = s.prompts_per_step * s.group_size
-    if images_per_step % (d.world * s.batch_size):
-        raise ValueError(f"sample.prompts_per_step x sample.group_size = {images_per_step} images per step do not split "
-                         f"into whole rollout batches of sample.batch_size={s.batch_size} over {d.world} processes "
-                         f"(needs a multiple of {d.world * s.batch_size})")
+    problem = split_problem(cfg, d.world)  # P G mod (N b) = 0 (train/launch.py); before anything loads
+    if problem:
+        raise ValueError(problem)
     torch.manual_seed(t.seed)  # the LoRA initialisation: the same in every run and on every rank
     device = d.device
     # created and locked; a resume goes on in place or in a new branch folder that records its parent
