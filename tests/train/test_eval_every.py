@@ -42,7 +42,7 @@ def test_eval_every_evaluates_each_steps_weights_and_a_flaky_reward_is_retried(t
     assert evals == ["[eval] step 0 (raw weights)", "[eval] step 1 (raw weights)", "[eval] step 2 (raw weights)",
                      "[eval] step 2 (ema weights)"]  # the last step once: the final evaluation
     run = tmp_path / "r"
-    saved = torch.load(run / "checkpoints" / "step_000002" / "state.pt", weights_only=False)["evals"]
+    saved = torch.load(run / "checkpoints" / "step_000002" / "state.pt", weights_only=True)["evals"]
     assert [(e["step"], e["weights"]) for e in saved] == [(0, "raw"), (1, "raw")]
     metrics = lambda e: {k: v for k, v in e.items() if k not in ("step", "weights")}
     assert metrics(saved[0]) == summary["eval_before"]
