@@ -6,6 +6,7 @@ raises `ConfigError` (a ValueError) with one line naming the key and the value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -280,6 +281,19 @@ NON_NEGATIVE = ["reward.num_workers", "sample.eval_batch_size", "sample.noise_le
                 "nft.decay_rate", "nft.decay_cap", "nft.decay_flat", "digits.pretrain_steps", "digits.classifier_steps", "run.eval_every",
                 "run.checkpoint_every", "run.threads", "run.nproc", "train.max_nonfinite_steps", "reward.retries",
                 "reward.retry_wait_s", "run.log_every_s"]
+MAX_LORA_RANK = 4096  # above every supported family's layer width (<= 5120): a larger rank cannot add anything
+
+
+def _non_finite(key: str, value) -> tuple[str, float] | None:
+    """(dotted path, value) of the first inf / nan float in `value` (a number, list or mapping), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _non_finite(f"{key}.{k}" if isinstance(value, dict) else f"{key}[{k}]", v)
+        if found:
+            return found
+    return None
 
 
 def _check_type(key: str, value, annotation):
@@ -393,9 +407,13 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
     cfg = Config()
     path = resolve_config_path(config or "digits")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.object[exc.start]:#04x})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     _merge(cfg, data, str(path))
     for text in overrides:
         set_value(cfg, *parse_override(text))
@@ -410,6 +428,11 @@ def _get(cfg: Config, dotted: str):
 
 def validate(cfg: Config) -> None:
     """Raise ConfigError for the first impossible value or combination."""
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            bad = _non_finite(f"{section.name}.{f.name}", getattr(getattr(cfg, section.name), f.name))
+            if bad:
+                raise ConfigError(f"{bad[0]}={bad[1]}: must be a finite number")
     for dotted, choices in CHOICES.items():
         if _get(cfg, dotted) not in choices:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)!r} is not one of {choices}")
@@ -420,6 +443,13 @@ def validate(cfg: Config) -> None:
         if not _get(cfg, dotted) >= 0:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)!r} must be >= 0")
     s, t, m = cfg.sample, cfg.train, cfg.model
+    if m.lora_rank > MAX_LORA_RANK:
+        raise ConfigError(f"model.lora_rank={m.lora_rank} exceeds {MAX_LORA_RANK} (wider than any supported model's layers)")
+    from awm_fast.rewards import unknown_option
+
+    bad = unknown_option(cfg.reward.name, cfg.reward.options)
+    if bad:
+        raise ConfigError(f"reward.options.{bad[0]}: not an option of reward {cfg.reward.name!r} (it takes: {bad[1]})")
     if s.cuda_graphs is True and m.compile is not False and m.compile_mode in ("reduce-overhead", "max-autotune"):
         raise ConfigError(f"sample.cuda_graphs=true with model.compile_mode={m.compile_mode!r}: that mode captures CUDA "
                           "graphs of its own; use one or the other (e.g. compile_mode=max-autotune-no-cudagraphs)")

@@ -29,6 +29,7 @@ def test_presets_listed():
 
 def test_overrides_are_typed():
     cfg = load_config(None, ["train.lr=1e-4", "train.steps=7", "run.tensorboard=false",
+                             "reward.name=digits+jpeg_compressibility",  # options keyed by a component it has
                              "reward.options={jpeg_compressibility: {quality: 90}}"])
     assert cfg.train.lr == 1e-4 and cfg.train.steps == 7 and cfg.run.tensorboard is False
     assert cfg.reward.options == {"jpeg_compressibility": {"quality": 90}}
