@@ -6,6 +6,7 @@
     awm-fast sample RUN|CKPT | --base --prompt TEXT --out DIR       images for given prompts
     awm-fast export RUN|CKPT --out DIR [--merged]                   LoRA file, merged pipeline folder
     awm-fast serve-reward NAME [--port P]                           a reward over HTTP (reward.name=http)
+    awm-fast prompts fetch NAME|all | list                          the official prompt sets (official:NAME)
     awm-fast check-config | presets | tiny-KIND PATH (KIND: a family with a diffusers pipeline, sd3, flux, ...)
 
 Bad input (a path, an override, a reward, a resume that changes a non-resumable key) stops with one line and
@@ -23,7 +24,8 @@ import sys
 from awm_fast.config import ConfigError, list_presets, load_config
 from awm_fast.families import PIPELINE_KINDS
 
-COMMANDS = {"eval": "eval_cmd", "sample": "sample_cmd", "export": "export_cmd", "serve-reward": "serve_reward"}
+COMMANDS = {"eval": "eval_cmd", "sample": "sample_cmd", "export": "export_cmd", "serve-reward": "serve_reward",
+            "prompts": "prompts_cmd"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,4 +1,9 @@
-"""Writes the prompt sets of this folder from templates (deterministic: fixed seed). Run: python prompts/make_prompts.py
+"""Writes the OFFLINE DEMO prompt sets of this folder from templates (deterministic: fixed seed). Run:
+python prompts/make_prompts.py
+
+These are not the official prompt sets: they let the rewards run without a download, and their numbers are not
+comparable with the papers'. The official GenEval / OCR / PickScore (and DrawBench) files, which the presets name
+as official:NAME, come from `awm-fast prompts fetch NAME` (awm_fast/prompt_sets.py).
 
 geneval_{train,test}.txt + .jsonl  GenEval-style compositional prompts over the 80 COCO classes, six tags
     (single_object, two_object, counting, colors, position, color_attr) with metadata

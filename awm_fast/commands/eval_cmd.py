@@ -111,7 +111,9 @@ def prompt_set(cfg, path: str | None, num: int | None) -> tuple[list[str], list[
         return prompts, [{"digit": int(p)} for p in prompts]
     from awm_fast.rewards.prompts import load_prompt_set
 
-    path = path or cfg.sample.eval_prompt_file or cfg.sample.prompt_file
+    from awm_fast.prompt_sets import resolve_prompt_files
+
+    path = resolve_prompt_files(path or cfg.sample.eval_prompt_file or cfg.sample.prompt_file)[0]
     if not Path(path).is_file():
         raise UsageError(f"prompt file {path!r} does not exist")
     prompts, metadata = load_prompt_set(path)
@@ -125,6 +127,7 @@ def _slug(label: str) -> str:
 
 def run(args) -> int:
     from awm_fast.train.evaluate import evaluate
+    from awm_fast.train.paper_metrics import paper_metrics
 
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UsageError(f"--num-prompts {args.num_prompts} must be >= 1")
@@ -158,6 +161,9 @@ def run(args) -> int:
                            for i, (p, row) in enumerate(zip(prompts, recorder.rows))]
             report.save_grid(images[:64], out / f"grid_{_slug(source.label)}_{weights}.png")
             logger.info(f"[eval] {source.label} ({weights}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            for paper in paper_metrics(rewards, recorder.rows, metadata):  # GenEval / OCR / PickScore as the papers
+                logger.info(f"[paper] {source.label} ({weights} weights) {paper.line()}")
+                results[source.label].setdefault("paper", {}).setdefault(weights, {})[paper.benchmark] = paper.values
     (out / "metrics.json").write_text(json.dumps({"prompts": len(prompts), "num_steps": kw["num_steps"],
                                                   "seed": kw["seed"], "results": results}, indent=2))
     keys = sorted({k for r in per_prompt for k in r if k not in ("source", "weights", "index", "prompt")})

@@ -9,6 +9,7 @@ from awm_fast.config import Config
 from awm_fast.models.load import load_policy
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.rewards import Reward, build_reward
+from awm_fast.prompt_sets import resolve_prompt_files
 from awm_fast.rewards.prompts import load_prompt_set
 
 logger = logging.getLogger(__name__)
@@ -39,9 +40,11 @@ def build_task(cfg: Config, device: torch.device) -> Task:
         return Task(policy, reward, list(PROMPTS), [{"digit": int(p)} for p in PROMPTS], eval_prompts,
                     [{"digit": int(p)} for p in eval_prompts], policy.encode([""]),
                     {"classifier_accuracy": art.classifier_accuracy})
-    prompts, metadata = load_prompt_set(cfg.sample.prompt_file)
+    train_file, eval_file = resolve_prompt_files(cfg.sample.prompt_file,
+                                                 cfg.sample.eval_prompt_file or cfg.sample.prompt_file)
+    prompts, metadata = load_prompt_set(train_file)
+    eval_prompts, eval_metadata = load_prompt_set(eval_file)
     reward = build_reward(cfg.reward.name, weights=cfg.reward.weights, **cfg.reward.options)
-    eval_prompts, eval_metadata = load_prompt_set(cfg.sample.eval_prompt_file or cfg.sample.prompt_file)
     n = cfg.sample.eval_prompts
     eval_prompts, eval_metadata = eval_prompts[:n], eval_metadata[:n]
     policy = load_policy(cfg, device, prompts=prompts + eval_prompts)

@@ -248,6 +248,8 @@ def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack)
                            "no signal")
         if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < t.steps:
             run_eval(done)
+            if eval_ema is not None:  # raw and EMA weights at every evaluation, as the official eval()
+                run_eval(done, "ema")
         if (cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0) or done == t.steps:
             save_state(run_dir, done, cfg, policy, optimizer, eval_ema, d, {
                 "evals": evals, "history": metrics_logger.history if metrics_logger else None,

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from awm_fast.config import load_config
+from awm_fast.config import list_presets, load_config
+from awm_fast.prompt_sets import OFFICIAL, PROMPT_SETS
 from awm_fast.rewards.ocr import target_text
 from awm_fast.rewards.prompts import load_prompt_set
 
@@ -29,9 +30,16 @@ def test_shipped_sets(task):
                                                       {2: "two", 3: "three", 4: "four"}[obj["count"]] in p)
 
 
-@pytest.mark.parametrize("preset", ["geneval_sd35m", "ocr_sd35m", "pickscore_sd35m"])
-def test_presets_point_at_shipped_files(preset):
-    assert (ROOT.parent / load_config(preset).sample.prompt_file).is_file()
+@pytest.mark.parametrize("preset", [p for p in list_presets() if p != "digits"])
+def test_presets_name_official_sets_or_shipped_files(preset):
+    """Every preset's prompt files are official sets (awm_fast.prompt_sets, fetched by `awm-fast prompts fetch`)
+    or files shipped here; the bundled template sets are demo data only."""
+    s = load_config(preset).sample
+    for value in (s.prompt_file, s.eval_prompt_file):
+        if value.startswith(OFFICIAL):
+            assert value.removeprefix(OFFICIAL) in PROMPT_SETS
+        else:
+            assert (ROOT.parent / value).is_file()
 
 
 def test_loader(tmp_path):

@@ -35,15 +35,16 @@ def test_eval_every_evaluates_each_steps_weights_and_a_flaky_reward_is_retried(t
                                     "run.checkpoint_every=1", "run.keep_checkpoints=3", "reward.retries=1", "reward.retry_wait_s=0.25"])
     summary = json.loads(train(cfg).read_text())
     logs = [r.getMessage() for r in caplog.records]
-    # evaluations at 0, 1, 2 (raw, ema); rollouts of steps 1 and 2 (failed once, then again)
-    assert calls == [10, 8, 10, 8, "failed", 8, 10, 10] and waited == [0.25]
+    # evaluations at 0, 1 (raw, ema: every evaluation after a step, as the official eval()), 2 (raw, ema); rollouts
+    # of steps 1 and 2 (failed once, then again)
+    assert calls == [10, 8, 10, 10, 8, "failed", 8, 10, 10] and waited == [0.25]
     assert "[warn] reward 'digits' failed (ConnectionError: reward server went away); retry 1/1 in 0.25 s" in logs
     evals = [line.split(":")[0] for line in logs if line.startswith("[eval]")]
-    assert evals == ["[eval] step 0 (raw weights)", "[eval] step 1 (raw weights)", "[eval] step 2 (raw weights)",
-                     "[eval] step 2 (ema weights)"]  # the last step once: the final evaluation
+    assert evals == ["[eval] step 0 (raw weights)", "[eval] step 1 (raw weights)", "[eval] step 1 (ema weights)",
+                     "[eval] step 2 (raw weights)", "[eval] step 2 (ema weights)"]  # the last step once: the final one
     run = tmp_path / "r"
     saved = torch.load(run / "checkpoints" / "step_000002" / "state.pt", weights_only=True)["evals"]
-    assert [(e["step"], e["weights"]) for e in saved] == [(0, "raw"), (1, "raw")]
+    assert [(e["step"], e["weights"]) for e in saved] == [(0, "raw"), (1, "raw"), (1, "ema")]
     metrics = lambda e: {k: v for k, v in e.items() if k not in ("step", "weights")}
     assert metrics(saved[0]) == summary["eval_before"]
 
