@@ -131,3 +131,16 @@ def test_hpsv2_refuses_bad_checkpoints(tiny_hps, tiny_clip, tmp_path):
         HPSv2Reward(checkpoint=str(tmp_path / "code.pt"), processor=tiny_clip, model_config=arch, device="cpu")
     with pytest.raises(FileNotFoundError, match="checkpoint=PATH"):
         HPSv2Reward(checkpoint=str(tmp_path / "absent.pt"), processor=tiny_clip, model_config=arch, device="cpu")
+
+
+def test_hpsv2_from_a_config(tiny_hps, tiny_clip, images):
+    """reward.name=hpsv2 with reward.options, through config validation and the trainer's build_reward."""
+    from awm_fast.config import load_config
+    from awm_fast.rewards import build_reward
+
+    ckpt, arch, _ = tiny_hps
+    opts = f"{{checkpoint: '{ckpt}', processor: '{tiny_clip}', model_config: '{arch}', device: cpu}}"
+    cfg = load_config("pickscore_sd35m", ["model.path=/ckpt", "reward.name=hpsv2", f"reward.options={opts}"])
+    out = build_reward(cfg.reward.name, **cfg.reward.options)(images, PROMPTS, [{}] * 3)
+    direct = HPSv2Reward(checkpoint=ckpt, processor=tiny_clip, model_config=arch, device="cpu")(images, PROMPTS, [{}] * 3)
+    torch.testing.assert_close(out["reward"], direct["reward"])

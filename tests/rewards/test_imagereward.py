@@ -130,3 +130,16 @@ def test_imagereward_refuses_foreign_files(tiny_imagereward, tmp_path):
         ImageRewardReward(model=str(tmp_path), tokenizer=tok, device="cpu")
     with pytest.raises(FileNotFoundError, match="neither a folder"):
         ImageRewardReward(model=str(tmp_path / "absent"), tokenizer=tok, device="cpu")
+
+
+def test_imagereward_from_a_config(tiny_imagereward, images):
+    """reward.name=imagereward in a combination with per-component options, through config validation and build_reward."""
+    from awm_fast.config import load_config
+    from awm_fast.rewards import build_reward
+
+    model, tok, parts = tiny_imagereward
+    opts = f"{{imagereward: {{model: '{model}', tokenizer: '{tok}', device: cpu}}}}"
+    cfg = load_config("pickscore_sd35m", ["model.path=/ckpt", "reward.name=imagereward+jpeg_compressibility",
+                                          "reward.weights=[1.0,0.0]", f"reward.options={opts}"])
+    out = build_reward(cfg.reward.name, weights=cfg.reward.weights, **cfg.reward.options)(images, PROMPTS, [{}] * 3)
+    torch.testing.assert_close(out["reward"], reference(parts, tok, images, PROMPTS), atol=1e-5, rtol=1e-5)

@@ -162,3 +162,21 @@ def test_judge_refuses_bad_options(monkeypatch):
         VlmJudgeReward(url="http://127.0.0.1:9/v1", model="m", prompt_template="rate it")
     with pytest.raises(ValueError, match="do not parse"):
         VlmJudgeReward(url="http://127.0.0.1:9/v1", model="m", prompt_template="{prompt} {other}")
+
+
+def test_judge_from_a_config(judge, images):
+    """reward.name / reward.options as a user writes them, through config validation and the trainer's build_reward."""
+    from awm_fast.config import ConfigError, load_config
+    from awm_fast.rewards import build_reward
+
+    opts = f"{{vlm_judge: {{url: '{judge.url}', model: m, concurrency: 2}}, jpeg_compressibility: {{}}}}"
+    cfg = load_config("pickscore_sd35m", ["model.path=/ckpt", "reward.name=vlm_judge+jpeg_compressibility",
+                                          "reward.weights=[2.0,0.5]", f"reward.options={opts}"])
+    out = build_reward(cfg.reward.name, weights=cfg.reward.weights, **cfg.reward.options)(images, PROMPTS, [{}] * 4)
+    torch.testing.assert_close(out["vlm_judge"], expected_scores(images), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["reward"], 2.0 * out["vlm_judge"] + 0.5 * out["jpeg_compressibility"])
+    with pytest.raises(ConfigError, match="vlm_judge.modle"):
+        load_config("pickscore_sd35m", ["model.path=/ckpt", "reward.name=vlm_judge+jpeg_compressibility",
+                                        "reward.options={vlm_judge: {modle: m}}"])
+    with pytest.raises(ConfigError, match="does not apply to model.kind=digits"):
+        load_config("digits", ["reward.name=vlm_judge"])
