@@ -19,8 +19,9 @@ in commit 2d76907 of 2025-07-15; a later revision, 74db691, combines without it;
 CFG, so it is unaffected). The reference (adapters disabled) gives the KL mean; the loss uses
 A = clip(A_raw, -5, 5) (the trainer's advantages, divided by adv_clip_max, times adv_clip_max).
 Only the samples with A != 0 train (official; algo.flow_grpo.informative_samples): the n / micro_batch
-micro-batches keep their number and shrink to k / M rows. The shuffled samples are split into
-flow_grpo.optimizer_steps parts (official 2), round robin
+micro-batches keep their number and shrink to k / M rows; as officially, each process filters its own samples, so
+with flat groups the rows trained depend on how the samples split over processes. The shuffled samples are split
+into flow_grpo.optimizer_steps parts (official 2), round robin
 (algorithms.update_loop); from the second part on the policy has moved, so r != 1 and the ratio clip acts
 (`clipfrac_later` says how often; `clipfrac_first` is on-policy, 0).
 
