@@ -153,13 +153,16 @@ def run(args) -> int:
             with progress_bar(total=len(prompts), desc=f"eval {source.label} ({weights})", unit="img") as bar:
                 recorder = ScoreRecorder(rewards, bar)
                 with weights_in(policy, state, weights):
-                    metrics, images = evaluate(policy, recorder, prompts, metadata, **kw,
-                                               preview_dir=out / f"previews_{_slug(source.label)}_{weights}")
+                    ev = evaluate(policy, recorder, prompts, metadata, **kw,
+                                  preview_dir=out / f"previews_{_slug(source.label)}_{weights}")
+            metrics = ev.metrics
             results.setdefault(source.label, {"step": source.step, "checkpoint": str(source.ckpt or "")})[weights] = metrics
             table.append({"source": source.label, "step": source.step, "weights": weights, **metrics})
             per_prompt += [{"source": source.label, "weights": weights, "index": i, "prompt": p, **row}
                            for i, (p, row) in enumerate(zip(prompts, recorder.rows))]
-            report.save_grid(images[:64], out / f"grid_{_slug(source.label)}_{weights}.png")
+            report.labelled_grid(ev.images[:40], out / f"grid_{_slug(source.label)}_{weights}.png",
+                                 prompts=prompts[:40], scores=ev.rewards[:40].tolist(),
+                                 title=f"{source.label} ({weights} weights)")
             logger.info(f"[eval] {source.label} ({weights}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             for paper in paper_metrics(rewards, recorder.rows, metadata):  # GenEval / OCR / PickScore as the papers
                 logger.info(f"[paper] {source.label} ({weights} weights) {paper.line()}")

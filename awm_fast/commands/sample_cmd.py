@@ -103,9 +103,8 @@ def run(args) -> int:
         if not video:
             report.save_grid(img[None], out / name, per_row=1, min_cell=1)
         records.append({"index": i, "prompt": prompt, "file": name})
-    report.save_grid(frame_strip(images[:64]) if video else images[:64], out / "grid.png",
-                     per_row=max(1, min(8, args.num_per_prompt)) if
-                     args.num_per_prompt > 1 else 8)
+    report.labelled_grid(frame_strip(images[:40]) if video else images[:40], out / "grid.png", prompts=every[:40],
+                         cols=min(args.num_per_prompt, 10) if args.num_per_prompt > 1 else None)
     (out / "samples.json").write_text(json.dumps({
         "source": str(source.ckpt or "base"), "weights": weights, "seed": args.seed, "sampler": args.sampler,
         "steps": len(grid) - 1, "guidance_scale": guidance, "noise_level": noise, "batch_size": args.batch_size,

@@ -9,6 +9,7 @@ are scored as rewards.base.score_batch says (by frame, or whole clips) and retur
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,15 +23,25 @@ from awm_fast.train.previews import frame_strip, write_previews
 from awm_fast.algorithms.update_loop import derived_seed
 
 
+@dataclass
+class Evaluation:
+    """metrics: the mean of every reward output over the prompts; images (N, C, H, W) in [0, 1] and rewards (N,)
+    (each sample's "reward" output) on rank 0, empty on the other ranks."""
+    metrics: dict[str, float]
+    images: torch.Tensor
+    rewards: torch.Tensor
+
+
 @torch.no_grad()
 def evaluate(policy: FlowPolicy, reward: Reward, prompts: list[str], metadata: list[dict], *, num_steps: int,
              seed: int, batch_size: int, guidance_scale: float = 1.0, null_cond=None,
-             dist: Dist | None = None, preview_dir: Path | None = None) -> tuple[dict[str, float], torch.Tensor]:
-    """Mean of every reward output over the prompts, and the decoded images (N, C, H, W) in [0, 1]."""
+             dist: Dist | None = None, preview_dir: Path | None = None) -> Evaluation:
+    """The evaluation of `policy` on `prompts` (see `Evaluation`)."""
     dist = dist or current()
     grid = policy.time_grid(num_steps)  # the model scheduler's grid
     sums: dict[str, float] = {}
     images: dict[int, torch.Tensor] = {}
+    rewards: dict[int, torch.Tensor] = {}
     starts = list(range(0, len(prompts), batch_size))
     # sharded full fine-tuning: every rank must make the same calls (each gathers weights from all ranks), so
     # a rank short of a batch samples a discarded one-prompt batch
@@ -54,6 +65,7 @@ def evaluate(policy: FlowPolicy, reward: Reward, prompts: list[str], metadata: l
         with evaluation_mode(reward):
             out = score_batch(reward, img, p, m)
         check_reward_output(reward.name, out, len(p))
+        rewards[k] = torch.as_tensor(out["reward"]).double().reshape(-1).cpu()
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value).double().sum())
         if is_video(img):
@@ -62,10 +74,13 @@ def evaluate(policy: FlowPolicy, reward: Reward, prompts: list[str], metadata: l
             img = frame_strip(img)
         images[k] = (img.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     if dist.enabled:
-        parts = dist.all_gather_object((sums, images), "gathering evaluation results")
-        sums = {key: sum(s.get(key, 0.0) for s, _ in parts) for key in parts[0][0]}
+        parts = dist.all_gather_object((sums, images, rewards), "gathering evaluation results")
+        sums = {key: sum(s.get(key, 0.0) for s, _, _ in parts) for key in parts[0][0]}
         if not dist.is_main:
-            return {k: v / len(prompts) for k, v in sums.items()}, torch.empty(0)
-        for _, imgs in parts:
+            return Evaluation({k: v / len(prompts) for k, v in sums.items()}, torch.empty(0), torch.empty(0))
+        for _, imgs, rews in parts:
             images.update(imgs)
-    return {k: v / len(prompts) for k, v in sums.items()}, torch.cat([images[k] for k in sorted(images)]).float() / 255
+            rewards.update(rews)
+    return Evaluation({k: v / len(prompts) for k, v in sums.items()},
+                      torch.cat([images[k] for k in sorted(images)]).float() / 255,
+                      torch.cat([rewards[k] for k in sorted(rewards)]))

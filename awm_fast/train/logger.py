@@ -67,6 +67,19 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log_images(images, step)
 
+    def log_eval_grid(self, evaluation, prompts: list[str], step: int, weights: str) -> Path:
+        """The first 20 samples of an evaluation as a labelled grid (prompt and reward under each image):
+        evals/step_NNNNNN_<weights>.png, also logged to TensorBoard / wandb as eval_samples/<weights>."""
+        from awm_fast.train.report import labelled_grid
+
+        n = min(20, len(evaluation.images))
+        path = self.path.parent / "evals" / f"step_{step:06d}_{weights}.png"
+        path.parent.mkdir(exist_ok=True)
+        labelled_grid(evaluation.images[:n], path, prompts=prompts[:n], scores=evaluation.rewards[:n].tolist(),
+                      title=f"evaluation at step {step} ({weights} weights)")
+        self.log_images({f"eval_samples/{weights}": path}, step)
+        return path
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -29,9 +29,8 @@ from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.train import checkpoint as ckpt
 from awm_fast.train import progress, report
 from awm_fast.train.distributed import Dist, current, init_distributed, shutdown, wrap_for_training
-from awm_fast.train.evaluate import evaluate
+from awm_fast.train.evaluate import Evaluation, evaluate
 from awm_fast.train.faults import NonFiniteGuard, RetryingReward, out_of_memory, run_event
-from awm_fast.train.launch import split_problem
 from awm_fast.train.logger import MetricsLogger
 from awm_fast.train.resume import dump_config
 from awm_fast.train.run_folder import lineage, open_run_folder
@@ -186,9 +185,10 @@ def save_state(run_dir: Path, step: int, cfg: Config, policy, optimizer, eval_em
 def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack) -> Path:
     t, s = cfg.train, cfg.sample
     images_per_step = s.prompts_per_step * s.group_size
-    problem = split_problem(cfg, d.world)  # P G mod (N b) = 0 (train/launch.py); before anything loads
-    if problem:
-        raise ValueError(problem)
+    if images_per_step % (d.world * s.batch_size):
+        raise ValueError(f"sample.prompts_per_step x sample.group_size = {images_per_step} images per step do not split "
+                         f"into whole rollout batches of sample.batch_size={s.batch_size} over {d.world} processes "
+                         f"(needs a multiple of {d.world * s.batch_size})")
     torch.manual_seed(t.seed)  # the LoRA initialisation: the same in every run and on every rank
     device = d.device
     # created and locked; a resume goes on in place or in a new branch folder that records its parent
@@ -209,25 +209,29 @@ def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack)
     eval_kw = dict(num_steps=s.eval_num_steps, seed=t.seed + 1000, batch_size=s.eval_batch_size or max(s.batch_size, 64),
                    guidance_scale=s.eval_guidance_scale, null_cond=task.null_cond, dist=d)
 
-    def run_eval(step: int, weights: str = "raw"):
+    def run_eval(step: int, weights: str = "raw") -> Evaluation:
         with out_of_memory_stops("evaluation", device), \
                 (eval_ema.swapped_in(policy.transformer) if weights == "ema" else contextlib.nullcontext()):
-            metrics, images = evaluate(policy, task.reward, task.eval_prompts, task.eval_metadata, **eval_kw,
-                                       preview_dir=run_dir / "previews" / f"step_{step:06d}_{weights}")  # videos
-        evals.append({"step": step, "weights": weights, **metrics})
+            ev = evaluate(policy, task.reward, task.eval_prompts, task.eval_metadata, **eval_kw,
+                          preview_dir=run_dir / "previews" / f"step_{step:06d}_{weights}")  # videos
+        evals.append({"step": step, "weights": weights, **ev.metrics})
         logger.info(f"[eval] step {step} ({weights} weights): "
-                    + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        return metrics, images
+                    + ", ".join(f"{k} {v:.4f}" for k, v in ev.metrics.items()))
+        if metrics_logger is not None:  # the samples of every evaluation: reward hacking shows mid-run
+            metrics_logger.log_eval_grid(ev, task.eval_prompts, step, weights)
+        return ev
 
     start, evals, history, train_seconds = 0, [], [], 0.0
     if ckpt_path:
         state = restore_state(ckpt_path, policy, optimizer, eval_ema, d)
         start, evals, history = state["step"], state["evals"], state["history"]
         before_images, train_seconds = state["before_images"], state["train_seconds"]
-    else:
-        _, before_images = run_eval(0)
+        before_rewards = state.get("before_rewards")
     metrics_logger = MetricsLogger(run_dir, cfg.run.tensorboard, history, evals=evals,
                                    wandb=open_wandb(cfg, run_dir) if cfg.run.wandb else None) if d.is_main else None
+    if not ckpt_path:
+        first = run_eval(0)
+        before_images, before_rewards = first.images, first.rewards
     grid = policy.time_grid(s.num_steps)
     nonfinite = NonFiniteGuard(t.max_nonfinite_steps)
 
@@ -248,12 +252,10 @@ def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack)
                            "no signal")
         if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < t.steps:
             run_eval(done)
-            if eval_ema is not None:  # raw and EMA weights at every evaluation, as the official eval()
-                run_eval(done, "ema")
         if (cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0) or done == t.steps:
             save_state(run_dir, done, cfg, policy, optimizer, eval_ema, d, {
                 "evals": evals, "history": metrics_logger.history if metrics_logger else None,
-                "before_images": before_images,
+                "before_images": before_images, "before_rewards": before_rewards,
                 "train_seconds": train_seconds + step_s})
         return step_s
 
@@ -280,8 +282,9 @@ def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack)
                 eval_ema.update(policy.transformer)
             train_seconds += after_step(step + 1, roll, result, decay, clock)
         bar.close()
-    after, after_images = run_eval(t.steps)
-    after_ema = run_eval(t.steps, "ema")[0] if eval_ema is not None else None
+    final = run_eval(t.steps)
+    after = final.metrics
+    after_ema = run_eval(t.steps, "ema").metrics if eval_ema is not None else None
     if not d.is_main:
         return run_dir / "summary.json"
     summary = {"eval_before": {k: v for k, v in evals[0].items() if k not in ("step", "weights")},
@@ -290,7 +293,8 @@ def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack)
     if after_ema is not None:
         summary["eval_after_ema"] = after_ema
     report.plot_curves(metrics_logger.history, evals, run_dir / "curves.png")
-    report.plot_grid(before_images, after_images, task.eval_prompts, run_dir / "samples_before_after.png")
+    report.plot_grid(before_images, final.images, task.eval_prompts, run_dir / "samples_before_after.png",
+                     before_scores=before_rewards, after_scores=final.rewards)
     dump_config(cfg, run_dir / "config.yaml")
     metrics_logger.flush_evals()
     metrics_logger.log_images({"curves": run_dir / "curves.png",
