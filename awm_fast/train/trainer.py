@@ -30,10 +30,12 @@ from awm_fast.train import checkpoint as ckpt
 from awm_fast.train import progress, report
 from awm_fast.train.distributed import Dist, current, init_distributed, shutdown, wrap_for_training
 from awm_fast.train.evaluate import Evaluation, evaluate
-from awm_fast.train.faults import NonFiniteGuard, RetryingReward, out_of_memory, run_event
+from awm_fast.train.faults import NonFiniteGuard, RetryingReward, check_reward_servers, out_of_memory, run_event
+from awm_fast.train.launch import split_problem
 from awm_fast.train.logger import MetricsLogger
 from awm_fast.train.resume import dump_config
 from awm_fast.train.run_folder import lineage, open_run_folder
+from awm_fast.train.stop import StopRequest, Stopped, stop_on_signals
 from awm_fast.train.wandb_logger import open_wandb
 from awm_fast.train.task import Task, build_task
 
@@ -141,8 +143,13 @@ def train(cfg: Config, *, resume: str | None = None) -> Path:
         with only_main(d.is_main):
             if cfg.run.threads:
                 torch.set_num_threads(cfg.run.threads)
-            with contextlib.ExitStack() as held:  # the run folder's lock (train/run_folder.py)
-                path = _train(cfg, d, resume, held)
+            # the run folder's lock (train/run_folder.py); SIGTERM / SIGINT stop at a step boundary (train/stop.py)
+            with contextlib.ExitStack() as held, stop_on_signals() as stop:
+                path = _train(cfg, d, resume, held, stop)
+    except Stopped:
+        if d.enabled:  # every rank stopped after the same step
+            shutdown()
+        raise
     finally:
         torch.set_num_threads(threads)
     if d.enabled:
@@ -182,23 +189,24 @@ def save_state(run_dir: Path, step: int, cfg: Config, policy, optimizer, eval_em
         ckpt.save_checkpoint(run_dir, step, policy.transformer, state, cfg.run.keep_checkpoints, weights)
 
 
-def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack) -> Path:
+def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack, stop: StopRequest) -> Path:
     t, s = cfg.train, cfg.sample
     images_per_step = s.prompts_per_step * s.group_size
-    if images_per_step % (d.world * s.batch_size):
-        raise ValueError(f"sample.prompts_per_step x sample.group_size = {images_per_step} images per step do not split "
-                         f"into whole rollout batches of sample.batch_size={s.batch_size} over {d.world} processes "
-                         f"(needs a multiple of {d.world * s.batch_size})")
+    problem = split_problem(cfg, d.world)  # P G mod (N b) = 0 (train/launch.py); before anything loads
+    if problem:
+        raise ValueError(problem)
     torch.manual_seed(t.seed)  # the LoRA initialisation: the same in every run and on every rank
     device = d.device
+    check_reward_servers(cfg.reward.name, cfg.reward.options)  # a dead reward server: one line in seconds, no folder
     # created and locked; a resume goes on in place or in a new branch folder that records its parent
     run_dir, ckpt_path, cfg = open_run_folder(cfg, resume, d, held)
+    stop.run_dir = run_dir
     if d.is_main:
         dump_config(cfg, run_dir / "config.yaml")  # at the start: a killed run can be resumed as it was
     t_start = time.perf_counter()
     with d.main_first():  # rank 0 builds the caches (digits model, prompt embeddings), the others read them
         task = build_task(cfg, device)
-    task.reward = RetryingReward(task.reward, cfg.reward.retries, cfg.reward.retry_wait_s)
+    task.reward = RetryingReward(task.reward, cfg.reward.retries, cfg.reward.retry_wait_s, cfg.reward.timeout_s)
     policy = task.policy
     train_policy = wrap_for_training(policy, d)  # DDP (LoRA) or FSDP2 (full) on several processes
     algo = get_algorithm(cfg)
@@ -237,7 +245,8 @@ def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack)
 
     def after_step(done: int, roll: Rollout, result: UpdateResult, decay: float, clock: StepClock) -> float:
         """The bookkeeping of step `done` (1-based): metrics averaged over ranks and logged, the non-finite
-        guard, warnings, periodic evaluation and checkpoint. Returns the step's seconds (up to the bookkeeping)."""
+        guard, warnings, periodic evaluation and checkpoint (also when stopping). Returns the step's seconds
+        (up to the bookkeeping)."""
         step_s = clock.stop()
         run_event("update", done)
         result.losses = d.mean(result.losses)  # grad_norm and skipped are already global
@@ -252,7 +261,12 @@ def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack)
                            "no signal")
         if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < t.steps:
             run_eval(done)
-        if (cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0) or done == t.steps:
+            if eval_ema is not None:  # raw and EMA weights at every evaluation, as the official eval()
+                run_eval(done, "ema")
+            if eval_ema is not None:  # raw and EMA weights at every evaluation, as the official eval()
+                run_eval(done, "ema")
+        stopping = stop.agreed(d)  # a SIGTERM / SIGINT on any rank, until now: every rank stops after this step
+        if stopping or (cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0) or done == t.steps:
             save_state(run_dir, done, cfg, policy, optimizer, eval_ema, d, {
                 "evals": evals, "history": metrics_logger.history if metrics_logger else None,
                 "before_images": before_images, "before_rewards": before_rewards,
@@ -281,6 +295,11 @@ def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack)
             if eval_ema is not None:
                 eval_ema.update(policy.transformer)
             train_seconds += after_step(step + 1, roll, result, decay, clock)
+            if stop.stopping:  # checkpointed by after_step (train/stop.py)
+                if metrics_logger is not None:
+                    metrics_logger.flush_evals()
+                    metrics_logger.close()
+                raise stop.stopped(run_dir, step + 1)
         bar.close()
     final = run_eval(t.steps)
     after = final.metrics
