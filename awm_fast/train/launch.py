@@ -5,8 +5,8 @@ elastic agent behind torchrun) with the same arguments, as
     torchrun --standalone --nproc-per-node N -m awm_fast.cli <the same argv>
 
 would; each worker then finds torchrun's environment and runs as today. run.nproc: 0 (default) = one process per
-visible GPU (CUDA_VISIBLE_DEVICES counts), 1 on a CPU device; 1 = one process (no launcher); N > 1 = N processes
-(on a CPU device too, with gloo: how the tests run it). Several nodes stay `torchrun --nnodes ...` (README).
+visible GPU (CUDA_VISIBLE_DEVICES counts), 1 on a CPU device or a named GPU (run.device=cuda:K); 1 = one process
+(no launcher); N > 1 = N processes (on a CPU device too, with gloo: how the tests run it). Several nodes stay `torchrun --nnodes ...` (README).
 
 The batch must split over the processes: P x G images per step (sample.prompts_per_step x sample.group_size)
 make whole rollout batches of sample.batch_size on each of the N processes,
@@ -70,10 +70,14 @@ def plan_processes(cfg: Config, env=None, gpus: int | None = None) -> int:
     if under_torchrun(env):
         return 1  # torchrun started this process: it is one of the workers
     r = cfg.run
-    device = pick_device(r.device)
+    try:
+        device = pick_device(r.device)
+    except ValueError as exc:  # run.device=cuda without a GPU
+        raise ConfigError(str(exc)) from None
     if gpus is None:
         gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    n = r.nproc or (gpus if device.type == "cuda" else 1)
+    # run.device=cuda:K names one GPU: one process there unless run.nproc asks for more
+    n = r.nproc or (gpus if device.type == "cuda" and device.index is None else 1)
     if device.type == "cuda" and n > gpus:
         raise ConfigError(f"run.nproc={r.nproc} but this node has {gpus} visible GPUs (CUDA_VISIBLE_DEVICES); one "
                           "process per GPU at most")
@@ -89,6 +93,7 @@ def plan_processes(cfg: Config, env=None, gpus: int | None = None) -> int:
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `python -m awm_fast.cli <argv>` in `nproc` processes through torch.distributed.run (standalone
     rendezvous on a free local port); the exit code of the first process that failed, else 0."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -102,6 +107,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     except ChildFailedError as exc:  # each worker printed its own one-line error
         codes = [f.exitcode for f in exc.failures.values() if f.exitcode and f.exitcode > 0]
         return codes[0] if codes else 1
+    except SignalException as exc:  # SIGTERM / SIGINT: forwarded to the workers, which stop cleanly (train/stop.py)
+        return 128 + int(exc.sigval)
     return 0
 
 

@@ -29,9 +29,13 @@ def test_process_count_follows_gpus_and_nproc(monkeypatch):
     assert plan_processes(load_config("digits", ["sample.batch_size=40", "run.nproc=2"]), env={}) == 2
     assert plan_processes(load_config("digits", ["sample.batch_size=40", "run.nproc=2"]),
                           env={"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "0"}) == 1  # a torchrun worker
-    monkeypatch.setattr("awm_fast.env.pick_device", lambda name, option="": torch.device("cuda"))
+    monkeypatch.setattr("awm_fast.env.pick_device", lambda name, option="": torch.device(
+        "cuda" if name == "auto" else name))  # a node with GPUs, as the launcher sees it
     gpu = load_config("geneval_sd35m", ["model.path=/ckpt"])
     assert plan_processes(gpu, env={}, gpus=8) == 8 and plan_processes(gpu, env={}, gpus=1) == 1
+    gpu.run.device = "cuda:3"
+    assert plan_processes(gpu, env={}, gpus=8) == 1  # one named GPU
+    gpu.run.device = "auto"
     gpu.run.nproc = 4
     assert plan_processes(gpu, env={}, gpus=8) == 4
     gpu.run.nproc = 9
