@@ -26,10 +26,15 @@ Training timesteps (T per sample) as the official script draws them:
   shuffled, then shifted (shift = sample.shift, the official time_shift 3).
 - logit_normal: T stratified standard-normal quantiles n_j = Phi^-1((j + U_j) / T), shuffled, t = shift(sigmoid(n)),
   clamped >= 0.01; one draw per micro-batch.
+The uniforms U come from the micro-batch's generator on its device and every step stays there (float64): no
+copy to the host and no host data copied in (the discrete strata's bounds are built once per device), so a
+micro-batch runs without a device synchronisation. Each elementwise step is the same float64 operation as the
+official formula (Phi^-1(q) = sqrt(2) erfinv(2 q - 1), torch's Normal(0, 1).icdf), so CPU draws are unchanged.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -123,8 +128,18 @@ def discrete_boundaries(num_steps: int, num_timesteps: int, fraction: float, wit
 
 
 def _rand(shape, generator: torch.Generator) -> torch.Tensor:
-    """Uniforms drawn on the generator's device (a CUDA generator on GPU runs), returned float64 on the CPU."""
-    return torch.rand(shape, generator=generator, dtype=torch.float64, device=generator.device).cpu()
+    """Uniforms (float64) drawn on the generator's device (a CUDA generator on GPU runs), left there."""
+    return torch.rand(shape, generator=generator, dtype=torch.float64, device=generator.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _strata(num_steps: int, num_timesteps: int, fraction: float, with_init: bool,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lower bounds, widths) of the discrete strata (`discrete_boundaries`) as int64 tensors on `device`,
+    computed and copied there once."""
+    b = torch.tensor(discrete_boundaries(num_steps, num_timesteps, fraction, with_init), dtype=torch.int64,
+                     device=device)
+    return b[:-1], b[1:] - b[:-1]
 
 
 def _shuffled(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -134,22 +149,22 @@ def _shuffled(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def sample_train_timesteps(mode: str, num_timesteps: int, grid: torch.Tensor, *, shift: float, fraction: float,
                            generator: torch.Generator, batch: int | None = None) -> torch.Tensor:
-    """Training times (float64, in (0, 1]) for one micro-batch: (T,) shared by its samples, or with `batch`
-    given (T, batch), column b = sample b's times (only `uniform` draws them per sample)."""
+    """Training times (float64, in (0, 1]) for one micro-batch, on the generator's device: (T,) shared by its
+    samples, or with `batch` given (T, batch), column b = sample b's times (only `uniform` draws them per
+    sample). `grid` on that device too keeps the call free of copies (a CPU grid is copied per call)."""
     if mode not in TIMESTEP_MODES:
         raise ValueError(f"timestep_sampling={mode!r} is not one of {TIMESTEP_MODES}")
-    T = num_timesteps
+    T, device = num_timesteps, generator.device
     if mode in ("discrete_wo_init", "discrete"):
-        bounds = torch.tensor(discrete_boundaries(grid.numel() - 1, T, fraction, mode == "discrete"))
-        lower, width = bounds[:-1], bounds[1:] - bounds[:-1]
+        lower, width = _strata(grid.numel() - 1, T, fraction, mode == "discrete", device)
         idx = lower + (_rand(T, generator) * width).to(torch.int64)
-        t = grid.to(torch.float64).cpu()[idx]
+        t = grid.to(device, torch.float64)[idx]
     elif mode == "uniform":
-        u = (torch.arange(T, dtype=torch.float64)[:, None] + _rand((T, batch or 1), generator)) / T
+        u = (torch.arange(T, dtype=torch.float64, device=device)[:, None] + _rand((T, batch or 1), generator)) / T
         t = shift_time(_shuffled(0.2 + 0.8 * u, generator), shift)
         return t if batch else t[:, 0]
     else:
-        q = (torch.arange(T, dtype=torch.float64) + _rand(T, generator)) / T
-        n = torch.distributions.Normal(0.0, 1.0).icdf(q.clamp(1e-7, 1 - 1e-7))
+        q = (torch.arange(T, dtype=torch.float64, device=device) + _rand(T, generator)) / T
+        n = torch.erfinv(2 * q.clamp(1e-7, 1 - 1e-7) - 1) * math.sqrt(2)  # Normal(0, 1).icdf, op for op
         t = shift_time(torch.sigmoid(_shuffled(n, generator)), shift).clamp(min=0.01)
     return t if batch is None else t[:, None].expand(T, batch).clone()

@@ -95,14 +95,16 @@ def accumulate(policy, last: bool):
 
 def noisy_rows(x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
     """Rows for T times over B latents, timestep-major (row = k B + b), fresh eps per row:
-    x_t = (1 - t) x0 + t eps. t: (T,) shared by the B samples, or (T, B) per sample.
+    x_t = (1 - t) x0 + t eps. t: (T,) shared by the B samples, or (T, B) per sample, on x0's device (as
+    algo.timesteps draws it: no host-to-device copy, which would synchronise, per micro-batch).
     Returns (x_t, u = eps - x0, t per row)."""
     T, B = t.shape[0], x0.shape[0]
     if t.dim() == 2 and t.shape[1] != B:
         raise ValueError(f"per-sample times of shape {tuple(t.shape)} do not match {B} latents")
+    if t.device != x0.device:
+        raise ValueError(f"training times on {t.device} for latents on {x0.device}: draw them on the latents' device")
     x0r = x0.repeat(T, *([1] * (x0.dim() - 1)))
-    t_rows = t.to(x0.device, torch.float32).flatten() if t.dim() == 2 else \
-        t.to(x0.device, torch.float32).repeat_interleave(B)
+    t_rows = t.to(torch.float32).flatten() if t.dim() == 2 else t.to(torch.float32).repeat_interleave(B)
     eps = torch.randn(x0r.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     tv = t_rows.view(-1, *([1] * (x0.dim() - 1)))
     return (1 - tv) * x0r + tv * eps, eps - x0r, t_rows

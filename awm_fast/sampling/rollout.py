@@ -44,13 +44,22 @@ def sample_latents(
     x = initial_noise.float() if initial_noise is not None else torch.randn(
         (batch, *policy.latent_shape), generator=generator, device=policy.device, dtype=torch.float32)
     log_prob = torch.zeros(batch, device=policy.device)
-    for sigma, sigma_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
-        v_cond, v_uncond = velocity(x, sigma, adapter)
-        step = sde_step(x, v_cond, sigma, sigma_next, generator=generator, noise_level=noise_level, kind=sampler,
-                        v_uncond=v_uncond, guidance_scale=guidance_scale, return_log_prob=True)
-        x = step.x_next
-        log_prob += step.log_prob
+    for sigma, sigma_next in zip(grid[:-1].tolist(), grid[1:].tolist()):  # the (host) grid read once
+        x, step_log_prob = rollout_step(velocity, x, sigma, sigma_next, sampler=sampler, noise_level=noise_level,
+                                        generator=generator, guidance_scale=guidance_scale, adapter=adapter)
+        log_prob += step_log_prob
     return x, log_prob
+
+
+def rollout_step(velocity: GuidedVelocity, x: torch.Tensor, sigma: float, sigma_next: float, *, sampler: str,
+                 noise_level: float, generator: torch.Generator, guidance_scale: float = 1.0,
+                 adapter: str | None = POLICY) -> tuple[torch.Tensor, torch.Tensor]:
+    """One denoising step sigma -> sigma_next (Python floats): the transformer call(s) and `sde_step`; returns
+    (x_next, the step's log-prob (B,)). Nothing is read back to the host or copied in from it (tested)."""
+    v_cond, v_uncond = velocity(x, sigma, adapter)
+    step = sde_step(x, v_cond, sigma, sigma_next, generator=generator, noise_level=noise_level, kind=sampler,
+                    v_uncond=v_uncond, guidance_scale=guidance_scale, return_log_prob=True)
+    return step.x_next, step.log_prob
 
 
 def per_sample_noise(shape: tuple[int, ...], seeds: list[int], device: torch.device | str) -> torch.Tensor:

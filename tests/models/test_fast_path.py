@@ -52,7 +52,8 @@ def test_explicit_values_are_kept_on_either_device():
     cfg = load_config(None, ["model.compile=false", "train.shared_batch=true", "sample.cuda_graphs=false"])
     for device in ("cpu", "cuda"):
         resolved = resolve_fast_path(cfg, device)
-        assert (resolved.model.compile, resolved.train.shared_batch, resolved.sample.cuda_graphs) == (False, True, False)
+        switches = resolved.model.compile, resolved.train.shared_batch, resolved.sample.cuda_graphs
+        assert switches == (False, True, False)
     assert cfg.model.compile is False and cfg.sample.cuda_graphs is False  # the input config is not modified
 
 

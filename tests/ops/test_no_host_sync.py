@@ -1,21 +1,30 @@
-"""No host-device traffic on the hot path: a routed transformer call, `awm_loss` and `sde_step` neither read a
-tensor value back on the host (`.item()`, `bool(tensor)`, `.tolist()`: aten._local_scalar_dense) nor build a
-tensor from Python data (`torch.tensor`, `new_tensor`: aten.lift_fresh), either of which is a copy plus a stream
-sync on CUDA and illegal inside CUDA-graph capture. Checked on CPU, where the same calls are dispatched."""
+"""No host-device traffic on the hot path: a routed transformer call, `awm_loss`, `sde_step`, a whole AWM
+training micro-batch (timesteps, noisy rows, the three velocities, the loss and its backward) and a rollout step
+neither read a tensor value back on the host (`.item()`, `bool(tensor)`, `.tolist()`, `.cpu()`:
+aten._local_scalar_dense) nor build a tensor from Python data (`torch.tensor`, `new_tensor`: aten.lift_fresh) nor
+move a tensor between devices (`.to(device)`), each of which is a copy plus a stream sync on CUDA and illegal
+inside CUDA-graph capture. Checked on CPU, where the same calls are dispatched (the device moves are recorded on
+a CUDA machine; on the CPU `.cpu()` stands for them), and with torch's sync debug mode on CUDA."""
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from awm_fast.algo.timesteps import TIMESTEP_MODES, time_grid
+from awm_fast.algorithms.awm import AWM
+from awm_fast.config import load_config
 from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
+from awm_fast.models.policy import Conditioning, GuidedVelocity
 from awm_fast.models.routing import BASE, routed, routing_mask
 from awm_fast.ops import awm_loss, sde_step
 from awm_fast.ops.dispatch import backend_present
+from awm_fast.sampling.rollout import rollout_step
 from awm_fast.tasks.digits import tiny_transformer_config
 
 HOST_OPS = ("aten._local_scalar_dense", "aten.lift_fresh", "aten.lift_fresh_copy")
 PY_CALLS = (("torch", "tensor"), ("torch", "as_tensor"), ("Tensor", "new_tensor"), ("Tensor", "tolist"),
-            ("Tensor", "item"), ("Tensor", "numpy"))
+            ("Tensor", "item"), ("Tensor", "numpy"), ("Tensor", "cpu"))
+MOVES = (("Tensor", "to"), ("Tensor", "cuda"))  # recorded when the result is on another device than the input
 CPU_BACKENDS = [b for b in ("torch", "cpp") if backend_present(b, "cpu")]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 ROWS = 2
@@ -51,6 +60,16 @@ def host_traffic(monkeypatch):
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(owners[owner], attr, spy)
+    for owner, attr in MOVES:
+        original = getattr(owners[owner], attr)
+
+        def move_spy(self, *args, _original=original, _name=f"{owner}.{attr} across devices", **kwargs):
+            out = _original(self, *args, **kwargs)
+            if mode.active and isinstance(out, torch.Tensor) and out.device != self.device:
+                mode.seen.append(_name)
+            return out
+
+        monkeypatch.setattr(owners[owner], attr, move_spy)
     mode.active = False
 
     class Recording:
@@ -146,3 +165,70 @@ def test_the_recorder_sees_host_traffic(host_traffic):
         x.tolist()
     assert "aten._local_scalar_dense" in seen.seen and "aten.lift_fresh" in seen.seen
     assert "Tensor.new_tensor" in seen.seen and "Tensor.tolist" in seen.seen
+
+
+def _tiny_policy(device="cpu"):
+    from tests.models.tiny_configs import tiny_lora_policy
+
+    return tiny_lora_policy(device)
+
+
+def _awm(mode, shared):
+    return AWM(load_config(None, [f"train.timestep_sampling={mode}", f"train.shared_batch={shared}",
+                                  "train.num_timesteps=2", "train.beta=0.01", "train.ema_beta=0.5",
+                                  "sample.num_steps=10"]))
+
+
+def _awm_micro_batch(algo, policy, grid, device, seed):
+    """One AWM.micro_batch_loss (3 latents, 2 timesteps, both KL terms) and its backward, as the update runs it."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x0 = torch.randn(3, *policy.latent_shape, generator=gen, device=device)
+    cond = Conditioning(torch.randn(3, 2, 32, generator=gen, device=device),
+                        torch.randn(3, 32, generator=gen, device=device))
+    advantages = torch.randn(3, generator=gen, device=device, dtype=torch.float64)
+    loss, parts = algo.micro_batch_loss(policy, x0, cond, advantages, grid, gen)
+    loss.backward()
+    return loss, parts
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_batch", "three_calls"])
+@pytest.mark.parametrize("mode", TIMESTEP_MODES)
+def test_awm_micro_batch_has_no_host_traffic(host_traffic, mode, shared):
+    """Timesteps drawn on the device generator stay there; the rows, the routed calls and the loss too."""
+    policy, algo = _tiny_policy(), _awm(mode, shared)
+    grid = time_grid(10, 3.0)  # on the device: AWM.update moves it there once per update
+    _awm_micro_batch(algo, policy, grid, "cpu", seed=0)  # warm-up: masks and strata built once, outside
+    with host_traffic() as seen:
+        loss, parts = _awm_micro_batch(algo, policy, grid, "cpu", seed=1)
+    assert seen.seen == [], f"host traffic in an AWM micro-batch ({mode}): {sorted(set(seen.seen))}"
+    assert torch.isfinite(loss) and set(parts) >= {"loss", "kl", "kl_ema"}
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0], ids=["no_cfg", "cfg"])
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "cps"])
+def test_rollout_step_has_no_host_traffic(gen, host_traffic, sampler, guidance):
+    policy = _tiny_policy()
+    cond = Conditioning(torch.randn(2, 2, 32, generator=gen), torch.randn(2, 32, generator=gen))
+    null = Conditioning(torch.randn(1, 2, 32, generator=gen), torch.randn(1, 32, generator=gen))
+    x = torch.randn(2, *policy.latent_shape, generator=gen)
+    with torch.no_grad():
+        velocity = GuidedVelocity(policy, cond, guidance, null)  # built once per rollout batch
+        rollout_step(velocity, x, 0.9, 0.8, sampler=sampler, noise_level=0.7, generator=gen, guidance_scale=guidance)
+        with host_traffic() as seen:
+            x_next, log_prob = rollout_step(velocity, x, 0.8, 0.6, sampler=sampler, noise_level=0.7, generator=gen,
+                                            guidance_scale=guidance)
+    assert seen.seen == [], f"host traffic in a rollout step ({sampler}): {sorted(set(seen.seen))}"
+    assert torch.isfinite(x_next).all() and torch.isfinite(log_prob).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's sync debug mode reports CUDA synchronisations")
+@pytest.mark.parametrize("mode", TIMESTEP_MODES)
+def test_awm_micro_batch_does_not_synchronise_cuda(mode):
+    policy, algo, grid = _tiny_policy("cuda"), _awm(mode, True), time_grid(10, 3.0).cuda()
+    _awm_micro_batch(algo, policy, grid, "cuda", seed=0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _awm_micro_batch(algo, policy, grid, "cuda", seed=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
