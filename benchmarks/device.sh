@@ -9,13 +9,19 @@
 #
 # PLAN core (the default; ONE call: give it timeout_s ~590, it ends its own work by TOTAL_S=560 s):
 #   install (carried wheels into $SITE, editable install without the CUDA extension: no build in this call)
-#   1 smoke     python -m benchmarks.smoke: compiled block fwd+bwd, attention backend fwd+bwd (a failing one
-#               falls back along the priority list), CUDA-graph capture of a rollout step under
-#               set_sync_debug_mode("error"), NaN check of the LoRA gradients; each check independent
-#   2 baseline  SD3.5-M-shaped phases of the official code path (benchmarks/_official.py)
-#   3 fast      the same phases of the fast path
-#   4 shared    the training phase of `fast -shared_batch` (the fast row of stage 3 is its other half)
-#   5 kernels   fused loss and SDE step at the >= 64 MB shapes (torch, torch.compile, Triton)
+#   1 smoke       python -m benchmarks.smoke: attention backend fwd+bwd (a failing one falls back along the
+#                 priority list), NaN check of the LoRA gradients, CUDA-graph capture of a rollout step
+#                 (torch.cuda.graph, under set_sync_debug_mode("error")), compiled block fwd+bwd; each independent
+#   2 fast_eager  the SD3.5-M-shaped phases the preset runs, fast path with eager blocks (`fast -compile_blocks`:
+#                 bf16, shared batch, best attention, fused ops, CUDA graphs; no compile wait)
+#   3 baseline    the same phases of the official code path (benchmarks/_official.py)
+#   4 fast        the same phases of the fast path, compiled (the cold compile, up to ~250 s, is in this stage)
+#   5 kernels     fused loss and SDE step at the >= 64 MB shapes (torch, torch.compile, Triton)
+#   6 shared      the training phase of `fast -shared_batch` (the fast row of stage 4 is its other half)
+# Stages 2 and 3 measure the fast path against the baseline within ~6 minutes whatever the compile costs; every
+# phase's row is saved as soon as it is measured, so a stage cut at its limit keeps the phases it finished. The
+# model FLOPs are counted once per call on the meta device (the first harness stage writes $RUN/<model>.flops,
+# the later ones read it).
 # PLAN rest (a second lease): every other `fast -X` row, FLUX.1-dev-shaped fast/baseline, the 1 GB kernel sweep.
 #
 # Every stage runs under its own time limit (min(its cap, what is left of TOTAL_S)); a stage that fails or times out
@@ -25,8 +31,9 @@
 # Back here: mkdir -p gpu && tar -xzf step_time_core.tgz -C gpu && python benchmarks/step_time.py --merge gpu/*.json
 #
 # Dry run on a machine without a GPU (every stage but the measurements themselves): DRY_RUN=1 runs the harness
-# stages with `--device cpu --tiny` (kernels without the 64 MB filter) and the smoke test on the CPU (CUDA-only checks
-# report "skipped"); PY=/path/to/python picks the interpreter (default python3; tests/benchmarks/test_device_sh.py
+# stages with `--device cpu --tiny --compile` (the fast stage compiles its blocks with inductor on the CPU; kernels
+# without the 64 MB filter) and the smoke test on the CPU with `--compile-backend inductor` (CUDA-only checks report
+# "skipped"); PY=/path/to/python picks the interpreter (default python3; tests/benchmarks/test_device_sh.py
 # passes a stub that only records its calls), SITE the wheels' target folder, TOTAL_S the call's length.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,7 +68,7 @@ LOG="$OUT/device_$PLAN.log"
 exec > >(tee "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 if [ "$DRY_RUN" = 1 ]; then
-    DEV="--device cpu --tiny"; SMOKE_DEV="--device cpu"; MIN_MB=0
+    DEV="--device cpu --tiny --compile"; SMOKE_DEV="--device cpu --compile-backend inductor"; MIN_MB=0
     echo "device.sh: DRY RUN (CPU stand-ins for the GPU stages: nothing here is a GPU measurement)"
 else
     DEV=""; SMOKE_DEV=""; MIN_MB=64
@@ -125,14 +132,16 @@ if ! grep -q "^install status=ok" "$RUN/stages.txt"; then
 fi
 case "$PLAN" in
 core)
-    stage smoke 90 "$PY" -m benchmarks.smoke --json "$OUT/smoke.json" $SMOKE_DEV
-    stage baseline 150 harness --quick --only phases --model sd35m --variants baseline --tag baseline
-    stage fast 210 harness --quick --only phases --model sd35m --variants fast --tag fast
-    stage shared 120 harness --quick --only phases --model sd35m --variants=-shared_batch --phases train --tag shared
-    stage kernels 560 harness --quick --only kernels --min-mb "$MIN_MB" --tag kernels ;;
+    stage smoke 75 "$PY" -m benchmarks.smoke --json "$OUT/smoke.json" $SMOKE_DEV
+    stage fast_eager 100 harness --quick --only phases --model sd35m --phases preset --variants=-compile_blocks \
+        --tag fast_eager
+    stage baseline 130 harness --quick --only phases --model sd35m --phases preset --variants baseline --tag baseline
+    stage fast 560 harness --quick --only phases --model sd35m --phases preset --variants fast --tag fast
+    stage kernels 120 harness --quick --only kernels --min-mb "$MIN_MB" --tag kernels
+    stage shared 560 harness --quick --only phases --model sd35m --variants=-shared_batch --phases train --tag shared ;;
 rest)
-    stage toggles 560 harness --only phases --model sd35m --variants toggles --tag toggles
-    stage flux 560 harness --only phases --model flux --variants fast,baseline --tag flux
+    stage toggles 560 harness --only phases --model sd35m --phases preset --variants toggles --tag toggles
+    stage flux 560 harness --only phases --model flux --phases preset --variants fast,baseline --tag flux
     stage sweep 560 harness --only kernels --tag sweep ;;
 esac
 kill $packer 2>/dev/null

@@ -8,14 +8,16 @@ still leaves the ones done):
 - env: torch / triton / diffusers / peft versions, the device;
 - attention: the backend the fast variants would use, probed forward + backward at SD3.5-M's head size (64) and
   FLUX's (128) in bf16 (benchmarks/_attention.py), with the ones that failed and fell back;
-- compiled_block: one transformer block of SD3.5-M width with the routed LoRA (both adapters, a mixed routing
+- compiled_block (last: the slowest): one transformer block of SD3.5-M width with the routed LoRA (both adapters, a mixed routing
   mask), `torch.compile(fullgraph=True)` as the fast variants compile it, forward + backward against eager;
 - lora_grads: one training micro-batch of the fast path (shared batch, awm_loss with the fused backend) on a
   one-block SD3.5-M-width model: every LoRA gradient finite and not all zero;
 - cuda_graph_rollout (CUDA only): one rollout step (the routed no-grad transformer call and the SDE step)
-  captured as one CUDA graph and replayed under `torch.cuda.set_sync_debug_mode("error")`, so any host sync
-  or host-to-device copy inside the step raises (warm-up and the synchronize before capture run outside it).
-On a CPU the checks run at tiny widths with torch.compile's aot_eager backend; CUDA-only checks say "skipped".
+  captured as one CUDA graph by `torch.cuda.graph` (on its side stream) and replayed, the capture under
+  `torch.cuda.set_sync_debug_mode("error")`, so any host sync or host-to-device copy inside the step raises
+  (warm-up and the synchronize before capture run outside it).
+On a CPU the checks run at tiny widths with torch.compile's aot_eager backend (`--compile-backend inductor`:
+inductor's CPU code generation, as device.sh's dry run); CUDA-only checks say "skipped".
 Exit status 0 whatever the checks say (device.sh goes on to the measurements either way).
 """
 from __future__ import annotations
@@ -65,10 +67,12 @@ class Setting:
     compile_backend: str
 
     @staticmethod
-    def for_device(device: torch.device) -> "Setting":
-        if device.type == "cuda":  # SD3.5-M width at 512 px (1024 image + 205 text tokens), 3 rows
-            return Setting(device, SD35M_WIDTH, torch.bfloat16, (16, 64, 64), 205, 3, "inductor")
-        return Setting(device, TINY_WIDTH, torch.float32, (16, 8, 8), 6, 2, "aot_eager")
+    def for_device(device: torch.device, compile_backend: str | None = None) -> "Setting":
+        """SD3.5-M width at 512 px (1024 image + 205 text tokens), 3 rows, inductor on CUDA; tiny widths and
+        aot_eager on a CPU (`compile_backend="inductor"`: inductor's C++ code generation, as the dry run)."""
+        if device.type == "cuda":
+            return Setting(device, SD35M_WIDTH, torch.bfloat16, (16, 64, 64), 205, 3, compile_backend or "inductor")
+        return Setting(device, TINY_WIDTH, torch.float32, (16, 8, 8), 6, 2, compile_backend or "aot_eager")
 
 
 def tiny_policy(s: Setting, *, rank: int = 4):
@@ -224,32 +228,41 @@ def check_cuda_graph_rollout(s: Setting) -> dict:
             step()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    torch.cuda.set_sync_debug_mode("error")  # any host sync inside the step raises here
-    try:
-        with torch.no_grad():
-            graph.capture_begin()
-            try:
-                out = step()
-            except Exception:  # report what broke the capture, not capture_end's complaint about it
-                try:
-                    graph.capture_end()
-                except Exception:
-                    pass
-                raise
-            graph.capture_end()
-            graph.replay()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    out = capture_and_replay(step)
     torch.cuda.synchronize()
     if not torch.isfinite(out).all():
         raise ValueError("the replayed rollout step produced non-finite latents")
     return {"rows": int(out.shape[0]), "replayed": True}
 
 
+def capture_and_replay(step: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """step() captured as one CUDA graph by `torch.cuda.graph` (which captures on its own side stream: torch refuses
+    a capture on the default stream) under `set_sync_debug_mode("error")`, so any host sync inside the step
+    raises, then replayed once; returns the graph's output. A step that fails inside the capture raises its own
+    error, not capture_end's complaint about the broken capture."""
+    graph = torch.cuda.CUDAGraph()
+    error = None
+    try:
+        with torch.no_grad(), torch.cuda.graph(graph):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = step()
+            except Exception as exc:  # noqa: BLE001  re-raised below, after the capture is closed
+                error = exc
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    except Exception:
+        if error is None:
+            raise
+    if error is not None:
+        raise error
+    graph.replay()
+    return out
+
+
 CHECKS: dict[str, Callable[[Setting], dict]] = {
-    "env": check_env, "attention": check_attention, "compiled_block": check_compiled_block,
-    "lora_grads": check_lora_grads, "cuda_graph_rollout": check_cuda_graph_rollout}
+    "env": check_env, "attention": check_attention, "lora_grads": check_lora_grads,
+    "cuda_graph_rollout": check_cuda_graph_rollout, "compiled_block": check_compiled_block}  # the slowest last
 
 
 def run_check(name: str, fn: Callable[[Setting], dict], s: Setting) -> Check:
@@ -281,9 +294,11 @@ def main(argv: list[str] | None = None) -> list[Check]:
     ap.add_argument("--json", type=Path, default=None, help="write the results here (after every check)")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--only", default=None, help=f"comma list among {', '.join(CHECKS)}")
+    ap.add_argument("--compile-backend", default=None, choices=("inductor", "aot_eager"),
+                    help="torch.compile backend of compiled_block (default: inductor on CUDA, aot_eager on a CPU)")
     args = ap.parse_args(argv)
     name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    setting = Setting.for_device(torch.device(name))
+    setting = Setting.for_device(torch.device(name), args.compile_backend)
     wanted = list(CHECKS) if args.only is None else [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = [c for c in wanted if c not in CHECKS]
     if unknown:

@@ -15,7 +15,9 @@ fi
 if [ "${1:-}" = "benchmarks/step_time.py" ]; then
     out= tag=
     while [ $# -gt 0 ]; do case "$1" in --out) out=$2;; --tag) tag=$2;; esac; shift; done
-    [ "$tag" = "${STUB_SLEEP:-}" ] && sleep 60
+    if [ "$tag" = "${STUB_SLEEP:-}" ]; then  # one phase measured, then cut at the stage's limit
+        echo '{"variant": "fast", "phase": "rollout", "status": "ok"}' >"$out/step_time_${tag}_rows.jsonl"; sleep 60
+    fi
     echo '{}' >"$out/step_time_$tag.json"; echo "# $tag" >"$out/step_time_$tag.md"
     [ "$tag" = "${STUB_FAIL:-}" ] && exit 1
 fi
@@ -48,11 +50,11 @@ def test_core_plan_runs_its_stages_in_order_from_the_carried_wheels(tmp_path):
         (wheels / name).write_text("stub")
     proc, out, calls, stages = _run(tmp_path, WHEEL_DIR=str(wheels))
     assert proc.returncode == 0, proc.stdout[-2000:]
-    assert list(stages) == ["install", "smoke", "baseline", "fast", "shared", "kernels"]
+    assert list(stages) == ["install", "smoke", "fast_eager", "baseline", "fast", "kernels", "shared"]
     assert set(stages.values()) == {"status=ok"}
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and {p.name for p in files} == {"device_core.log", "smoke.json", "step_time_core.tgz"}
-    assert {f"step_time_{t}.json" for t in ("baseline", "fast", "shared", "kernels")} <= _archive(out)
+    assert {f"step_time_{t}.json" for t in ("fast_eager", "baseline", "fast", "shared", "kernels")} <= _archive(out)
     # the install: the carried wheels (setuptools >= 77 among them) into SITE, first on PYTHONPATH, then the editable
     # install without the extension; no build anywhere
     assert any(c.startswith("-m pip install") and "--target" in c and "setuptools-" in c for c in calls)
@@ -60,9 +62,12 @@ def test_core_plan_runs_its_stages_in_order_from_the_carried_wheels(tmp_path):
     assert editable and "NO_EXT=1" in editable[0] and f"PYTHONPATH={tmp_path / 'site'}" in editable[0]
     assert not any("setup.py" in c or "build_ext" in c for c in calls)
     harness = [c for c in calls if c.startswith("benchmarks/step_time.py")]
-    assert "--variants baseline" in harness[0] and "--variants fast " in harness[1]
-    assert "--variants=-shared_batch --phases train" in harness[2]
+    # the fast path in eager blocks and the baseline first, then the compiled fast path: both sides of the ratio
+    # are measured before the cold compile starts; only the phases the preset runs
+    assert "--variants=-compile_blocks" in harness[0] and "--variants baseline" in harness[1]
+    assert "--variants fast " in harness[2] and all("--phases preset" in c for c in harness[:3])
     assert "--only kernels --min-mb 64" in harness[3]
+    assert "--variants=-shared_batch --phases train" in harness[4]
     assert all("--budget-s" in c and "--device cpu" not in c for c in harness)
 
 
@@ -78,5 +83,11 @@ def test_an_overrunning_stage_is_cut_and_what_was_done_comes_back(tmp_path):
                                     DRY_RUN="1")
     assert stages["baseline"] == "status=ok" and stages["fast"] == "status=timeout"
     assert stages["shared"] == stages["kernels"] == "status=not-run"
-    assert "step_time_baseline.json" in _archive(out)
-    assert all("--device cpu --tiny" in c for c in calls if c.startswith("benchmarks/step_time.py"))
+    assert {"step_time_fast_eager.json", "step_time_baseline.json"} <= _archive(out)
+    # the cut stage's finished phase comes back in the archive
+    with tarfile.open(out / "step_time_core.tgz") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("step_time_fast_rows.jsonl"))
+        assert b'"phase": "rollout"' in tar.extractfile(member).read()
+    # the dry run: inductor on the CPU in the harness (--compile) and in the smoke test
+    assert all("--device cpu --tiny --compile" in c for c in calls if c.startswith("benchmarks/step_time.py"))
+    assert any("benchmarks.smoke" in c and "--compile-backend inductor" in c for c in calls)

@@ -65,3 +65,59 @@ def test_phase_and_kernel_selections():
            if _kernels.loss_working_set(c, torch.float32, torch.bfloat16) >= 64e6}
     # bf16 v / v_ref / v_ema / gradients, float32 target: 16 bytes per latent value
     assert big == {(72, (16, 64, 64)), (18, (16, 128, 128)), (72, (16, 128, 128)), (144, (16, 128, 128))}
+
+
+class _FakeCapture:
+    """Stands in for torch.cuda.graph / CUDAGraph on a CPU: records how the smoke check captures."""
+
+    def __init__(self, fail_exit: bool = False) -> None:
+        self.events: list[str] = []
+        self.fail_exit = fail_exit
+
+    def graph(self, g, **kwargs):
+        fake = self
+
+        class Ctx:
+            def __enter__(self):
+                fake.events.append("capture on torch.cuda.graph's side stream")
+
+            def __exit__(self, *exc):
+                fake.events.append("capture_end")
+                if fake.fail_exit:
+                    raise RuntimeError("operation failed due to a previous error during capture")
+                return False
+
+        return Ctx()
+
+    def sync_mode(self, mode):
+        self.events.append(f"sync_debug {mode}")
+
+
+def _patch_capture(monkeypatch, fake):
+    replays = []
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("G", (), {"replay": lambda self: replays.append(1)})())
+    monkeypatch.setattr(torch.cuda, "graph", fake.graph)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", fake.sync_mode)
+    return replays
+
+
+def test_the_graph_check_captures_through_torch_cuda_graph_under_sync_errors(monkeypatch):
+    fake = _FakeCapture()
+    replays = _patch_capture(monkeypatch, fake)
+    x = torch.randn(3)
+    out = smoke.capture_and_replay(lambda: fake.events.append("step") or x * 2)
+    assert torch.equal(out, x * 2) and replays == [1]
+    assert fake.events == ["capture on torch.cuda.graph's side stream", "sync_debug error", "step", "sync_debug 0",
+                           "capture_end"]
+
+
+def test_a_step_failing_inside_the_capture_reports_its_own_error(monkeypatch):
+    fake = _FakeCapture(fail_exit=True)  # capture_end complains about the broken capture, as CUDA does
+    replays = _patch_capture(monkeypatch, fake)
+
+    def step():
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing (a host sync)")
+
+    with pytest.raises(RuntimeError, match="a host sync"):
+        smoke.capture_and_replay(step)
+    assert replays == [] and fake.events[-2:] == ["sync_debug 0", "capture_end"]
