@@ -232,4 +232,7 @@ def test_z_image_preset_validates():
     cfg = load_config("geneval_z_image")
     assert (cfg.model.kind, cfg.model.path, cfg.model.text_tokens) == ("z_image", "Tongyi-MAI/Z-Image-Turbo", 512)
     assert cfg.model.lora_targets == list(LORA_TARGETS) and cfg.sample.guidance_scale == 1.0
-    assert cfg.train.gradient_checkpointing and not cfg.sample.cuda_graphs
+    assert cfg.train.gradient_checkpointing and cfg.sample.cuda_graphs is not True  # false or auto
+    from awm_fast.models.fast_path import fast_path
+
+    assert fast_path(cfg, "cuda").cuda_graphs is False  # auto leaves the graphs off for Z-Image, also on CUDA
