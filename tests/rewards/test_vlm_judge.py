@@ -102,9 +102,11 @@ def test_judge_request_and_scores(judge, images):
 
 def test_judge_runs_requests_concurrently(judge, images):
     judge.delay_s = 0.3
-    t0 = time.monotonic()
     VlmJudgeReward(url=judge.url, model="m", concurrency=4, timeout_s=10)(images, PROMPTS, [{}] * 4)
-    assert judge.max_in_flight == 4 and time.monotonic() - t0 < 1.0  # 4 x 0.3 s one after another would be 1.2 s
+    assert judge.max_in_flight == 4  # all four requests were open at once
+    judge.max_in_flight = 0
+    VlmJudgeReward(url=judge.url, model="m", concurrency=2, timeout_s=10)(images, PROMPTS, [{}] * 4)
+    assert judge.max_in_flight == 2  # never more than `concurrency`
 
 
 def test_judge_unparsable_and_out_of_range_answers(judge, images):
@@ -120,11 +122,11 @@ def test_judge_unparsable_and_out_of_range_answers(judge, images):
 
 
 def test_judge_timeout_and_http_errors(judge, images):
-    judge.delay_s = 1.0
+    judge.delay_s = 3.0
     t0 = time.monotonic()
     with pytest.raises(RewardServerError, match="no answer"):
         VlmJudgeReward(url=judge.url, model="m", timeout_s=0.3)(images[:2], PROMPTS[:2], [{}] * 2)
-    assert time.monotonic() - t0 < 0.9
+    assert time.monotonic() - t0 < 2.0  # the call's deadline, not the server's 3 s
     judge.delay_s = 0.0
     reward = VlmJudgeReward(url=judge.url, model="m", concurrency=1, timeout_s=10)
     judge.answers = [(404, "model 'm' not found")]
