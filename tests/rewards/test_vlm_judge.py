@@ -101,7 +101,7 @@ def test_judge_request_and_scores(judge, images):
 
 
 def test_judge_runs_requests_concurrently(judge, images):
-    judge.delay_s = 0.3
+    judge.delay_s = 0.6  # long enough that the four requests overlap on a loaded machine
     VlmJudgeReward(url=judge.url, model="m", concurrency=4, timeout_s=10)(images, PROMPTS, [{}] * 4)
     assert judge.max_in_flight == 4  # all four requests were open at once
     judge.max_in_flight = 0
