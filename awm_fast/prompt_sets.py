@@ -83,7 +83,7 @@ PROMPT_SETS: dict[str, OfficialFile] = {f.name: f for f in (
          "d75c025fa451866e70f7e36243f7cdd93095523cb51f5f9651f2ce3236d20262", "PickScore test prompts, 2048"),
     OfficialFile("drawbench_test", NFT_REPO, NFT_COMMIT, "dataset/drawbench/test.txt",
                  "8d96e7cf7017ce6ce299a6eec96e21467a2ac7aa",
-                 "9006b98feabb94b28a2bc0c88de42fd4f31a9ec3c2a19e308a02c5385b7172f0", "DrawBench prompts (DiffusionNFT)"),
+                 "9006b98feabb94b28a2bc0c88de42fd4f31a9ec3c2a19e308a02c5385b7172f0", "DrawBench prompts as DiffusionNFT ships them, 1000"),
 )}
 
 

@@ -115,7 +115,7 @@ def test_bad_input_is_one_line_and_exit_code_2(digits_run, tmp_path, capsys, arg
     assert len(err) == 1 and err[0].startswith("awm-fast: error: ") and message in err[0], err
 
 
-@pytest.mark.parametrize("command", ["eval", "sample", "export", "serve-reward", "train"])
+@pytest.mark.parametrize("command", ["eval", "sample", "export", "serve-reward", "prompts", "train"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
