@@ -112,6 +112,28 @@ def test_flow_grpo_trains_only_the_nonzero_advantage_samples():
     torch.testing.assert_close(got, ref, **tol(torch.float32))
 
 
+def test_awm_trains_every_sample_even_with_zero_advantage(monkeypatch):
+    """Official AWM does not filter: a flat group's samples stay in their micro-batches (their KL rows count)."""
+    from awm_fast.algorithms.awm import AWM
+
+    policy, gen = _lora_policy(), torch.Generator().manual_seed(3)
+    n = 4
+    x0, cond = torch.randn(n, 1, 8, 8, generator=gen, dtype=f64), _cond(n, gen)
+    adv = torch.tensor([0.5, 0.0, -0.5, 0.0], dtype=f64)
+    seen, real = [], AWM.micro_batch_loss
+
+    def spy(self, policy, x0, cond, advantages, grid, g, backend="auto"):
+        seen.append(advantages.tolist())
+        return real(self, policy, x0, cond, advantages, grid, g, backend)
+
+    monkeypatch.setattr(AWM, "micro_batch_loss", spy)
+    params = list(adapter_params(policy.transformer, POLICY).values())
+    cfg = Config(train=TrainConfig(algorithm="awm", micro_batch=2, num_timesteps=2, shared_batch=False))
+    stats = update_on(cfg, policy, x0, cond, adv, time_grid(6, 3.0), MicroBatchRNG(1, 0),
+                      torch.optim.SGD(params, lr=1.0), params)
+    assert seen == [[0.5, 0.0], [-0.5, 0.0]] and stats.skipped == 0 and "kept" not in stats.losses
+
+
 def test_nft_trains_nine_distinct_rollout_timesteps_per_sample():
     policy, gen = _lora_policy(), torch.Generator().manual_seed(2)
     seen = []
