@@ -159,6 +159,17 @@ def test_training_stops_before_loading_a_model_when_a_set_is_missing(fixture_set
         build_task(cfg, __import__("torch").device("cpu"))
 
 
+def test_train_stops_with_one_line_before_making_a_run_folder(fixture_set, tmp_path):
+    from awm_fast.train.trainer import train
+    from tests.models.tiny_configs import tiny_model_config
+
+    cfg = tiny_model_config(tmp_path, "sd3", tmp_path / "no_model_here", ["a cat"],
+                            "sample.prompt_file=official:demo_test", "sample.eval_prompt_file=official:demo_test")
+    with pytest.raises(PromptSetMissing, match=r"run `awm-fast prompts fetch demo_test`"):
+        train(cfg)
+    assert not (tmp_path / "sd3").exists()
+
+
 def test_cli_fetch_and_list(fixture_set, server, tmp_path, capsys):
     assert main(["prompts", "fetch", "demo_test", "--base-url", server.url]) == 0
     out = capsys.readouterr().out

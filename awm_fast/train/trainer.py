@@ -197,6 +197,9 @@ def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack,
         raise ValueError(problem)
     torch.manual_seed(t.seed)  # the LoRA initialisation: the same in every run and on every rank
     device = d.device
+    from awm_fast.prompt_sets import resolve_prompt_files
+
+    resolve_prompt_files(cfg.sample.prompt_file, cfg.sample.eval_prompt_file)  # a missing official set: one line
     check_reward_servers(cfg.reward.name, cfg.reward.options)  # a dead reward server: one line in seconds, no folder
     # created and locked; a resume goes on in place or in a new branch folder that records its parent
     run_dir, ckpt_path, cfg = open_run_folder(cfg, resume, d, held)
