@@ -138,10 +138,13 @@ def load_weights(policy, source: Source) -> dict | None:
     return policy.finetune.load_trained(source.ckpt, policy)  # LoRA: both adapters; full: the trained transformer
 
 
+WEIGHTS = ("raw", "ema", "both")  # --weights of eval, sample and export (argparse choices: refused at once)
+
+
 def weight_choices(state: dict | None, wanted: str) -> list[str]:
     """"raw", "ema" or "both" -> the weight sets to use; the base model has raw weights only."""
-    if wanted not in ("raw", "ema", "both"):
-        raise UsageError(f"--weights {wanted!r} is not one of raw, ema, both")
+    if wanted not in WEIGHTS:
+        raise UsageError(f"--weights {wanted!r} is not one of {', '.join(WEIGHTS)}")
     has_ema = state is not None and state.get("eval_ema") is not None
     if wanted == "ema" and not has_ema:
         raise UsageError("--weights ema: this source has no evaluation EMA (the base model, train.eval_ema=false "

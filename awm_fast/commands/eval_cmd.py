@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from awm_fast.logs import progress_bar
 
-from awm_fast.commands.common import (add_source_arguments, UsageError, build_policy, device_of, load_sources, load_weights,
+from awm_fast.commands.common import (WEIGHTS, add_source_arguments, UsageError, build_policy, device_of, load_sources, load_weights,
                                       split_positionals, weight_choices, weights_in)
 from awm_fast.rewards import build_reward, check_reward_output
 from awm_fast.rewards.base import score_batch
@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("--reward", action="append", default=[], metavar="NAME[@{yaml options}]",
                    help="a reward to score with (repeat for several; default: the run's reward), e.g. "
                         "--reward jpeg_compressibility --reward 'pickscore@{model: /ckpt/PickScore_v1}'")
-    p.add_argument("--weights", default="both", help="raw | ema | both (default both: raw and the evaluation EMA)")
+    p.add_argument("--weights", default="both", choices=WEIGHTS,
+                   help="raw | ema | both (default both: raw and the evaluation EMA)")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default sample.eval_num_steps)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default sample.eval_guidance_scale)")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default train.seed + 1000, as the trainer)")

@@ -1,11 +1,14 @@
-"""`awm-fast export RUN|CKPT --out DIR [--weights raw|ema] [--merged]`: the trained LoRA for use outside awm-fast.
+"""`awm-fast export RUN|CKPT --out DIR [--weights raw|ema|both] [--merged] [--overwrite]`: the trained LoRA for use
+outside awm-fast. --weights both writes DIR/raw/... and DIR/ema/..., each laid out as below. DIR must be empty or
+absent (--overwrite removes what an earlier export wrote there: lora/, merged/, raw/, ema/, export.json).
 
     DIR/lora/pytorch_lora_weights.safetensors   the diffusers pipeline LoRA file (raw: the checkpoint's default/
         adapter as saved; ema: the evaluation EMA in the same format):
         `StableDiffusion3Pipeline / FluxPipeline.load_lora_weights("DIR/lora")`
     DIR/merged/   --merged: the LoRA fused into the base weights (diffusers fuse_lora, then the LoRA layers
         removed) and saved with save_pretrained: `DiffusionPipeline.from_pretrained("DIR/merged")` loads it
-        without peft (model.kind=sd3/flux). Digits has no diffusers pipeline: DIR/merged/transformer is its
+        without peft (model.kind=sd3/flux); components saved as null (a pipeline without T5) must be passed as
+        None, as the printed load line and export.json's "load" say. Digits has no diffusers pipeline: DIR/merged/transformer is its
         merged SD3Transformer2DModel folder.
 
 The merged weights are checked: on random latents, timesteps and two prompts, the merged transformer's velocity
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 from awm_fast.logs import progress_bar
 
-from awm_fast.commands.common import add_source_arguments, UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
+from awm_fast.commands.common import WEIGHTS, add_source_arguments, UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
     weight_choices, weights_in
 from awm_fast.models.finetune import PREFIX
 from awm_fast.models.lora import POLICY
@@ -32,6 +35,7 @@ from awm_fast.models.lora import POLICY
 logger = logging.getLogger(__name__)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+WRITTEN = ("lora", "merged", "raw", "ema", "export.json")  # what an export writes into --out
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}  # relative max |diff| of the velocity
 
 
@@ -40,8 +44,11 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_arguments(p, "export", base=False)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--weights", default="raw", help="raw | ema (the evaluation EMA); default raw")
+    p.add_argument("--weights", default="raw", choices=WEIGHTS,
+                   help="raw | ema (the evaluation EMA) | both (DIR/raw and DIR/ema); default raw")
     p.add_argument("--merged", action="store_true", help="also write the LoRA fused into the base model")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (its lora/, merged/, "
+                                                            "raw/, ema/ and export.json; nothing else is touched)")
     p.add_argument("--tolerance", type=float, default=None, help="max relative velocity difference of the merged "
                                                                  "model (default per model.dtype)")
 
@@ -119,6 +126,31 @@ def probe(policy, adapter):
         return policy.velocity(x, t, policy.encode(prompts), adapter).double().cpu()
 
 
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """--out must be absent or empty; with --overwrite, an earlier export's entries (WRITTEN) are removed, and a
+    folder holding anything else is refused: no stale merged/ is ever left beside new files."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present and not overwrite:
+        raise UsageError(f"--out {out} is not empty ({', '.join(present[:4])}{', ...' if len(present) > 4 else ''}): "
+                         "give a new folder, or --overwrite to replace an earlier export there")
+    foreign = [name for name in present if name not in WRITTEN]
+    if foreign:
+        raise UsageError(f"--out {out} holds files an export did not write ({', '.join(foreign[:4])}): not "
+                         "overwriting; give a new folder")
+    for name in present:
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+
+
+def load_line(folder: Path) -> str:
+    """The Python line that loads the merged pipeline: components saved as null passed as None."""
+    index = folder / "model_index.json"
+    absent = [k for k, v in json.loads(index.read_text()).items() if v == [None, None]] if index.is_file() else []
+    extra = "".join(f", {k}=None" for k in absent)
+    return f'DiffusionPipeline.from_pretrained("{folder}"{extra})'
+
+
 def run(args) -> int:
     paths, overrides = split_positionals(args.items)
     if len(paths) != 1:
@@ -130,11 +162,21 @@ def run(args) -> int:
                          "holds the whole trained transformer (SD3Transformer2DModel / FluxTransformer2DModel"
                          ".from_pretrained); there is no LoRA to export")
     out = Path(args.out)
+    prepare_out(out, args.overwrite)
     probe_prompts = ["3", "7"] if cfg.model.kind == "digits" else ["a red cube", "two cats"]
-    stages = progress_bar(total=4 if args.merged else 1, desc="export", unit="stage")
     policy, _, art = build_policy(cfg, device_of(cfg), probe_prompts)
     state = load_weights(policy, source)
-    (weights,) = weight_choices(state, args.weights)
+    chosen = weight_choices(state, args.weights)
+    for weights in chosen:
+        export_weights(args, source, policy, state, art, weights, out / weights if len(chosen) > 1 else out)
+    return 0
+
+
+def export_weights(args, source, policy, state, art, weights: str, out: Path) -> None:
+    """One weight set's export into `out` (see the module docstring)."""
+    cfg = source.cfg
+    probe_prompts = ["3", "7"] if cfg.model.kind == "digits" else ["a red cube", "two cats"]
+    stages = progress_bar(total=4 if args.merged else 1, desc=f"export ({weights})", unit="stage")
     lora = write_lora(source.ckpt, state, policy, weights, out / "lora")
     stages.update()
     info = {"checkpoint": str(source.ckpt), "weights": weights, "lora": str(lora)}
@@ -143,7 +185,6 @@ def run(args) -> int:
         with weights_in(policy, state, weights):
             v_adapter = probe(policy, POLICY)
         v_base = probe(policy, None)
-        del policy
         merged = merge(cfg, out / "lora", out / "merged", art)
         stages.update()
         check_plain(merged, cfg.model.kind)
@@ -156,19 +197,23 @@ def run(args) -> int:
         else:
             mp, _, _ = build_policy(merged_cfg, device_of(cfg), probe_prompts)
         v_merged = probe(mp, None)  # the reference path: the merged base weights alone
+        del mp
         stages.update()
         diff = float((v_merged - v_adapter).abs().max())
         rel = diff / max(float(v_adapter.abs().max()), 1e-12)
         tol = TOLERANCE[cfg.model.dtype] if args.tolerance is None else args.tolerance
         info.update(merged=str(out / "merged"), max_abs_diff=diff, max_rel_diff=rel, tolerance=tol,
                     adapter_effect=float((v_adapter - v_base).abs().max()))  # what the LoRA changes (base vs adapter)
+        if cfg.model.kind != "digits":
+            info["load"] = load_line(out / "merged")
         (out / "export.json").write_text(json.dumps(info, indent=2))
         logger.info(f"[export] merged model: {out / 'merged'}; velocity vs base + adapter: max |diff| {diff:.3g} "
                     f"({rel:.3g} of max |v|, tolerance {tol:g})")
+        if "load" in info:
+            logger.info(f"[export] load it with: {info['load']}")
         if not rel <= tol:
             raise ValueError(f"the merged model's velocity differs from base + adapter by {rel:.3g} of max |v| "
                              f"(> tolerance {tol:g}); the merged folder {out / 'merged'} is not faithful")
     else:
         (out / "export.json").write_text(json.dumps(info, indent=2))
     stages.close()
-    return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from awm_fast.logs import progress_bar
 
-from awm_fast.commands.common import add_source_arguments, UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
+from awm_fast.commands.common import WEIGHTS, add_source_arguments, UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
     weight_choices, weights_in
 from awm_fast.sampling.rollout import SAMPLERS
 from awm_fast.train import report
@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default sample.eval_guidance_scale)")
     p.add_argument("--sampler", default="ode", help=f"{' | '.join(SAMPLERS)} (default ode)")
     p.add_argument("--noise-level", type=float, default=None, help="SDE noise (default sample.noise_level)")
-    p.add_argument("--weights", default="raw", help="raw | ema (the evaluation EMA); default raw")
+    p.add_argument("--weights", default="raw", choices=WEIGHTS[:2], help="raw | ema (the evaluation EMA); default raw")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True, help="output folder")
 

@@ -152,6 +152,7 @@ def test_tiny_pipelines_export_merged_eval_and_sample(tiny_run, tmp_path):
     absent = {k: None for k, v in json.loads((out / "merged" / "model_index.json").read_text()).items()
               if v == [None, None]}
     pipe = DiffusionPipeline.from_pretrained(out / "merged", **absent)  # a plain pipeline: no LoRA layer left
+    assert all(f"{k}=None" in info["load"] for k in absent)  # the load line the export prints says so
     assert type(pipe).__name__ == ("StableDiffusion3Pipeline" if kind == "sd3" else "FluxPipeline")
     assert not [n for n, _ in pipe.transformer.named_parameters() if "lora" in n]
 
@@ -163,3 +164,32 @@ def test_tiny_pipelines_export_merged_eval_and_sample(tiny_run, tmp_path):
     assert main(["sample", str(run), "--prompt", "a red cube", "--num-per-prompt", "2", "--steps", "3",
                  "--out", str(sm)]) == 0
     assert len(json.loads((sm / "samples.json").read_text())["images"]) == 2 and (sm / "grid.png").is_file()
+
+
+def test_export_both_weights_a_non_empty_folder_and_overwrite(digits_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "both"
+    assert main(["export", str(digits_run), "--out", str(out), "--weights", "both"]) == 0
+    raw, ema = (load_file(str(out / w / "lora" / "pytorch_lora_weights.safetensors")) for w in ("raw", "ema"))
+    assert raw.keys() == ema.keys() and any(not torch.equal(raw[k], ema[k]) for k in raw)
+    assert json.loads((out / "ema" / "export.json").read_text())["weights"] == "ema"
+    capsys.readouterr()
+    # a second export into the same folder: refused (no stale files beside new ones) unless --overwrite
+    assert main(["export", str(digits_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not empty" in err[0] and "--overwrite" in err[0]
+    assert main(["export", str(digits_run), "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "lora"]  # raw/ and ema/ are gone
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", str(digits_run), "--out", str(out), "--overwrite"]) == 2
+    assert (out / "notes.txt").read_text() == "mine" and "notes.txt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "sample", "export"])
+def test_weights_outside_the_choices_is_refused_in_one_line(digits_run, tmp_path, capsys, command):
+    with pytest.raises(SystemExit) as exc:
+        main([command, str(digits_run), "--weights", "latest", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "invalid choice: 'latest'" in err[0], err
+    assert not (tmp_path / "o").exists()
