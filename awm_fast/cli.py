@@ -10,9 +10,10 @@
     awm-fast check-config | presets | tiny-KIND PATH (KIND: a family with a diffusers pipeline, sd3, flux, ...)
 
 Bad input (a path, an override, a reward, a resume that changes a non-resumable key) stops with one line and
-exit code 2; a failure while working with one line and exit code 1. Several processes: `awm-fast train` starts
-one per visible GPU itself (run.nproc, awm_fast/train/launch.py); `torchrun --nproc_per_node N -m awm_fast.cli
-train ...` as before (every rank runs the same command; rank 0 prints the report).
+exit code 2; a failure while working with one line and exit code 1; a training run stopped by SIGTERM / SIGINT
+(after its current step, checkpointed: train/stop.py) with the resume command and exit code 143 / 130. Several
+processes: `awm-fast train` starts one per visible GPU itself (run.nproc, awm_fast/train/launch.py); `torchrun
+--nproc_per_node N -m awm_fast.cli train ...` as before (every rank runs the same command; rank 0 prints the report).
 """
 from __future__ import annotations
 
@@ -112,6 +113,14 @@ def _run_command(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the trainer's own handling (train/stop.py) or in another command
+        print("awm-fast: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "presets":
         print("\n".join(list_presets()))
@@ -146,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.utils import logging as diffusers_logging
 
     from awm_fast.train.distributed import TrainingError
+    from awm_fast.train.stop import Stopped
     from awm_fast.train.trainer import train
 
     diffusers_logging.set_verbosity_error()  # its dtype-cast notices on every save are not actionable here
@@ -153,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")
     try:
         summary_path = train(cfg, resume=args.resume)
+    except Stopped as exc:  # SIGTERM / SIGINT: stopped after a step, checkpointed; 128 + the signal's number
+        if rank == "0":
+            print(f"awm-fast: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     except (ValueError, OSError, TrainingError) as exc:  # OSError: a full disk (state_file.DiskFull), ...
         where = f" (rank {rank})" if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
         return _error(exc, 1, where)

@@ -90,6 +90,16 @@ def plan_processes(cfg: Config, env=None, gpus: int | None = None) -> int:
     return n
 
 
+def _cli_module() -> str:
+    """The module the workers run: awm_fast.cli, or the `python -m` module that wraps its `main` (the tests' hooked
+    command line, tests/train/hooked_cli.py), so that they run what this process runs."""
+    from awm_fast import cli
+
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    return spec.name if spec is not None and getattr(main, "main", None) is cli.main else "awm_fast.cli"
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `python -m awm_fast.cli <argv>` in `nproc` processes through torch.distributed.run (standalone
     rendezvous on a free local port); the exit code of the first process that failed, else 0."""
@@ -100,7 +110,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     print(f"[launch] {nproc} processes on this node (torch.distributed.run, as torchrun --standalone "
           f"--nproc-per-node {nproc}); run.nproc=1 for one", flush=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets for its workers, without its 4-line notice
-    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "awm_fast.cli",
+    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", _cli_module(),
                                          *argv])
     try:
         run(args)

@@ -7,6 +7,9 @@ for (also under torchrun -m):
     AWM_FAST_PAUSE_SECONDS (default 3600)
                              park the process at that run event (awm_fast.train.faults.EVENT_HOOKS: "update",
                              "checkpoint"), writing its pid to FILE first, so that a test can SIGKILL it there
+    AWM_FAST_SIGNAL_AT=event:step, AWM_FAST_SIGNAL=TERM|INT, AWM_FAST_SIGNAL_RANKS=1 (default all)
+                             the process sends itself that signal at that run event (a clean stop's trigger at a
+                             known point: train/stop.py)
 """
 from __future__ import annotations
 
@@ -57,6 +60,19 @@ def pause_hook(spec: str):
     return hook
 
 
+def signal_hook(spec: str):
+    import signal
+
+    ranks = os.environ.get("AWM_FAST_SIGNAL_RANKS")
+    signum = getattr(signal, "SIG" + os.environ.get("AWM_FAST_SIGNAL", "TERM"))
+
+    def hook(event: str, step: int) -> None:
+        if spec == f"{event}:{step}" and not (ranks and os.environ.get("RANK", "0") not in ranks.split(",")):
+            os.kill(os.getpid(), signum)
+
+    return hook
+
+
 def install_hooks() -> None:
     from awm_fast.algorithms.update_loop import GRADIENT_HOOKS
     from awm_fast.train.faults import EVENT_HOOKS
@@ -65,6 +81,8 @@ def install_hooks() -> None:
         GRADIENT_HOOKS.append(grad_dump_hook(os.environ["AWM_FAST_GRAD_DUMP"]))
     if os.environ.get("AWM_FAST_PAUSE_AT"):
         EVENT_HOOKS.append(pause_hook(os.environ["AWM_FAST_PAUSE_AT"]))
+    if os.environ.get("AWM_FAST_SIGNAL_AT"):
+        EVENT_HOOKS.append(signal_hook(os.environ["AWM_FAST_SIGNAL_AT"]))
 
 
 if __name__ == "__main__":
