@@ -77,7 +77,8 @@ class RunLock:
                             "finish or stop it, or resume into another folder (run.name=NEW)") from None
         old = os.pread(fd, 200, 0).decode(errors="replace").split()
         if old and old[0] != str(os.getpid()):
-            logger.info(f"[run] took over the lock of {self.path.parent} left by process {old[0]}, which has ended")
+            logger.info(f"[run] took over the lock of {self.path.parent} left by process {old[0]}, which ended "
+                        "without releasing it")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
@@ -87,6 +88,7 @@ class RunLock:
         if self.fd is not None:
             import fcntl
 
+            os.ftruncate(self.fd, 0)  # released: a pid left in the file means its holder died holding it
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

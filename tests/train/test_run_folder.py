@@ -4,6 +4,7 @@ name / output folder branches into a new folder that records its parent and leav
 and a folder that cannot be used, a full disk or a checkpoint that would run code is one line."""
 import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -55,7 +56,7 @@ class Holder:
         self.proc.wait()
 
 
-def test_a_second_process_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path):
+def test_a_second_process_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path, caplog):
     holder = Holder(tmp_path)
     try:
         with pytest.raises(RunLocked, match=rf"^run folder {tmp_path} is in use by process {holder.proc.pid} on "):
@@ -64,12 +65,16 @@ def test_a_second_process_is_refused_naming_the_holder_and_a_dead_holders_lock_i
     finally:
         holder.stop()
     assert (tmp_path / LOCK_FILE).read_text().split()[0] == str(holder.proc.pid)  # left behind by a killed holder
+    caplog.set_level(logging.INFO, logger="awm_fast")
     with RunLock(tmp_path):  # stale: its holder is dead
+        assert caplog.messages == [f"[run] took over the lock of {tmp_path} left by process {holder.proc.pid}, "
+                                   "which ended without releasing it"]
         assert (tmp_path / LOCK_FILE).read_text().split()[0] == str(os.getpid())
         with pytest.raises(RunLocked, match=f"in use by process {os.getpid()}"):  # even from this same process
             with RunLock(tmp_path):
                 pass
-    with RunLock(tmp_path):  # released on exit
+    assert (tmp_path / LOCK_FILE).read_text() == ""  # released on exit: no pid left behind
+    with RunLock(tmp_path):
         pass
 
 
