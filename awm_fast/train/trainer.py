@@ -36,7 +36,7 @@ from awm_fast.train.logger import MetricsLogger
 from awm_fast.train.resume import dump_config
 from awm_fast.train.run_folder import lineage, open_run_folder
 from awm_fast.train.stop import StopRequest, Stopped, stop_on_signals
-from awm_fast.train.wandb_logger import open_wandb
+from awm_fast.train.wandb_logger import check_wandb, open_wandb
 from awm_fast.train.task import Task, build_task
 
 logger = logging.getLogger(__name__)
@@ -201,6 +201,8 @@ def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack,
 
     resolve_prompt_files(cfg.sample.prompt_file, cfg.sample.eval_prompt_file)  # a missing official set: one line
     check_reward_servers(cfg.reward.name, cfg.reward.options)  # a dead reward server: one line in seconds, no folder
+    if cfg.run.wandb and d.is_main:
+        check_wandb(cfg)  # the package and, online, a login: one line now instead of a traceback after step 0
     # created and locked; a resume goes on in place or in a new branch folder that records its parent
     run_dir, ckpt_path, cfg = open_run_folder(cfg, resume, d, held)
     stop.run_dir = run_dir

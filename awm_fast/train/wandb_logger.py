@@ -37,19 +37,48 @@ class WandbRun:
         self.run.finish()
 
 
+def _mode(cfg: Config) -> str:
+    return os.environ.get("WANDB_MODE") or cfg.run.wandb_mode
+
+
+def has_api_key() -> bool:
+    """An API key in $WANDB_API_KEY or in ~/.netrc (or $NETRC) for the wandb host, where `wandb login` puts it."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def check_wandb(cfg: Config) -> None:
+    """run.wandb=true can work: the package is installed and, in online mode, an API key is there. Raises
+    ValueError with one line otherwise (called before the run folder exists)."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ValueError("run.wandb=true needs the package 'wandb': pip install 'awm-fast[wandb]' "
+                         "(or set run.wandb=false)") from None
+    if _mode(cfg) == "online" and not has_api_key():
+        raise ValueError("run.wandb=true in online mode, but no wandb API key ($WANDB_API_KEY or `wandb login`); "
+                         "log in, or run offline with run.wandb_mode=offline (`wandb sync` later), or run.wandb=false")
+
+
 def open_wandb(cfg: Config, run_dir: Path) -> WandbRun:
     """A wandb run for this training run (resumed when <run>/wandb_id.txt exists)."""
-    try:
-        import wandb
-    except ImportError:
-        raise ImportError("run.wandb=true needs the package 'wandb': pip install 'awm-fast[wandb]' "
-                          "(or set run.wandb=false)") from None
+    check_wandb(cfg)
+    import wandb
     run_dir = Path(run_dir)
     id_file = run_dir / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)  # wandb ids: [a-z0-9]
     id_file.write_text(run_id)
     r = cfg.run
-    mode = os.environ.get("WANDB_MODE") or r.wandb_mode
+    mode = _mode(cfg)
     run = wandb.init(project=r.wandb_project, name=r.wandb_name or run_dir.name, mode=mode,
                      dir=os.environ.get("WANDB_DIR") or str(run_dir), id=run_id, resume="allow", config=cfg.to_dict())
     logger.info(f"[wandb] {mode} run {run_id} (project {r.wandb_project})"

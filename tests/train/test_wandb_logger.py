@@ -84,3 +84,21 @@ def test_wandb_mode_is_checked():
 
     with pytest.raises(ConfigError, match="run.wandb_mode='cloud'"):
         load_config(None, ["run.wandb_mode=cloud"])
+
+
+def test_online_wandb_without_a_login_stops_in_one_line_before_the_run_folder(tmp_path, monkeypatch, capsys):
+    import time
+
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "netrc").write_text("machine example.org login u password p\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    started = time.perf_counter()
+    code = main(["train", *TINY, f"run.output_dir={tmp_path / 'runs'}", "run.name=w", "run.wandb=true"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "no wandb API key" in err[0] and "run.wandb_mode=offline" in err[0], err
+    assert not (tmp_path / "runs").exists() and time.perf_counter() - started < 30  # before anything loads
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    from awm_fast.train.wandb_logger import has_api_key
+
+    assert has_api_key()
