@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 from dataclasses import asdict, replace
 from typing import Callable
 
@@ -193,12 +194,40 @@ def _reps(device: torch.device, quick: bool, spec: ModelSpec) -> dict:
     return {"warmup": 1, "reps": 3} if quick else {"warmup": 2, "reps": 5}
 
 
+class FallbackLines(logging.Handler):
+    """The warnings awm_fast logs while a variant runs: each fast-path piece that fails on this machine (a block
+    class's compile, a CUDA-graph capture, an attention backend's probe) falls back with one such line and the run
+    goes on, so a row measured after one says so in its `fallbacks` field."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage()[:300])
+
+    def __enter__(self) -> "FallbackLines":
+        logging.getLogger("awm_fast").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("awm_fast").removeHandler(self)
+
+
 def run_variant(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: bool, flops: dict,
                 matmul_flops: float | None, log=print, *, emit: Callable[[dict], None],
                 budget: Budget | None = None) -> None:
     """Every phase of one variant: images/s (median, 20/80 %), peak memory, telemetry, MFU; each phase's row is
     handed to `emit` as soon as it is measured (a run cut later keeps it). A phase due after `budget` is spent is
     emitted as not run."""
+    with FallbackLines() as fallbacks:
+        _run_variant(bench, variant, phases, quick, flops, matmul_flops, log,
+                     lambda row: emit({**row, "fallbacks": "; ".join(fallbacks.lines) or None}), budget)
+
+
+def _run_variant(bench: Bench, variant: Variant, phases: tuple[str, ...], quick: bool, flops: dict,
+                 matmul_flops: float | None, log, emit: Callable[[dict], None],
+                 budget: Budget | None) -> None:
     dev, spec = bench.device, bench.spec
     row0 = {"variant": variant.name, "model": spec.name, "images_per_call": None,
             **{f"opt_{k}": v for k, v in asdict(variant).items() if k != "name"}}

@@ -45,3 +45,29 @@ def test_a_run_killed_after_its_first_phase_keeps_that_row(tmp_path):
     assert not any(p.name.endswith(".tmp") for p in out.iterdir() if p.name.startswith(".step_time"))
     merged = step_time.main(["--merge", str(json_file), "--out", str(tmp_path / "m")])
     assert {(r["variant"], r["phase"]) for r in merged["phases"] if r["status"] == "ok"} == kept
+
+
+def test_a_fast_path_fallback_line_is_kept_in_the_rows_measured_after_it(monkeypatch):
+    """The trainer's fast path falls back (compile, CUDA-graph capture, attention probe) with one warning and runs
+    on: the harness rows measured after it carry that line, so an 'ok' fast row that ran eager says so."""
+    import logging
+
+    import torch
+
+    from benchmarks import _models, _phases
+
+    real = _phases.Bench.policy
+
+    def policy_then_fallback(self, variant, log=print):
+        built = real(self, variant, log=log)
+        logging.getLogger("awm_fast.models.compile").warning(
+            "[compile] off: JointTransformerBlock failed to compile (planted); the transformer's blocks run eager")
+        return built
+
+    monkeypatch.setattr(_phases.Bench, "policy", policy_then_fallback)
+    bench = _phases.Bench(_models.model_spec("tiny"), torch.device("cpu"))
+    rows = _phases.run_phases(bench, ("train",), True, False, None, {}, log=lambda *_: None, only="fast")
+    (row,) = [r for r in rows if r["status"] == "ok"]
+    assert "[compile] off: JointTransformerBlock failed to compile (planted)" in row["fallbacks"]
+    assert not logging.getLogger("awm_fast").handlers or not any(
+        isinstance(h, _phases.FallbackLines) for h in logging.getLogger("awm_fast").handlers)
