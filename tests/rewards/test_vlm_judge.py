@@ -48,11 +48,14 @@ class FakeJudge:
                 status, content = scripted or (200, f"Score: {judge.score_of(body):.2f}")
                 data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}
                                   if status == 200 else {"error": content}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up first (the timeout test)
+                    pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
