@@ -178,8 +178,9 @@ def load_adapters(ckpt: Path, transformer) -> None:
         for key, p in params.items():
             if weights[key].shape != p.shape:
                 raise CheckpointError(
-                    f"checkpoint {ckpt} adapter {name!r} does not fit this model: {key} is {tuple(weights[key].shape)}, "
-                    f"the model's {tuple(p.shape)} (a checkpoint of another model.lora_rank or model)")
+                    f"checkpoint {ckpt} adapter {name!r} does not fit this model: {key} is "
+                    f"{tuple(weights[key].shape)}, the model's {tuple(p.shape)} (a checkpoint of another model.lora_rank "
+                    "or model)")
         with torch.no_grad():
             for key, p in params.items():
                 p.copy_(weights[key])

@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 
 from awm_fast.models.finetune import load_adapters
 from awm_fast.models.lora import EMA, POLICY
-from awm_fast.state_file import DISK_FULL, STATE_FILE, CheckpointError, DiskFull, disk_full, fsync_dir, fsync_tree, load_state, \
-    save_state
+from awm_fast.state_file import (DISK_FULL, STATE_FILE, CheckpointError, DiskFull, disk_full, fsync_dir, fsync_tree,
+                                 load_state, save_state)
 from awm_fast.train.faults import run_event
 
 logger = logging.getLogger(__name__)

@@ -186,7 +186,8 @@ def open_run_folder(cfg: Config, resume: str | Path | None, d, held) -> tuple[Pa
             cfg = copy.deepcopy(cfg)
             cfg.run = dataclasses.replace(cfg.run, name=run_dir.name, output_dir=str(run_dir.parent))
     else:
-        run_dir = Path(cfg.run.output_dir) / d.broadcast_object(cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+        name = cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.run.output_dir) / d.broadcast_object(name)
     error, restore = None, plan.ckpt if plan else None
     if d.is_main:
         try:
