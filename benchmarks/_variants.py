@@ -34,13 +34,17 @@ FAST = Variant("fast")
 BASELINE = Variant("baseline", bf16=False, shared_batch=False, compile_blocks=False, best_attention=False,
                    fused_ops=False, cuda_graphs=False, routed_lora=False)
 TOGGLES = ("shared_batch", "compile_blocks", "best_attention", "fused_ops", "bf16", "cuda_graphs")
+# Rows beyond fast, baseline and fast -X, e.g. `replace(FAST, name="fast +fp8", fp8=True)` after adding an `fp8`
+# field above (off by default) and applying it in `_phases.Bench.policy`: that is the whole of a new variant row.
+# `--variants` names them by name or by the part after "fast " ("+fp8"); they run after the toggles.
+EXTRAS: list[Variant] = []
 
 
 def variants(names: str | None = None) -> list[Variant]:
     """fast, baseline, then fast minus each optimisation (the pair every ratio needs comes first, so a run cut short
     by its time budget still has it). `names` (`--variants`): a comma list of `fast`, `baseline`, `-X` or `fast -X`
     with X in TOGGLES, or `toggles` for every `fast -X`; None: all of them."""
-    every = [FAST, BASELINE] + [replace(FAST, name=f"fast -{t}", **{t: False}) for t in TOGGLES]
+    every = [FAST, BASELINE] + [replace(FAST, name=f"fast -{t}", **{t: False}) for t in TOGGLES] + EXTRAS
     if names is None:
         return every
     by_name = {v.name: v for v in every}
@@ -51,10 +55,10 @@ def variants(names: str | None = None) -> list[Variant]:
         if item == "toggles":
             wanted += [f"fast -{t}" for t in TOGGLES]
             continue
-        name = f"fast {item}" if item.startswith("-") else item
+        name = f"fast {item}" if item[0] in "-+" else item
         if name not in by_name:
             raise ValueError(f"--variants: {item!r} is not one of fast, baseline, toggles, "
-                             + ", ".join(f"-{t}" for t in TOGGLES))
+                             + ", ".join([f"-{t}" for t in TOGGLES] + [v.name for v in EXTRAS]))
         wanted.append(name)
     if not wanted:
         raise ValueError(f"--variants {names!r} names no variant")

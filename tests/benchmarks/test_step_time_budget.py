@@ -139,3 +139,15 @@ def test_a_flux_failure_keeps_the_variants_measured_before_it(tmp_path, monkeypa
                for n in result["notes"])
     saved = json.loads((tmp_path / "step_time_cpu_tiny.json").read_text())
     assert len(saved["phases"]) == len(result["phases"])
+
+
+def test_a_new_variant_row_is_one_entry(monkeypatch):
+    """An extra row (issue 27's FP8 / merged-LoRA rows) is a Variant appended to EXTRAS: listed after the toggles,
+    selectable by name or by its "+X" part."""
+    extra = _variants.replace(_variants.FAST, name="fast +planted", shared_batch=False)
+    monkeypatch.setattr(_variants, "EXTRAS", [extra])
+    assert _variants.variants()[-1] is extra
+    assert [v.name for v in _variants.variants("fast,+planted")] == ["fast", "fast +planted"]
+    assert _variants.variants("fast +planted") == [extra]
+    with pytest.raises(ValueError, match=r"fast \+planted"):
+        _variants.variants("+other")
