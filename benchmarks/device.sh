@@ -34,7 +34,8 @@
 # stages with `--device cpu --tiny --compile` (the fast stage compiles its blocks with inductor on the CPU; kernels
 # without the 64 MB filter) and the smoke test on the CPU with `--compile-backend inductor` (CUDA-only checks report
 # "skipped"); PY=/path/to/python picks the interpreter (default python3; tests/benchmarks/test_device_sh.py
-# passes a stub that only records its calls), SITE the wheels' target folder, TOTAL_S the call's length.
+# passes a stub that only records its calls), SITE the wheels' target folder, TOTAL_S the call's length, SCALE a
+# factor on every stage cap and on TOTAL_S (inductor's cold CPU compile on a loaded 2-core machine: SCALE=4).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -55,7 +56,8 @@ esac
 PLAN=${2:-core}
 case "$PLAN" in core|rest) ;; *) echo "device.sh: unknown plan $PLAN (core | rest)" >&2; exit 2 ;; esac
 OUT=${OUT:-benchmarks/results/_device}
-TOTAL_S=${TOTAL_S:-560}       # the whole call, install included; the tool's timeout_s should be ~30 s above it
+SCALE=${SCALE:-1}             # every stage cap and the call's length x SCALE (a dry run on a slow or loaded CPU)
+TOTAL_S=${TOTAL_S:-$(( 560 * SCALE ))}  # the whole call, install included; the tool's timeout_s ~30 s above it
 PACK_RESERVE_S=${PACK_RESERVE_S:-10}   # kept at the end for the last packing
 MIN_STAGE_S=${MIN_STAGE_S:-20}         # a stage with less time left than this does not start
 SITE=${SITE:-/tmp/site}
@@ -80,7 +82,7 @@ pack() {  # every harness file so far into one archive, replaced atomically
     tar -czf "$part" -C "$RUN" . 2>/dev/null && mv -f "$part" "$OUT/step_time_$PLAN.tgz" || rm -f "$part"
 }
 stage() {  # stage NAME CAP_S COMMAND...: run under min(CAP_S, time left); log its status; pack
-    local name=$1 cap=$2; shift 2
+    local name=$1 cap=$(( $2 * SCALE )); shift 2
     local left=$(( TOTAL_S - PACK_RESERVE_S - SECONDS ))
     if (( left < MIN_STAGE_S )); then
         echo "=== device.sh: stage $name not run: the call's time is spent (${SECONDS} s of ${TOTAL_S})"
