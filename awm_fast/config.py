@@ -197,19 +197,25 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def _owned(where: str):
+    """The object "module:NAME" names, imported when asked for: config imports no package above it (and stays
+    importable without diffusers)."""
+    import importlib
+
+    module, name = where.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 class _Owned:
     """The choices of a setting, defined by their owner ("module:NAME", a tuple or a dict's keys) and imported
-    when first read: config imports no package above it (and stays importable without diffusers)."""
+    when first read (`_owned`)."""
 
     def __init__(self, where: str) -> None:
         self.where, self._choices = where, None
 
     def choices(self) -> tuple:
         if self._choices is None:
-            import importlib
-
-            module, name = self.where.split(":")
-            self._choices = tuple(getattr(importlib.import_module(module), name))
+            self._choices = tuple(_owned(self.where))
         return self._choices
 
     def __contains__(self, value) -> bool:
@@ -445,9 +451,7 @@ def validate(cfg: Config) -> None:
     s, t, m = cfg.sample, cfg.train, cfg.model
     if m.lora_rank > MAX_LORA_RANK:
         raise ConfigError(f"model.lora_rank={m.lora_rank} exceeds {MAX_LORA_RANK} (wider than any supported model's layers)")
-    from awm_fast.rewards import unknown_option
-
-    bad = unknown_option(cfg.reward.name, cfg.reward.options)
+    bad = _owned("awm_fast.rewards:unknown_option")(cfg.reward.name, cfg.reward.options)  # the reward's own keys
     if bad:
         raise ConfigError(f"reward.options.{bad[0]}: not an option of reward {cfg.reward.name!r} (it takes: {bad[1]})")
     if s.cuda_graphs is True and m.compile is not False and m.compile_mode in ("reduce-overhead", "max-autotune"):

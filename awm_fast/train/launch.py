@@ -93,11 +93,10 @@ def plan_processes(cfg: Config, env=None, gpus: int | None = None) -> int:
 def _cli_module() -> str:
     """The module the workers run: awm_fast.cli, or the `python -m` module that wraps its `main` (the tests' hooked
     command line, tests/train/hooked_cli.py), so that they run what this process runs."""
-    from awm_fast import cli
-
     main = sys.modules["__main__"]
-    spec = getattr(main, "__spec__", None)
-    return spec.name if spec is not None and getattr(main, "main", None) is cli.main else "awm_fast.cli"
+    spec, entry = getattr(main, "__spec__", None), getattr(main, "main", None)
+    wraps = getattr(entry, "__module__", None) == "awm_fast.cli" and getattr(entry, "__name__", None) == "main"
+    return spec.name if spec is not None and wraps else "awm_fast.cli"
 
 
 def launch(nproc: int, argv: list[str]) -> int:
