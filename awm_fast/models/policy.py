@@ -12,7 +12,7 @@ import torch
 
 from awm_fast.models.finetune import LORA, Finetune
 from awm_fast.models.lora import POLICY
-from awm_fast.models.routing import routed, routing_mask
+from awm_fast.models.routing import merged_groups, routed, routing_mask
 
 
 @dataclass
@@ -76,6 +76,7 @@ class FlowPolicy:
     models: dict | None = None  # full fine-tuning: {"default": trained, None: reference, "ema": EMA copy}
     finetune: Finetune = LORA  # train.finetune's strategy (models.finetune), set by models.adapt.make_full_models
     sigmas: Callable[[int], torch.Tensor] | None = None  # the scheduler's grid for N steps (see above)
+    merged: object | None = None  # models.merged_lora.MergedLora (model.merged_lora): no-grad calls on merged copies
     _masks: dict = field(default_factory=dict, repr=False)  # routing masks by (adapter, rows, device)
 
     def time_grid(self, num_steps: int) -> torch.Tensor:
@@ -102,6 +103,8 @@ class FlowPolicy:
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         x, cond = x.to(self.dtype), cond.to(dtype=self.dtype)
+        if self.merged is not None and mask is not None and not torch.is_grad_enabled():
+            self.merged.refresh(merged_groups(mask) or ())  # re-merge an adapter changed since (optimizer step)
         if self.graphs is not None and module is None and not torch.is_grad_enabled():
             token_mask = () if cond.mask is None else (cond.mask,)
             return self.graphs(x, t, cond.embeds, cond.pooled, mask, *token_mask)
@@ -115,7 +118,10 @@ class FlowPolicy:
         timestep goes in float32, as the official code passes it (1000 t in bf16 would turn 973.06 into 972)."""
         half = self.dtype in (torch.bfloat16, torch.float16)
         module = self.transformer if module is None else module
-        with routed(mask) if mask is not None else contextlib.nullcontext(), \
+        merged = self.merged is not None and mask is not None and not torch.is_grad_enabled()
+        if merged and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            self.merged.check(merged_groups(mask) or ())  # a stale merged copy is an error, never used
+        with routed(mask, merged=merged) if mask is not None else contextlib.nullcontext(), \
                 torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
             if self.call is not None:
                 return self.call(module, x, t.float(), Conditioning(embeds, pooled, token_mask))

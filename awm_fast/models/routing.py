@@ -23,6 +23,10 @@ A mask that is copied (`clone()`, `.to()`) loses the descriptor and runs both ad
 values are copied into it later. CUDA graphs' static mask buffers keep it (graphs are keyed by it:
 models.cuda_graphs).
 
+Merged LoRA (models.merged_lora, model.merged_lora): a no-grad call routed with `merged=True` whose mask has
+equal row groups (`GROUPS`, set by `routing_mask`) runs, per row group, the base layer alone on a copy of the
+projection weight with that group's adapter merged in (reference rows: the base weight): no LoRA product.
+
 The per-layer scales s_a live on the device as the non-persistent buffer `routing_scales` (created by
 `enable_routing` from peft's `scaling`, moved by `.to()`, absent from state dicts and checkpoints; call
 `enable_routing` again after changing peft's scaling).
@@ -46,6 +50,8 @@ ADAPTERS = (POLICY, EMA)
 BASE = None  # a row that uses no adapter: the reference model
 SCALES = "routing_scales"  # the per-layer (2,) buffer of s_a, in ADAPTERS order
 DESCRIPTOR = "awm_routing_adapters"  # attribute of a mask built by `routing_mask`: the adapters its rows use
+GROUPS = "awm_routing_groups"  # attribute of a `routing_mask` mask whose row groups are equal: their adapters in order
+MERGED = {POLICY: "merged_default", EMA: "merged_ema"}  # layer buffers of the merged copies (models.merged_lora)
 
 
 class _Routing:
@@ -54,6 +60,7 @@ class _Routing:
 
     mask: torch.Tensor | None = None
     products: tuple[int, int] = (0, len(ADAPTERS))
+    merged: tuple | None = None  # a merged call: the adapter (None: reference) of each equal row group, in order
 
 
 ROUTING = _Routing()
@@ -78,6 +85,8 @@ class RoutedLoraLinear(LoraLinear):
         mask = ROUTING.mask
         if mask is None or kwargs.get("adapter_names") is not None:
             return super().forward(x, *args, **kwargs)
+        if ROUTING.merged is not None:
+            return self._merged_forward(x, ROUTING.merged)
         result = self.base_layer(x, *args, **kwargs)
         first, last = ROUTING.products
         names = ADAPTERS[first:last]
@@ -91,6 +100,20 @@ class RoutedLoraLinear(LoraLinear):
         scale = scale.unsqueeze(-1).expand(rows, len(names), rank).reshape(rows, *(1,) * (x.dim() - 2), -1)
         h = torch.nn.functional.linear(x.to(a_weight.dtype), a_weight) * scale.to(a_weight.dtype)
         return (result + torch.nn.functional.linear(h, b_weight)).to(result.dtype)
+
+    def _merged_forward(self, x: torch.Tensor, groups: tuple) -> torch.Tensor:
+        """y_g = W_g x_g + b for each equal row group g (W_g: the merged copy of g's adapter, or the base weight
+        for reference rows): the base GEMM only."""
+        base = self.base_layer
+        outs = []
+        for chunk, adapter in zip(x.chunk(len(groups)) if len(groups) > 1 else (x,), groups):
+            if adapter is BASE:
+                outs.append(base(chunk))
+            elif hasattr(base, "forward_with"):  # a float8 base layer (models.fp8)
+                outs.append(base.forward_with(chunk, getattr(self, MERGED[adapter])))
+            else:
+                outs.append(torch.nn.functional.linear(chunk, getattr(self, MERGED[adapter]), base.bias))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def enable_routing(transformer) -> int:
@@ -126,25 +149,36 @@ def routing_mask(rows_per_adapter: list[tuple[str | None, int]], device, dtype=t
             mask[start:start + rows, ADAPTERS.index(name)] = 1.0
         start += rows
     setattr(mask, DESCRIPTOR, frozenset(name for name, rows in rows_per_adapter if rows > 0))
+    used = [(name, rows) for name, rows in rows_per_adapter if rows > 0]
+    if used and len({rows for _, rows in used}) == 1:
+        setattr(mask, GROUPS, tuple(name for name, _ in used))
     return mask
 
 
+def merged_groups(mask: torch.Tensor) -> tuple | None:
+    """The equal row groups' adapters of a `routing_mask` mask, or None (unequal groups, a copied mask)."""
+    return getattr(mask, GROUPS, None)
+
+
 @contextlib.contextmanager
-def routed(mask: torch.Tensor, adapters=None):
+def routed(mask: torch.Tensor, adapters=None, merged: bool = False):
     """Route the LoRA layers by `mask` (rows, 2) for the calls inside the block. `adapters`: the adapter names
     (None for reference rows) that the mask's rows use; default: the mask's descriptor from `routing_mask`, or
-    both adapters for a mask without one. Naming fewer adapters than the rows use gives wrong values."""
+    both adapters for a mask without one. Naming fewer adapters than the rows use gives wrong values.
+    `merged`: a no-grad call whose mask has equal row groups runs the merged copies (the caller keeps them
+    fresh: models.merged_lora); ignored under grad mode and for other masks."""
     if mask.dim() != 2 or mask.shape[1] != len(ADAPTERS):
         raise ValueError(f"routing mask must have shape (rows, {len(ADAPTERS)}), got {tuple(mask.shape)}")
     first, last = products_for(getattr(mask, DESCRIPTOR, None) if adapters is None else adapters)
     products = (0, last) if torch.is_grad_enabled() else (first, last)  # a grad call keeps the policy product
     torch._dynamo.maybe_mark_dynamic(mask, 0)  # rows vary between calls: one compiled graph for all
-    previous = ROUTING.mask, ROUTING.products
-    ROUTING.mask, ROUTING.products = mask, products
+    groups = merged_groups(mask) if merged and not torch.is_grad_enabled() else None
+    previous = ROUTING.mask, ROUTING.products, ROUTING.merged
+    ROUTING.mask, ROUTING.products, ROUTING.merged = mask, products, groups
     try:
         yield
     finally:
-        ROUTING.mask, ROUTING.products = previous
+        ROUTING.mask, ROUTING.products, ROUTING.merged = previous
 
 
 def enable_checkpointing(transformer) -> None:
@@ -153,15 +187,15 @@ def enable_checkpointing(transformer) -> None:
     forward and fail the recompute check)."""
 
     def checkpoint_block(block, *args):
-        state = ROUTING.mask, ROUTING.products
+        state = ROUTING.mask, ROUTING.products, ROUTING.merged
 
         def run(*inner):
-            previous = ROUTING.mask, ROUTING.products
-            ROUTING.mask, ROUTING.products = state
+            previous = ROUTING.mask, ROUTING.products, ROUTING.merged
+            ROUTING.mask, ROUTING.products, ROUTING.merged = state
             try:
                 return block(*inner)
             finally:
-                ROUTING.mask, ROUTING.products = previous
+                ROUTING.mask, ROUTING.products, ROUTING.merged = previous
 
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
