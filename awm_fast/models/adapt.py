@@ -13,8 +13,8 @@ import torch
 from awm_fast.config import Config
 from awm_fast.models.attention import resolve_attention_backend, use_attention_backend
 from awm_fast.models.compile import compile_blocks
-from awm_fast.models.fast_path import fast_path
 from awm_fast.models.finetune import FULL
+from awm_fast.models.fp8 import check_fp8, convert_to_fp8
 from awm_fast.models.lora import EMA, POLICY, add_adapters
 from awm_fast.models.policy import FlowPolicy
 from awm_fast.models.routing import enable_checkpointing
@@ -41,9 +41,13 @@ def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torc
     for name, p in transformer.named_parameters():  # LoRA weights train in float32
         if "lora_" in name:
             p.data = p.data.float()
+    if m.fp8:  # after the LoRA (float32, untouched): the frozen block projections in float8 (models.fp8)
+        check_fp8(device)
+        logger.info(f"[fp8] {convert_to_fp8(transformer)} frozen block projections in float8 (e4m3, per-row "
+                    f"dynamic activation scales{'' if device.type == 'cuda' else '; CPU: emulated'})")
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(transformer)
-    if fast_path(cfg, device).compile:
+    if m.compile:
         blocks = compile_blocks(transformer, mode=m.compile_mode, backend=m.compile_backend)
         logger.info(f"[compile] {blocks} transformer blocks compiled (mode {m.compile_mode}, backend "
                     f"{m.compile_backend}); the first step compiles them")
@@ -61,7 +65,7 @@ def make_full_models(policy: FlowPolicy, cfg: Config) -> FlowPolicy:
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(trained)
     m = cfg.model
-    if fast_path(cfg, policy.device).compile:
+    if m.compile:
         for module in (trained, reference, ema):
             blocks = compile_blocks(module, mode=m.compile_mode, backend=m.compile_backend)
         logger.info(f"[compile] {blocks} blocks of each of the trained, reference and EMA transformers compiled (mode "
