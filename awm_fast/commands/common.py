@@ -14,8 +14,6 @@ from pathlib import Path
 import torch
 
 from awm_fast.config import Config, ConfigError, load_config
-from awm_fast.train import checkpoint as ckpt_io
-from awm_fast.train.resume import build_config, saved_config
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +38,8 @@ class Source:
 
 def resolve(path: str) -> Path:
     """A checkpoint folder from a run or checkpoint path; UsageError when there is none."""
+    from awm_fast.train import checkpoint as ckpt_io  # here, not at the top: `awm-fast --help` stays light
+
     if not Path(path).exists():
         raise UsageError(f"no such run or checkpoint folder: {path}")
     try:
@@ -69,7 +69,9 @@ def split_positionals(items: list[str]) -> tuple[list[str], list[str]]:
 
 
 def step_of(ckpt: Path) -> int | None:
-    match = ckpt_io.STEP_DIR.match(Path(ckpt).name)
+    from awm_fast.train.checkpoint import STEP_DIR
+
+    match = STEP_DIR.match(Path(ckpt).name)
     return int(match.group(1)) if match else None
 
 
@@ -85,6 +87,9 @@ def load_sources(paths: list[str], *, base: bool, config: str | None, overrides:
     if config:
         raise UsageError(f"--config {config} with a run/checkpoint: the run's own config is used (its config.yaml); "
                          "give overrides (section.key=value) instead")
+    from awm_fast.train import checkpoint as ckpt_io
+    from awm_fast.train.resume import build_config, saved_config
+
     ckpts: list[Path] = []
     for p in paths:
         if all_checkpoints and not (Path(p) / "state.pt").is_file():

@@ -29,8 +29,6 @@ from awm_fast.logs import progress_bar
 
 from awm_fast.commands.common import WEIGHTS, add_source_arguments, UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
     weight_choices, weights_in
-from awm_fast.models.finetune import PREFIX
-from awm_fast.models.lora import POLICY
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +55,9 @@ def write_lora(ckpt: Path, state: dict, policy, weights: str, folder: Path) -> P
     """The adapter file: a copy of the checkpoint's (raw), or the evaluation EMA with its metadata (ema)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from awm_fast.models.finetune import PREFIX
+    from awm_fast.models.lora import POLICY
 
     folder.mkdir(parents=True, exist_ok=True)
     src = ckpt / POLICY / LORA_FILE
@@ -174,6 +175,8 @@ def run(args) -> int:
 
 def export_weights(args, source, policy, state, art, weights: str, out: Path) -> None:
     """One weight set's export into `out` (see the module docstring)."""
+    from awm_fast.models.lora import POLICY
+
     cfg = source.cfg
     probe_prompts = ["3", "7"] if cfg.model.kind == "digits" else ["a red cube", "two cats"]
     stages = progress_bar(total=4 if args.merged else 1, desc=f"export ({weights})", unit="stage")

@@ -18,7 +18,6 @@ from awm_fast.logs import progress_bar
 
 from awm_fast.commands.common import WEIGHTS, add_source_arguments, UsageError, split_positionals, build_policy, device_of, load_sources, load_weights, \
     weight_choices, weights_in
-from awm_fast.sampling.rollout import SAMPLERS
 from awm_fast.train import report
 from awm_fast.rewards.base import is_video
 from awm_fast.train.previews import frame_strip, write_previews
@@ -36,7 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default sample.eval_num_steps)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default sample.eval_guidance_scale)")
-    p.add_argument("--sampler", default="ode", help=f"{' | '.join(SAMPLERS)} (default ode)")
+    p.add_argument("--sampler", default="ode", help="ode (default) | euler_maruyama | cps | sa_solver: a choice of "
+                                                    "sample.sampler (awm_fast.sampling.rollout.SAMPLERS)")
     p.add_argument("--noise-level", type=float, default=None, help="SDE noise (default sample.noise_level)")
     p.add_argument("--weights", default="raw", choices=WEIGHTS[:2], help="raw | ema (the evaluation EMA); default raw")
     p.add_argument("--batch-size", type=int, default=16)
@@ -56,8 +56,8 @@ def read_prompts(args) -> list[str]:
 
 
 def run(args) -> int:
-    from awm_fast.sampling.rollout import sample_latents
     from awm_fast.algorithms.update_loop import derived_seed
+    from awm_fast.sampling.rollout import SAMPLERS, sample_latents
 
     if args.sampler not in SAMPLERS:
         raise UsageError(f"--sampler {args.sampler!r} is not one of {', '.join(SAMPLERS)}")

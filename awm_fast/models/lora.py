@@ -10,7 +10,6 @@ import contextlib
 import warnings
 
 import torch
-from peft import LoraConfig
 
 from awm_fast.models.routing import EMA, POLICY, enable_routing
 
@@ -20,6 +19,8 @@ LORA_INITS = ("gaussian", "default")  # model.lora_init: peft's gaussian init of
 def add_adapters(transformer, *, rank: int, alpha: int, init: str, targets: list[str]) -> None:
     """Attach "default" and "ema" (a copy of "default"), make "default" active and trainable, and switch the
     LoRA layers to tensor routing (models.routing)."""
+    from peft import LoraConfig  # here: importing awm_fast (e.g. `awm-fast --help`) does not load peft
+
     init_weights = "gaussian" if init == "gaussian" else True
     for name in (POLICY, EMA):
         config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init_weights, target_modules=list(targets))

@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, imported on first use (the commands' --help stays light)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _band(mean: list[float], std: list[float], bounded: bool) -> tuple[list[float], list[float]]:
@@ -27,6 +33,7 @@ def plot_curves(history: list[dict], evals: list[dict], path: Path) -> None:
     panels = ["reward"] + (["accuracy"] if history and "accuracy" in history[0] else []) + eval_keys
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
+    plt = _pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
     steps = [r["step"] for r in history]
     ax = axes.flat[0]
@@ -165,6 +172,7 @@ def save_grid(images: torch.Tensor, path: Path, per_row: int = 8, min_cell: int 
 
 def plot_metric_vs_step(rows: list[dict], path: Path, keys: list[str]) -> None:
     """Evaluation metrics of several checkpoints against their step, one line per (metric, weights)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in keys:
         for weights in sorted({r["weights"] for r in rows}):

@@ -17,13 +17,15 @@ def _history(n=12):
 
 def test_curves_have_one_labelled_panel_per_metric_and_a_band_inside_zero_one(tmp_path, monkeypatch):
     captured = {}
-    real = report.plt.Figure.savefig
+    from matplotlib.figure import Figure
+
+    real = Figure.savefig
 
     def keep(fig, *a, **k):
         captured["axes"] = [ax for ax in fig.axes if ax.axison]
         return real(fig, *a, **k)
 
-    monkeypatch.setattr(report.plt.Figure, "savefig", keep)
+    monkeypatch.setattr(Figure, "savefig", keep)
     evals = [{"step": s, "weights": w, "reward": 0.2 + s / 40, "accuracy": 0.3 + s / 30}
              for s in (0, 6, 12) for w in ("raw", "ema") if w == "raw" or s == 12]
     report.plot_curves(_history(), evals, tmp_path / "curves.png")
