@@ -132,17 +132,16 @@ class Float8Linear(torch.nn.Module):
 
 
 def convert_to_fp8(transformer: torch.nn.Module) -> int:
-    """Replace every plain nn.Linear inside the transformer blocks (models.compile.transformer_blocks; the LoRA
-    layers' base layers included) whose dimensions are multiples of 16 by a `Float8Linear`; returns how many.
-    Embedders and the output projection, outside the blocks, stay in the model's dtype."""
+    """Replace every frozen plain nn.Linear inside the transformer blocks (models.compile.transformer_blocks; the
+    LoRA layers' base layers included) whose dimensions are multiples of 16 by a `Float8Linear`; returns how
+    many. Trainable linears (the LoRA A / B) and, outside the blocks, the embedders and the output projection
+    stay as they are."""
     count = 0
     for block in transformer_blocks(transformer):
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
-                if type(child) is torch.nn.Linear and child.in_features % ALIGN == 0 \
-                        and child.out_features % ALIGN == 0:
-                    if child.weight.requires_grad:
-                        raise ValueError(f"model.fp8: {name} is trainable; only frozen weights are quantised")
+                if type(child) is torch.nn.Linear and not child.weight.requires_grad \
+                        and child.in_features % ALIGN == 0 and child.out_features % ALIGN == 0:
                     setattr(parent, name, Float8Linear(child))
                     count += 1
     if count == 0:

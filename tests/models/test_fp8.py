@@ -54,6 +54,26 @@ def test_float8_linear_matches_the_product_and_skips_the_weight_gradient():
     assert counter.get_total_flops() == 2 * forward
 
 
+def test_conversion_quantises_the_frozen_block_projections_only():
+    """At a LoRA rank whose A / B are multiples of 16 (the digits preset's 16), the trainable LoRA linears stay
+    float32 nn.Linear; every frozen block projection becomes float8; the embedders outside the blocks stay."""
+    from diffusers import SD3Transformer2DModel
+
+    from awm_fast.models.lora import add_adapters
+    from awm_fast.tasks.digits import tiny_transformer_config
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**tiny_transformer_config()).requires_grad_(False)
+    add_adapters(model, rank=16, alpha=32, init="gaussian", targets=["attn.to_q", "attn.to_k", "attn.to_v"])
+    lora = dict(adapter_params(model, POLICY))
+    assert fp8.convert_to_fp8(model) > 0
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in adapter_params(model, POLICY).values())
+    assert adapter_params(model, POLICY).keys() == lora.keys()
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert all("lora_" in n or not n.startswith("transformer_blocks") for n, _ in linears)
+    assert any(n.startswith("context_embedder") or n.startswith("time_text_embed") for n, _ in linears)
+
+
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_pipes_fp8")
