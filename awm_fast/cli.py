@@ -7,7 +7,7 @@
     awm-fast export RUN|CKPT --out DIR [--merged]                   LoRA file, merged pipeline folder
     awm-fast serve-reward NAME [--port P]                           a reward over HTTP (reward.name=http)
     awm-fast prompts fetch NAME|all | list                          the official prompt sets (official:NAME)
-    awm-fast check-config | presets | tiny-KIND PATH (KIND: a family with a diffusers pipeline, sd3, flux, ...)
+    awm-fast check-config | presets | tiny KIND PATH (KIND: a family with a diffusers pipeline, sd3, flux, ...)
 
 Bad input (a path, an override, a reward, a resume that changes a non-resumable key) stops with one line and
 exit code 2; a failure while working with one line and exit code 1; a training run stopped by SIGTERM / SIGINT
@@ -52,10 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--config", default=None)
     cv.add_argument("overrides", nargs="*")
     sub.add_parser("presets", help="list the bundled presets")
-    for kind in PIPELINE_KINDS:
-        tiny = sub.add_parser(f"tiny-{kind}", help=f"write a tiny random-weight {kind.upper()} pipeline (smoke tests "
-                                                   f"of the {kind.upper()} path)")
-        tiny.add_argument("path")
+    tiny = sub.add_parser("tiny", help="write a tiny random-weight pipeline of a model family (smoke tests of its "
+                                       "path without real weights)")
+    tiny.add_argument("kind", choices=PIPELINE_KINDS, help="the model family (model.kind)")
+    tiny.add_argument("path", help="the folder to write")
     for name in COMMANDS.values():
         importlib.import_module(f"awm_fast.commands.{name}").add_parser(sub)
     return parser
@@ -125,10 +125,10 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "presets":
         print("\n".join(list_presets()))
         return 0
-    if args.command.startswith("tiny-"):
+    if args.command == "tiny":
         from awm_fast.families import pipeline_family
 
-        print(pipeline_family(args.command.removeprefix("tiny-")).build_tiny(args.path))
+        print(pipeline_family(args.kind).build_tiny(args.path))
         return 0
     if args.command not in ("train", "check-config"):
         from diffusers.utils import logging as diffusers_logging

@@ -1,4 +1,4 @@
-"""`awm-fast presets | check-config | tiny-sd3 | tiny-flux` and the train command's report and error lines
+"""`awm-fast presets | check-config | tiny sd3 | tiny flux` and the train command's report and error lines
 (awm_fast/cli.py); eval / sample / export / serve-reward: tests/commands, --resume: tests/train/test_resume_config.py."""
 import json
 
@@ -78,9 +78,17 @@ def test_the_train_report_states_each_change(tmp_path, capsys):
 @pytest.mark.parametrize("kind, pipeline", [("sd3", "StableDiffusion3Pipeline"), ("flux", "FluxPipeline")])
 def test_tiny_pipelines_are_written_where_asked(tmp_path, capsys, kind, pipeline):
     target = tmp_path / kind
-    assert main([f"tiny-{kind}", str(target)]) == 0
+    assert main(["tiny", kind, str(target)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(target)
     index = json.loads((target / "model_index.json").read_text())
     assert index["_class_name"] == pipeline
     for part in ("transformer", "vae", "scheduler", "text_encoder"):
         assert (target / part).is_dir() and index[part][0] is not None, part
+
+
+def test_tiny_refuses_an_unknown_family_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["tiny", "sd5", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "invalid choice: 'sd5'" in err[0] and "sd3" in err[0]
+    assert not (tmp_path / "x").exists()
