@@ -151,6 +151,9 @@ class RewardConfig:
     num_workers: int = 1  # reward threads overlapping sampling; 0 = score inline (faster on CPU-only machines)
     retries: int = 2  # a reward call that raises (server, network) is retried this many times, then the run stops
     retry_wait_s: float = 5.0  # first wait between retries (doubles each time)
+    # longest one reward call may take (all its HTTP requests included); a call still running then stops the run
+    # (not retried). Worst case of a failing reward: (retries + 1) x timeout_s + the waits (train/faults.py)
+    timeout_s: float = 300.0
 
 
 @dataclass
@@ -281,7 +284,7 @@ POSITIVE = ["model.text_tokens", "model.lora_rank", "model.lora_alpha", "model.r
             "train.adv_clip_max", "flow_grpo.clip_range", "flow_grpo.optimizer_steps", "nft.beta",
             "nft.timestep_fraction", "train.lr", "train.adam_eps", "train.max_grad_norm",
             "digits.pretrain_batch", "digits.pretrain_lr", "digits.eval_per_digit", "run.keep_checkpoints",
-            "run.dist_timeout_s"]
+            "run.dist_timeout_s", "reward.timeout_s"]
 NON_NEGATIVE = ["reward.num_workers", "sample.eval_batch_size", "sample.noise_level", "train.beta", "train.ema_beta", "train.weight_decay", "train.ema_decay_rate",
                 "train.ema_decay_cap", "flow_grpo.beta", "flow_grpo.sde_window", "nft.kl_beta",
                 "nft.decay_rate", "nft.decay_cap", "nft.decay_flat", "digits.pretrain_steps", "digits.classifier_steps", "run.eval_every",

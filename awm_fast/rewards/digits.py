@@ -8,6 +8,7 @@ from awm_fast.tasks.digits import PROMPTS, DigitClassifier
 
 class DigitsReward:
     name = "digits"
+    image_size = (8, 8)  # the classifier's 64 pixels (served over HTTP: other sizes are refused with HTTP 400)
 
     def __init__(self, classifier: DigitClassifier) -> None:
         self.classifier = classifier.eval()

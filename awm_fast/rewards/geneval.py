@@ -9,8 +9,9 @@ Response: pickle of {"scores": [...], "rewards": [...], "strict_rewards": [...],
     reward = scores (partial credit: the fraction of the prompt's requirements the detector finds satisfied)
     geneval_accuracy = rewards, geneval_strict = strict_rewards (1 only when every requirement holds)
 
-Transient failures (connection refused/reset, timeouts, HTTP 5xx) are retried `retries` times with exponential
-backoff (backoff * 2^attempt seconds, at most 30 s); then a RuntimeError names the server. The response is
+Transient failures (connection refused/reset, timeouts, HTTP 5xx) raise a RuntimeError naming the server; in
+training the trainer's `reward.retries` retries the call (the one retry layer, train/faults.py), so `retries`
+defaults to 0 here (outside the trainer, retries=N retries each request with backoff * 2^attempt s waits, <= 30 s). The response is
 unpickled, so only point this at a server you run yourself. Default URL: $AWM_FAST_GENEVAL_URL or
 http://127.0.0.1:18085 (the official server's port).
 """
@@ -45,7 +46,7 @@ def encode_jpeg(images, quality: int = 75) -> list[bytes]:
 class GenEvalReward:
     name = "geneval"
 
-    def __init__(self, url: str | None = None, batch_size: int = 64, timeout: float = 120.0, retries: int = 5,
+    def __init__(self, url: str | None = None, batch_size: int = 64, timeout: float = 120.0, retries: int = 0,
                  backoff: float = 1.0, only_strict: bool = True, jpeg_quality: int = 75) -> None:
         if batch_size < 1 or retries < 0 or timeout <= 0 or backoff < 0:
             raise ValueError(f"reward 'geneval': need batch_size >= 1, retries >= 0, timeout > 0, backoff >= 0 "

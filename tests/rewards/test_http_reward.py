@@ -1,23 +1,25 @@
-"""Rewards over HTTP on loopback: the wire format, scores in order under 8 concurrent clients, a server killed
-mid-run, a server answering garbage, a server slower than the timeout, bad input (HTTP 400, not retried), and a
-training run scored through `reward.name=http`."""
+"""Rewards over HTTP on loopback: the wire format, scores in order under 8 concurrent clients (more than the
+server's --max-concurrent: the client waits out its 503s), a server killed mid-run, a server answering garbage, a
+server slower than the timeout, bad input (HTTP 400, not retried), and a training run scored through
+`reward.name=http` (a dead server: one line at start-up, no run folder). The server's limits:
+test_http_server.py."""
 import json
 import subprocess
 import sys
 import threading
 
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("aiohttp")
+from awm_fast.commands.serve_reward import RewardServer, bind
+from awm_fast.rewards import load_reward
+from awm_fast.rewards.http import HttpReward, RewardServerError, decode_request, encode_request, to_uint8_batch
+from awm_fast.rewards.http_server import RequestLimits, ServerLimits
 
-from awm_fast.commands.serve_reward import RewardServer, bind, url_of  # noqa: E402
-from awm_fast.rewards import load_reward  # noqa: E402
-from awm_fast.rewards.http import (HttpReward, RewardServerError, decode_request, encode_request,  # noqa: E402
-                                   to_uint8_batch)
-
-FAST = dict(retries=2, backoff_s=0.01)
+FAST = dict(timeout_s=20)
 
 
 def test_wire_format_round_trip_and_malformed_bodies(gen):
@@ -37,7 +39,7 @@ def test_wire_format_round_trip_and_malformed_bodies(gen):
     buf = io.BytesIO()
     np.save(buf, obj, allow_pickle=True)
     head = json.dumps({"prompts": ["a"], "metadata": [{}]}).encode()
-    with pytest.raises(ValueError, match="malformed request"):
+    with pytest.raises(ValueError, match="must be uint8 .* got object"):  # refused from its header, never unpickled
         decode_request(b"AWM1" + struct.pack(">I", len(head)) + head + buf.getvalue())
 
 
@@ -45,8 +47,11 @@ def test_eight_concurrent_clients_get_their_own_scores_in_order(gen):
     local = load_reward("jpeg_compressibility")
     batches = [torch.rand(7, 3, 16, 16, generator=gen) * (0.2 + 0.1 * i) for i in range(8)]
     results, errors = [None] * 8, []
-    with RewardServer(load_reward("jpeg_compressibility"), "jpeg_compressibility") as server:
-        assert HttpReward(server.url).health() == {"status": "ok", "reward": "jpeg_compressibility"}
+    limits = ServerLimits(max_concurrent=3)  # fewer slots than clients: the others get 503 and wait
+    with RewardServer(load_reward("jpeg_compressibility"), "jpeg_compressibility", limits=limits) as server:
+        assert HttpReward(server.url).health() == {"status": "ok", "reward": "jpeg_compressibility", "max_images": 32,
+                                                   "max_request_bytes": RequestLimits().max_request_bytes(),
+                                                   "max_side": 512}
         start = threading.Barrier(8)
 
         def client(i):
@@ -77,7 +82,7 @@ def test_a_server_killed_mid_run_stops_the_client_with_one_line(gen):
     try:
         line = proc.stdout.readline().strip()  # the first line names the bound address
         assert line.startswith("serving reward tests.rewards.user_rewards:brightness on http://127.0.0.1:"), line
-        reward = HttpReward(line.rsplit(" ", 1)[1], timeout_s=30, **FAST)
+        reward = HttpReward(line.rsplit(" ", 1)[1], timeout_s=30)
         images = torch.rand(4, 3, 8, 8, generator=gen)
         first = reward(images, ["x"] * 4, [{}] * 4)["reward"]
         assert torch.allclose(first, 2 * ((images * 255).round() / 255).mean(dim=(1, 2, 3)), atol=1e-6)
@@ -87,25 +92,16 @@ def test_a_server_killed_mid_run_stops_the_client_with_one_line(gen):
     with pytest.raises(RewardServerError) as exc:
         reward(images, ["x"] * 4, [{}] * 4)
     message = str(exc.value)
-    assert "\n" not in message and "no answer from the reward server" in message and "after 3 attempts" in message
+    assert "\n" not in message and "no answer from the reward server" in message and "ConnectionRefused" in message
     assert "awm-fast serve-reward" in message
 
 
 def test_a_server_answering_garbage_is_an_error_never_a_zero(gen):
-    from aiohttp import web
+    answers = iter([b"<html>proxy error</html>", json.dumps({"scores": {"reward": [0.5]}}).encode(),
+                    b'{"scores": {"reward": [0.5, NaN]}}'])
 
-    answers = iter([web.Response(text="<html>proxy error</html>"),
-                    web.json_response({"scores": {"reward": [0.5]}}),
-                    web.json_response({"scores": {"reward": [0.5, float("nan")]}})])
-
-    async def garbage(request):
-        await request.read()
-        return next(answers)
-
-    app = web.Application()
-    app.router.add_post("/score", garbage)
-    with _serve_app(app) as url:
-        reward = HttpReward(url, **FAST)
+    with _serve(lambda body: (200, next(answers))) as url:
+        reward = HttpReward(url, batch_size=2, **FAST)  # this server has no /health to read max_images from
         images = torch.rand(2, 3, 4, 4, generator=gen)
         with pytest.raises(RewardServerError, match="not JSON"):
             reward(images, ["a", "b"], [{}, {}])
@@ -115,7 +111,7 @@ def test_a_server_answering_garbage_is_an_error_never_a_zero(gen):
             reward(images, ["a", "b"], [{}, {}])
 
 
-def test_a_server_slower_than_the_timeout_is_retried_then_stops():
+def test_a_server_slower_than_the_timeout_stops_the_call_within_it():
     entered, release = threading.Event(), threading.Event()
 
     def blocking(images, prompts, metadata):
@@ -126,9 +122,9 @@ def test_a_server_slower_than_the_timeout_is_retried_then_stops():
     from awm_fast.rewards.combined import FunctionReward
 
     with RewardServer(FunctionReward(blocking, "blocking"), "blocking") as server:
-        reward = HttpReward(server.url, timeout_s=0.2, retries=1, backoff_s=0.0)
+        reward = HttpReward(server.url, timeout_s=0.2, batch_size=1)
         try:
-            with pytest.raises(RewardServerError, match=r"after 2 attempts \(timeout 0.2 s; last: .*timed out"):
+            with pytest.raises(RewardServerError, match=r"no answer from the reward server at .*timed out"):
                 reward(torch.rand(1, 3, 4, 4), ["a"], [{}])
             assert entered.is_set()
         finally:
@@ -154,60 +150,67 @@ def test_bad_input_on_the_server_is_a_value_error_not_retried():
 def test_client_options_are_checked():
     with pytest.raises(ValueError, match=r"reward.options.url=''"):
         load_reward("http")
-    with pytest.raises(ValueError, match="need timeout_s > 0"):
-        load_reward("http", url="http://127.0.0.1:1", timeout_s=0)
+    for bad in (0, float("inf")):
+        with pytest.raises(ValueError, match="need a finite timeout_s > 0"):
+            load_reward("http", url="http://127.0.0.1:1", timeout_s=bad)
+    with pytest.raises(TypeError, match="bad option"):  # the client does not retry: reward.retries does
+        load_reward("http", url="http://127.0.0.1:1", retries=3)
     with pytest.raises(ValueError, match="cannot bind"):
         with bind("127.0.0.1", 0) as taken:
             bind("127.0.0.1", taken.getsockname()[1]).close()
 
 
 def test_training_scores_through_the_http_reward(tmp_path, capsys):
-    """digits served over HTTP: the run trains and logs; with the server gone it stops with one line."""
+    """digits served over HTTP: the run trains and logs; with the server gone it stops at start-up with one line,
+    in seconds, leaving no run folder."""
+    import time
+
     from awm_fast.cli import main
     from awm_fast.commands.serve_reward import build
     from tests.train.test_faults import TINY
 
     with RewardServer(build("digits", None, {}), "digits") as server:
-        opts = f"reward.options={{url: {server.url}, retries: 0}}"
+        opts = f"reward.options={{url: {server.url}}}"
         assert main(["train", *TINY, f"run.output_dir={tmp_path}", "run.name=h", "train.steps=2",
                      "reward.name=http", opts]) == 0
     rows = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0 < r["reward_mean"] < 1 and "accuracy" in r for r in rows)
     capsys.readouterr()
+    start = time.monotonic()
     assert main(["train", *TINY, f"run.output_dir={tmp_path}", "run.name=down", "train.steps=2", "reward.name=http",
-                 opts, "reward.retries=0"]) == 1
+                 opts]) == 1
+    assert time.monotonic() - start < 15
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no answer from the reward server at " + server.url in err[0], err
+    assert "start-up check" in err[0] and not (tmp_path / "down").exists()
 
 
-class _serve_app:
-    """An arbitrary aiohttp app on a free loopback port in a background thread."""
+class _serve:
+    """A loopback server answering every POST with answer(body) -> (status, bytes), in a background thread."""
 
-    def __init__(self, app) -> None:
-        self.app = app
+    def __init__(self, answer) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                status, data = answer(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        outer.thread.start()
 
     def __enter__(self) -> str:
-        import asyncio
-
-        from aiohttp import web
-
-        self.sock, self.loop, ready = bind("127.0.0.1", 0), asyncio.new_event_loop(), threading.Event()
-
-        def serve():
-            asyncio.set_event_loop(self.loop)
-            self.runner = web.AppRunner(self.app)
-            self.loop.run_until_complete(self.runner.setup())
-            self.loop.run_until_complete(web.SockSite(self.runner, self.sock).start())
-            ready.set()
-            self.loop.run_forever()
-            self.loop.run_until_complete(self.runner.cleanup())
-
-        self.thread = threading.Thread(target=serve, daemon=True)
-        self.thread.start()
-        ready.wait()
-        return url_of(self.sock)
+        return self.url
 
     def __exit__(self, *exc) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.sock.close()
+        self.httpd.shutdown()
+        self.httpd.server_close()

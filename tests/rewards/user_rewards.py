@@ -1,4 +1,5 @@
 """User rewards loaded by import path in the tests ("tests.rewards.user_rewards:NAME")."""
+import threading
 import time
 
 import torch
@@ -28,3 +29,13 @@ class Sleepy:
     def __call__(self, images, prompts, metadata):
         time.sleep(self.seconds)
         return {"reward": torch.tensor([float(m["batch"]) for m in metadata])}
+
+
+HANG_CALLS: list[float] = []  # time.monotonic() of each call of `hang`
+
+
+def hang(images, prompts, metadata, seconds=120.0):
+    """Never answers in time: blocks `seconds` (reward.timeout_s stops the run first)."""
+    HANG_CALLS.append(time.monotonic())
+    threading.Event().wait(seconds)
+    return [0.0] * len(prompts)

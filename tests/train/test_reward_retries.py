@@ -75,3 +75,81 @@ def test_bugs_bad_input_oom_and_interrupts_are_not_retried(sleeps, error):
     with pytest.raises(type(error)) as info:
         RetryingReward(reward, retries=5, wait_s=1.0)(None, ["p"], [{}])
     assert info.value is error and reward.calls == 1 and sleeps == []
+
+
+class Hanging:
+    name = "hanging"
+
+    def __init__(self) -> None:
+        self.calls, self.release = 0, __import__("threading").Event()
+
+    def __call__(self, images, prompts, metadata):
+        self.calls += 1
+        self.release.wait(30)
+        return {"reward": torch.ones(len(prompts))}
+
+
+def test_a_hanging_reward_stops_within_its_limit_with_one_line(sleeps):
+    import time
+
+    reward = Hanging()
+    start = time.monotonic()
+    with pytest.raises(faults.RewardTimeout) as info:
+        RetryingReward(reward, retries=3, wait_s=1.0, timeout_s=0.5)(None, ["p"], [{}])
+    took = time.monotonic() - start
+    reward.release.set()
+    assert 0.5 <= took < 2.0 and reward.calls == 1 and sleeps == []  # a hung call is not retried
+    assert str(info.value) == ("reward 'hanging' did not return within reward.timeout_s=0.5 s (a hung reward model, "
+                               "server or plug-in); the run stops (a hung call is not retried)")
+
+
+def test_a_time_limited_call_is_the_call_itself(sleeps):
+    """On the limit's thread: the caller's grad mode, the reward's result, its errors (retried or not) as they were;
+    one thread serves call after call."""
+    import threading
+
+    seen = []
+
+    def probe(images, prompts, metadata):
+        seen.append((torch.is_grad_enabled(), threading.current_thread().name))
+        return {"reward": torch.full((len(prompts),), 2.0)}
+
+    probe.name = "probe"
+    limited = RetryingReward(probe, retries=0, timeout_s=5.0)
+    with torch.no_grad():
+        assert torch.equal(limited(None, ["a", "b"], [{}, {}])["reward"], torch.full((2,), 2.0))
+    limited(None, ["a"], [{}])
+    assert seen == [(False, "reward-call"), (True, "reward-call")]
+    assert len(limited._idle) == 1  # the same thread again
+    flaky = Failing([ConnectionError("a")])
+    assert torch.equal(RetryingReward(flaky, retries=1, wait_s=0.5, timeout_s=5.0)(None, ["p"], [{}])["reward"],
+                       torch.ones(1))
+    assert flaky.calls == 2 and sleeps == [0.5]
+    error = ValueError("bad input")
+    with pytest.raises(ValueError) as info:
+        RetryingReward(Failing([error]), retries=3, timeout_s=5.0)(None, ["p"], [{}])
+    assert info.value is error
+
+
+def test_a_hanging_plugin_reward_stops_a_run_within_reward_timeout_s(tmp_path, capsys):
+    """`awm-fast train` with a plug-in reward that never answers and reward.timeout_s=2: exit 1 with one line, soon
+    after the first reward call (the step-0 evaluation)."""
+    import time
+
+    from awm_fast.cli import main
+    from tests.rewards.user_rewards import HANG_CALLS
+    from tests.train.test_faults import TINY
+
+    from awm_fast.config import DigitsConfig
+    from awm_fast.tasks.digits import prepare_digits
+
+    prepare_digits(DigitsConfig())  # a cold cache prints its preparation: not part of this test
+    capsys.readouterr()
+    HANG_CALLS.clear()
+    code = main(["train", *TINY, f"run.output_dir={tmp_path}", "run.name=hang", "train.steps=2",
+                 "reward.name=tests.rewards.user_rewards:hang", "reward.timeout_s=2", "reward.retries=2"])
+    took = time.monotonic() - HANG_CALLS[0]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "reward.timeout_s=2 s" in err[0] and "tests.rewards.user_rewards:hang" in err[0]
+    assert len(HANG_CALLS) == 1 and 2 <= took < 4, (HANG_CALLS, took)  # within the limit, never 3 x 2 s of retries
