@@ -203,7 +203,6 @@ def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack,
     check_reward_servers(cfg.reward.name, cfg.reward.options)  # a dead reward server: one line in seconds, no folder
     if cfg.run.wandb:  # every rank, so that none waits in a collective for one that stopped
         check_wandb(cfg)  # the package and, online, a login: one line now instead of a traceback after step 0
-    check_reward_servers(cfg.reward.name, cfg.reward.options)  # a dead reward server: one line in seconds, no folder
     # created and locked; a resume goes on in place or in a new branch folder that records its parent
     run_dir, ckpt_path, cfg = open_run_folder(cfg, resume, d, held)
     stop.run_dir = run_dir
