@@ -5,27 +5,34 @@ PY := $(VENV)/bin/python
 # Pinned so a CPU machine takes the local CPU wheel instead of the multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
 .PHONY: train test install clean ext cmake-test
 
 # --no-build-isolation: setup.py sees the venv's torch and builds the native extension awm_fast._C (csrc/,
 # ~20 s on 2 cores; skipped with a one-line notice without a compiler or with AWM_FAST_NO_EXT=1), and pip never
-# pulls another torch into an isolated build environment.
+# pulls another torch into an isolated build environment. `make train` installs what training needs; `make test`
+# adds the test tools and the optional packages the tests exercise (the `dev` extra: triton's interpreter, OCR,
+# wandb, aiohttp).
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q "setuptools>=77" wheel
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $(DEV_STAMP)
 
 install: $(STAMP)
 
 train: $(STAMP)
 	$(VENV)/bin/awm-fast train $(ARGS)
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(PY) -m pytest $(ARGS)
 
 ext: $(STAMP)  # rebuild the native extension in place after editing csrc/
