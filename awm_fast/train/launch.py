@@ -99,9 +99,11 @@ def _cli_module() -> str:
     return spec.name if spec is not None and wraps else "awm_fast.cli"
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+def launch(nproc: int, argv: list[str], shutdown_s: float = 30) -> int:
     """Run `python -m awm_fast.cli <argv>` in `nproc` processes through torch.distributed.run (standalone
-    rendezvous on a free local port); the exit code of the first process that failed, else 0."""
+    rendezvous on a free local port); the exit code of the first process that failed, else 0. On SIGTERM / SIGINT
+    the workers get it too and stop after their step, checkpointed (train/stop.py); those still running
+    `shutdown_s` seconds later are killed."""
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -109,8 +111,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     print(f"[launch] {nproc} processes on this node (torch.distributed.run, as torchrun --standalone "
           f"--nproc-per-node {nproc}); run.nproc=1 for one", flush=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets for its workers, without its 4-line notice
-    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", _cli_module(),
-                                         *argv])
+    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--shutdown-timeout",
+                                         str(max(30, int(shutdown_s))), "--module", _cli_module(), *argv])
     try:
         run(args)
     except ChildFailedError as exc:  # each worker printed its own one-line error
@@ -126,4 +128,4 @@ def maybe_launch(cfg: Config, argv: list[str] | None) -> int | None:
     n = plan_processes(cfg)
     if n <= 1:
         return None
-    return launch(n, list(sys.argv[1:] if argv is None else argv))
+    return launch(n, list(sys.argv[1:] if argv is None else argv), cfg.run.dist_timeout_s)  # a stop's step + save
