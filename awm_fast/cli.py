@@ -135,8 +135,12 @@ def _main(argv: list[str] | None) -> int:
 
         diffusers_logging.set_verbosity_error()
         return _run_command(args)
+    from awm_fast.train.resume import NothingToResume
+
     try:
         cfg = _train_config(args) if args.command == "train" else load_config(args.config, args.overrides)
+    except NothingToResume as exc:  # about the run folder, not the config
+        return _error(exc, 2)
     except ConfigError as exc:
         return _error(exc, 2, " (config)")
     if args.command == "check-config":

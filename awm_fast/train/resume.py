@@ -23,6 +23,10 @@ class ResumeError(ConfigError):
     """A resume that cannot continue the run (a non-resumable key changed, no saved config)."""
 
 
+class NothingToResume(ResumeError):
+    """The run folder holds nothing to continue: no (readable) checkpoint, or the run is complete."""
+
+
 @dataclass(frozen=True)
 class Change:
     key: str
@@ -99,13 +103,24 @@ def check_resumable(changes: list[Change]) -> None:
 
 def resume_config(resume: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, list[Change], Path]:
     """(config to continue with, its changes from the saved one, the checkpoint) for `--resume RUN|CKPT`."""
+    from awm_fast.train.checkpoint import STEP_DIR, list_checkpoints
+
+    if Path(resume).is_dir() and (Path(resume) / "config.yaml").is_file() and not list_checkpoints(Path(resume)):
+        raise NothingToResume(f"nothing to resume in {resume}: the run stopped before its first checkpoint "
+                              f"(run.checkpoint_every); start it again: awm-fast train --config "
+                              f"{Path(resume) / 'config.yaml'}")
     try:
         ckpt = resolve_checkpoint(resume)
         data, source = saved_config(ckpt)
     except (FileNotFoundError, CheckpointError) as exc:
-        raise ResumeError(str(exc)) from None
+        raise NothingToResume(str(exc)) from None
     saved = build_config(data, source)
     cfg = build_config(data, source, overrides)
     changes = config_changes(saved, cfg)
+    match = STEP_DIR.match(ckpt.name)
+    if match and int(match.group(1)) >= cfg.train.steps:
+        raise NothingToResume(f"the run of {ckpt} is complete (step {int(match.group(1))} of train.steps="
+                              f"{cfg.train.steps}): nothing to resume; to train longer: awm-fast train --resume "
+                              f"{resume} train.steps={2 * cfg.train.steps}")
     check_resumable(changes)
     return cfg, changes, ckpt

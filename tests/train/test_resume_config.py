@@ -59,7 +59,7 @@ def test_a_non_resumable_change_names_the_key(tmp_path):
     (["--resume", "RUN", "sample.batch_size=4"], "awm-fast: config error: cannot resume with sample.batch_size changed"),
     (["--resume", "RUN", "--config", "digits"], "awm-fast: config error: --config digits with --resume"),
     (["--resume", "RUN", "train.nope=1"], "awm-fast: config error: unknown config key 'train.nope'"),
-    (["--resume", "MISSING"], "awm-fast: config error: no checkpoint in"),
+    (["--resume", "MISSING"], "awm-fast: error: no checkpoint in"),
 ])
 def test_bad_resumes_stop_with_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
     _, run = _fake_run(tmp_path)
@@ -67,6 +67,21 @@ def test_bad_resumes_stop_with_one_line_and_exit_code_2(tmp_path, capsys, argv, 
     assert main(["train", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(message), err
+
+
+def test_nothing_to_resume_says_what_to_do_in_one_line(tmp_path, capsys):
+    saved, run = _fake_run(tmp_path)  # its checkpoint: step 3 of train.steps=6
+    assert main(["train", "--resume", str(run), "train.steps=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("awm-fast: error: the run of ") and "is complete (step 3 of " \
+        "train.steps=3)" in err[0] and "train.steps=6" in err[0], err
+    fresh = tmp_path / "fresh"  # killed before its first checkpoint: a config.yaml and no checkpoints/
+    fresh.mkdir()
+    (fresh / "config.yaml").write_text(yaml.safe_dump(saved.to_dict(), sort_keys=False))
+    assert main(["train", "--resume", str(fresh)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"awm-fast: error: nothing to resume in {fresh}") and \
+        f"awm-fast train --config {fresh / 'config.yaml'}" in err[0], err
 
 
 def test_the_python_api_refuses_a_non_resumable_change_too(tmp_path):
