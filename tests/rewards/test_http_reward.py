@@ -214,3 +214,37 @@ class _serve:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def test_the_start_up_check_finds_dead_servers_in_seconds(monkeypatch):
+    """check_servers: http parts GET /health (503 busy counts as alive), geneval parts a TCP connection; options
+    keyed by component for a "+" combination; one line naming the server otherwise."""
+    import time
+
+    from awm_fast.rewards.http import check_servers
+    from awm_fast.rewards.http_server import RewardHTTPServer
+    from awm_fast.train.faults import RewardFailed, check_reward_servers
+
+    with bind("127.0.0.1", 0) as closed:
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    start = time.monotonic()
+    with pytest.raises(RewardServerError, match=rf"no answer from the reward server at {dead} .*start-up check"):
+        check_servers("http", {"url": dead, "timeout_s": 99})
+    with pytest.raises(RewardFailed, match=rf"no GenEval server at {dead} .*ConnectionRefused"):
+        check_reward_servers("jpeg_compressibility+geneval", {"geneval": {"url": dead}})
+    monkeypatch.setenv("AWM_FAST_GENEVAL_URL", dead)
+    with pytest.raises(RewardServerError, match="no GenEval server"):
+        check_servers("geneval", {})
+    assert time.monotonic() - start < 10
+    with pytest.raises(ValueError, match="must be the server's http:// address"):
+        check_servers("http", {"url": "127.0.0.1:80"})
+    with _serve(lambda body: (200, b"{}")) as url:  # answers, but not as serve-reward (no GET /health)
+        with pytest.raises(RewardServerError, match="answered HTTP 501.*start-up check"):
+            check_servers("http", {"url": url})
+    check_servers("jpeg_compressibility", {})  # nothing to check
+    with RewardServer(load_reward("jpeg_compressibility"), "jpeg_compressibility") as server:
+        check_servers("jpeg_compressibility+http", {"http": {"url": server.url}})
+        check_servers("geneval", {"url": server.url})  # a TCP listener is all the GenEval check asks
+        monkeypatch.setattr(RewardHTTPServer, "process_request", lambda self, request, addr: (
+            request.sendall(b"HTTP/1.0 503 Busy\r\nContent-Length: 2\r\n\r\n{}"), self.shutdown_request(request)))
+        check_servers("http", {"url": server.url}, timeout_s=0.5)  # busy for the whole check: alive
