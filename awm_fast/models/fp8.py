@@ -134,11 +134,13 @@ class Float8Linear(torch.nn.Module):
 def convert_to_fp8(transformer: torch.nn.Module) -> int:
     """Replace every frozen plain nn.Linear inside the transformer blocks (models.compile.transformer_blocks; the
     LoRA layers' base layers included) whose dimensions are multiples of 16 by a `Float8Linear`; returns how
-    many. Trainable linears (the LoRA A / B) and, outside the blocks, the embedders and the output projection
-    stay as they are."""
+    many. The LoRA A / B of both adapters (the frozen "ema" one included), trainable linears and, outside the
+    blocks, the embedders and the output projection stay as they are."""
     count = 0
     for block in transformer_blocks(transformer):
-        for parent in list(block.modules()):
+        for path, parent in list(block.named_modules()):
+            if "lora_" in path:  # peft's lora_A / lora_B dicts: the adapters (the frozen "ema" one too) stay
+                continue
             for name, child in list(parent.named_children()):
                 if type(child) is torch.nn.Linear and not child.weight.requires_grad \
                         and child.in_features % ALIGN == 0 and child.out_features % ALIGN == 0:

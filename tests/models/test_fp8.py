@@ -55,7 +55,7 @@ def test_float8_linear_matches_the_product_and_skips_the_weight_gradient():
 
 
 def test_conversion_quantises_the_frozen_block_projections_only():
-    """At a LoRA rank whose A / B are multiples of 16 (the digits preset's 16), the trainable LoRA linears stay
+    """At a LoRA rank whose A / B are multiples of 16 (the digits preset's 16), both adapters' LoRA linears stay
     float32 nn.Linear; every frozen block projection becomes float8; the embedders outside the blocks stay."""
     from diffusers import SD3Transformer2DModel
 
@@ -65,10 +65,12 @@ def test_conversion_quantises_the_frozen_block_projections_only():
     torch.manual_seed(0)
     model = SD3Transformer2DModel(**tiny_transformer_config()).requires_grad_(False)
     add_adapters(model, rank=16, alpha=32, init="gaussian", targets=["attn.to_q", "attn.to_k", "attn.to_v"])
-    lora = dict(adapter_params(model, POLICY))
+    lora = {a: dict(adapter_params(model, a)) for a in (POLICY, EMA)}
     assert fp8.convert_to_fp8(model) > 0
-    assert all(p.requires_grad and p.dtype == torch.float32 for p in adapter_params(model, POLICY).values())
-    assert adapter_params(model, POLICY).keys() == lora.keys()
+    for adapter in (POLICY, EMA):  # both adapters, the frozen "ema" one too, untouched
+        params = adapter_params(model, adapter)
+        assert params.keys() == lora[adapter].keys() and all(p.dtype == torch.float32 for p in params.values())
+    assert all(p.requires_grad for p in adapter_params(model, POLICY).values())
     linears = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear]
     assert all("lora_" in n or not n.startswith("transformer_blocks") for n, _ in linears)
     assert any(n.startswith("context_embedder") or n.startswith("time_text_embed") for n, _ in linears)
