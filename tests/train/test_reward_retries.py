@@ -153,3 +153,12 @@ def test_a_hanging_plugin_reward_stops_a_run_within_reward_timeout_s(tmp_path, c
     assert code == 1 and len(err) == 1, err
     assert "reward.timeout_s=2 s" in err[0] and "tests.rewards.user_rewards:hang" in err[0]
     assert len(HANG_CALLS) == 1 and 2 <= took < 4, (HANG_CALLS, took)  # within the limit, never 3 x 2 s of retries
+
+
+@pytest.mark.parametrize("value", ["0", "-1", ".inf", ".nan"])
+def test_reward_timeout_s_must_be_a_positive_finite_number(value):
+    from awm_fast.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"reward.timeout_s=.*must be"):
+        load_config("digits", [f"reward.timeout_s={value}"])
+    assert load_config("digits", []).reward.timeout_s == 300.0
