@@ -6,6 +6,8 @@ on several processes an all-reduce (MAX) of the flag, so every rank stops after 
 was signalled; on one process a plain flag read. A stopping run writes the checkpoint of that step (unless the
 step's periodic one was just written) and raises `Stopped`; the command line prints one line naming the resume
 command, `awm-fast train --resume <run dir>`, and exits with 128 + the signal's number (130 SIGINT, 143 SIGTERM).
+A signal during the setup or the first evaluation stops after the first step; one during the final evaluation lets
+the run finish (the last step's checkpoint is written already).
 
 A second signal exits at once (os._exit, the same code): the checkpoints already published stay intact (they are
 written to a temporary folder and renamed, train/checkpoint.py). Under torchrun a repeat within `REPEAT_S` of the
