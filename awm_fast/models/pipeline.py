@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,7 +33,9 @@ def from_pretrained(pipeline_cls, family: str, path: str, dtype: torch.dtype):
     if index.is_file():
         absent = {k: None for k, v in json.loads(index.read_text()).items() if v == [None, None]}
     try:
-        return pipeline_cls.from_pretrained(path, torch_dtype=dtype, local_files_only=local_only, **absent)
+        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones know only the first
+            warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
+            return pipeline_cls.from_pretrained(path, torch_dtype=dtype, local_files_only=local_only, **absent)
     except (OSError, ValueError) as exc:
         where = "the folder" if os.path.isdir(path) else "the hub id (no network or not in the local cache)"
         raise FileNotFoundError(f"cannot load {family} weights from model.path={path!r} via {where}: "
