@@ -14,7 +14,7 @@ ARGS ?=
 # ~20 s on 2 cores; skipped with a one-line notice without a compiler or with AWM_FAST_NO_EXT=1), and pip never
 # pulls another torch into an isolated build environment. `make train` installs what training needs; `make test`
 # adds the test tools and the optional packages the tests exercise (the `dev` extra: triton's interpreter, OCR,
-# wandb, aiohttp).
+# wandb).
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
