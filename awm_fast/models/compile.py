@@ -16,7 +16,9 @@ the block input requires grad; all are compiled in the first training step, and 
 A compile that fails on the user's machine (a dynamo / inductor error, a missing compiler or Triton) or a
 recompile storm (a block class hitting torch._dynamo's recompile limit) does not stop the run: every block of
 that transformer runs its eager forward from then on, after one log line naming the block class and the reason.
-(`fail_on_recompile` stances, used by the tests, still raise.)
+(`fail_on_recompile` stances, used by the tests, still raise.) The backward graph is compiled with the forward
+(AOTAutograd's non-lazy backward lowering), so its compile errors surface in the forward call too, where the
+block can still run eager, not in `loss.backward()`.
 """
 from __future__ import annotations
 
@@ -120,6 +122,7 @@ def compile_blocks(transformer, *, mode: str = "default", backend: str = "induct
         block.forward = _batch_dynamic_call(compiled[cls], block, fallback)
     limit = VARIANTS_PER_CLASS * 4  # up to four block structures per class (tests build several models)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    torch._functorch.config.force_non_lazy_backward_lowering = True  # backward compile errors in the forward
     return len(blocks)
 
 

@@ -100,6 +100,16 @@ def _failing_backend(gm, example_inputs):
     raise RuntimeError("inductor exploded (forced for the test)")
 
 
+def _backward_failing_backend():
+    """Compiles the forward graph as is and fails on the backward graph, as a codegen error in it would."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def backward_compiler(gm, example_inputs):
+        raise RuntimeError("backward codegen exploded (forced for the test)")
+
+    return aot_autograd(fw_compiler=lambda gm, example_inputs: gm.forward, bw_compiler=backward_compiler)
+
+
 def _compile_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("[compile]")]
 
@@ -121,18 +131,32 @@ def test_a_compile_error_falls_back_to_eager_with_one_line(policy, caplog, grad)
         assert any(p.grad is not None for n, p in policy.transformer.named_parameters() if "lora_A.default" in n)
 
 
-def test_a_recompile_storm_falls_back_to_eager_with_one_line(policy, caplog, monkeypatch):
+def test_a_recompile_storm_falls_back_to_eager_with_one_line(policy, caplog):
     """Each grad mode is a compiled variant: with the recompile limit at 1 the second one is a storm."""
     torch._dynamo.reset()
     x, t, cond = _rows(3, 8)
     with torch.no_grad():
         eager = policy.velocity(x, t, cond)
     compile_blocks(policy.transformer, backend="eager")
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    with torch.no_grad():
-        policy.velocity(x, t, cond)  # the no-grad variant compiles
-    stormed = policy.velocity(x, t, cond)  # the grad variant would be a recompile past the limit
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with torch.no_grad():
+            policy.velocity(x, t, cond)  # the no-grad variant compiles
+        stormed = policy.velocity(x, t, cond)  # the grad variant would be a recompile past the limit
     torch.testing.assert_close(stormed.detach(), eager, **tol(torch.float32))
     lines = _compile_warnings(caplog)
     assert len(lines) == 1 and "recompile limit" in lines[0], lines
+    torch._dynamo.reset()
+
+
+def test_a_backward_compile_error_falls_back_in_the_forward(policy, caplog):
+    """The backward graph is compiled with the forward, so its failure is caught where the block can go eager."""
+    torch._dynamo.reset()
+    x, t, cond = _rows(3, 9)
+    eager = policy.velocity(x, t, cond)
+    compile_blocks(policy.transformer, backend=_backward_failing_backend())
+    out = policy.velocity(x, t, cond)
+    out.square().sum().backward()  # runs: the blocks went eager in the forward
+    torch.testing.assert_close(out, eager, **tol(torch.float32))
+    lines = _compile_warnings(caplog)
+    assert len(lines) == 1 and "backward codegen exploded" in lines[0], lines
     torch._dynamo.reset()
