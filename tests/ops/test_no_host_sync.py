@@ -232,3 +232,25 @@ def test_awm_micro_batch_does_not_synchronise_cuda(mode):
         _awm_micro_batch(algo, policy, grid, "cuda", seed=1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's sync debug mode reports CUDA synchronisations")
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "sa_solver"])
+def test_rollout_does_not_synchronise_cuda(sampler):
+    """A whole rollout (its grid read on the host once) with sync debug mode set to error."""
+    from awm_fast.sampling.rollout import sample_latents
+
+    policy, gen = _tiny_policy("cuda"), torch.Generator(device="cuda").manual_seed(0)
+    cond = Conditioning(torch.randn(2, 2, 32, device="cuda"), torch.randn(2, 32, device="cuda"))
+    grid = time_grid(4, 3.0)
+
+    def rollout():
+        return sample_latents(policy, cond, grid, sampler=sampler, noise_level=0.4, generator=gen)
+
+    rollout()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rollout()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
