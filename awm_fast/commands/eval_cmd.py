@@ -88,17 +88,31 @@ def parse_reward(spec: str) -> tuple[str, dict]:
 
 
 def build_rewards(cfg, specs: list[str], digits_classifier) -> dict[str, object]:
+    """The rewards to score with, each behind the trainer's one retry layer and time limit (reward.retries,
+    reward.retry_wait_s, reward.timeout_s: train/faults.py)."""
+    from awm_fast.train.faults import RetryingReward
+
     if not specs:
-        return {cfg.reward.name: build_reward(cfg.reward.name, digits_classifier=digits_classifier,
-                                              weights=cfg.reward.weights, **cfg.reward.options)}
-    out = {}
-    for spec in specs:
-        name, options = parse_reward(spec)
-        try:
-            out[name] = build_reward(name, digits_classifier=digits_classifier, **options)
-        except (ValueError, TypeError, ImportError) as exc:
-            raise UsageError(f"--reward {name}: {exc}") from None
-    return out
+        out = {cfg.reward.name: build_reward(cfg.reward.name, digits_classifier=digits_classifier,
+                                             weights=cfg.reward.weights, **cfg.reward.options)}
+    else:
+        out = {}
+        for spec in specs:
+            name, options = parse_reward(spec)
+            try:
+                out[name] = build_reward(name, digits_classifier=digits_classifier, **options)
+            except (ValueError, TypeError, ImportError) as exc:
+                raise UsageError(f"--reward {name}: {exc}") from None
+    r = cfg.reward
+    return {name: RetryingReward(reward, r.retries, r.retry_wait_s, r.timeout_s) for name, reward in out.items()}
+
+
+def check_servers(cfg, specs: list[str]) -> None:
+    """The reward servers the evaluation needs answer (train/faults.check_reward_servers), in seconds."""
+    from awm_fast.train.faults import check_reward_servers
+
+    for name, options in [parse_reward(s) for s in specs] if specs else [(cfg.reward.name, cfg.reward.options)]:
+        check_reward_servers(name, options)
 
 
 def prompt_set(cfg, path: str | None, num: int | None) -> tuple[list[str], list[dict]]:
@@ -137,6 +151,7 @@ def run(args) -> int:
                            all_checkpoints=args.all_checkpoints,
                            preset=[f"sample.prompt_file={args.prompts}"] if args.base and args.prompts else [])
     cfg = sources[0].cfg
+    check_servers(cfg, args.reward)  # a dead reward server: one line now, before the model loads
     prompts, metadata = prompt_set(cfg, args.prompts, args.num_prompts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
