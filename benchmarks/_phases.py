@@ -45,6 +45,7 @@ from awm_fast.models.attention import use_attention_backend
 from awm_fast.models.cuda_graphs import VelocityGraphs
 from awm_fast.models.flux import flux_call, set_flux_attention
 from awm_fast.models.lora import POLICY, adapter_params
+from awm_fast.models.merged_lora import MergedLora
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.pipeline import make_decoder
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
@@ -101,6 +102,7 @@ class Bench:
         cfg, spec = Config(), self.spec
         cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_init = spec.lora_rank, 2 * spec.lora_rank, "gaussian"
         cfg.model.compile = variant.compile_blocks
+        cfg.model.fp8, cfg.model.merged_lora = variant.fp8, variant.merged_lora
         cfg.sample.shift = SHIFT
         t = cfg.train
         t.gradient_checkpointing, t.shared_batch, t.num_timesteps = spec.gradient_checkpointing, variant.shared_batch, \
@@ -139,6 +141,10 @@ class Bench:
         call = functools.partial(flux_call, guidance=self.spec.guidance) if flux else None
         kind = FlowPolicy if variant.routed_lora else PeftSwitchedPolicy
         policy = kind(tr, encode, make_decoder(vae), self.spec.latent, self.device, dtype, call=call)
+        if variant.merged_lora:
+            policy.merged = MergedLora(tr)
+        if variant.compile_blocks and self.device.type == "cuda":  # as the trainer: model.vae_compile on CUDA
+            policy.decode.speed_up()
         if variant.cuda_graphs and self.device.type == "cuda":
             policy.graphs = VelocityGraphs(policy.forward)
         return policy, attention[0]

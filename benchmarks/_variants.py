@@ -28,6 +28,8 @@ class Variant:
     fused_ops: bool = True
     cuda_graphs: bool = True
     routed_lora: bool = True
+    fp8: bool = False  # model.fp8: frozen block projections in float8 (awm_fast/models/fp8.py)
+    merged_lora: bool = False  # model.merged_lora: no-grad calls on merged LoRA copies (awm_fast/models/merged_lora.py)
 
 
 FAST = Variant("fast")
@@ -37,7 +39,10 @@ TOGGLES = ("shared_batch", "compile_blocks", "best_attention", "fused_ops", "bf1
 # Rows beyond fast, baseline and fast -X, e.g. `replace(FAST, name="fast +fp8", fp8=True)` after adding an `fp8`
 # field above (off by default) and applying it in `_phases.Bench.policy`: that is the whole of a new variant row.
 # `--variants` names them by name or by the part after "fast " ("+fp8"); they run after the toggles.
-EXTRAS: list[Variant] = []
+# issue 27's levers; no "+fp8 +merged_lora" row: config.validate refuses the pair (a float8 copy would round the
+# LoRA delta), so the fp8 row runs the float8 base GEMM with the unmerged LoRA product
+EXTRAS: list[Variant] = [replace(FAST, name="fast +fp8", fp8=True),
+                         replace(FAST, name="fast +merged_lora", merged_lora=True)]
 
 
 def variants(names: str | None = None) -> list[Variant]:

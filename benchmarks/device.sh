@@ -141,7 +141,9 @@ core)
     stage fast 560 harness --quick --only phases --model sd35m --phases preset --variants fast --tag fast
     stage kernels 120 harness --quick --only kernels --min-mb "$MIN_MB" --tag kernels
     stage shared 560 harness --quick --only phases --model sd35m --variants=-shared_batch --phases train --tag shared ;;
-rest)
+rest)  # issue 27's levers first, in --quick as the core call's fast row they compare with
+    stage levers 280 harness --quick --only phases --model sd35m --phases preset --variants +fp8,+merged_lora \
+        --tag levers
     stage toggles 560 harness --only phases --model sd35m --phases preset --variants toggles --tag toggles
     stage flux 560 harness --only phases --model flux --phases preset --variants fast,baseline --tag flux
     stage sweep 560 harness --only kernels --tag sweep ;;

@@ -25,14 +25,14 @@ exit 0
 """
 
 
-def _run(tmp_path, **env):
+def _run(tmp_path, plan="core", **env):
     stub = tmp_path / "python"
     stub.write_text(STUB)
     stub.chmod(0o755)
     out, log = tmp_path / "out", tmp_path / "calls.log"
     full = {**os.environ, "WHEEL_DIR": str(tmp_path / "no_wheels"), "PY": str(stub), "STUB_LOG": str(log), "OUT": str(out), "SITE": str(tmp_path / "site"),
             "RUN": str(tmp_path / "run"), **env}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device.sh"), "run", "core"], env=full, cwd=ROOT,
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device.sh"), "run", plan], env=full, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     stages = [line.split()[0:2] for line in (tmp_path / "run" / "stages.txt").read_text().splitlines()]
     return proc, out, log.read_text().splitlines(), dict(stages)
@@ -91,3 +91,13 @@ def test_an_overrunning_stage_is_cut_and_what_was_done_comes_back(tmp_path):
     # the dry run: inductor on the CPU in the harness (--compile) and in the smoke test
     assert all("--device cpu --tiny --compile" in c for c in calls if c.startswith("benchmarks/step_time.py"))
     assert any("benchmarks.smoke" in c and "--compile-backend inductor" in c for c in calls)
+
+
+def test_rest_plan_measures_the_issue_27_levers_first(tmp_path):
+    """The FP8 and merged-LoRA rows, in --quick as the core call's fast row, before the toggles."""
+    proc, _, calls, stages = _run(tmp_path, "rest", DRY_RUN="1")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    harness = [c for c in calls if c.startswith("benchmarks/step_time.py")]
+    assert "--variants +fp8,+merged_lora" in harness[0] and "--quick" in harness[0] and "--tag levers" in harness[0]
+    assert "--variants toggles" in harness[1]
+    assert stages["levers"] == stages["toggles"] == "status=ok"

@@ -34,7 +34,8 @@ def test_budget_runs_out_on_its_clock_and_counts_what_it_left_out():
 
 def test_variant_selection_keeps_fast_and_baseline_first():
     every = [v.name for v in _variants.variants()]
-    assert every[:2] == ["fast", "baseline"] and len(every) == 2 + len(_variants.TOGGLES)
+    assert every[:2] == ["fast", "baseline"] and len(every) == 2 + len(_variants.TOGGLES) + len(_variants.EXTRAS)
+    assert every[-2:] == ["fast +fp8", "fast +merged_lora"]  # issue 27's rows, after the toggles
     assert [v.name for v in _variants.variants("baseline,-bf16,fast")] == ["fast", "baseline", "fast -bf16"]
     assert [v.name for v in _variants.variants("toggles")] == [f"fast -{t}" for t in _variants.TOGGLES]
     assert [v.name for v in _variants.variants("fast -cuda_graphs")] == ["fast -cuda_graphs"]
