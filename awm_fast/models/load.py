@@ -13,6 +13,7 @@ from awm_fast.env import DTYPES
 from awm_fast.families import policy_family
 from awm_fast.models.adapt import make_full_models
 from awm_fast.models.cuda_graphs import VelocityGraphs
+from awm_fast.models.fast_path import fast_path
 from awm_fast.models.finetune import FULL, get_finetune
 from awm_fast.models.merged_lora import MergedLora
 from awm_fast.models.policy import FlowPolicy
@@ -37,10 +38,12 @@ def finish_policy(policy: FlowPolicy, cfg: Config, device: torch.device) -> Flow
         logger.info(f"[merged lora] no-grad calls on merged weight copies ({policy.merged.nbytes() / 2**30:.2f} GiB)")
     if cfg.model.vae_compile and device.type == "cuda" and hasattr(policy.decode, "speed_up"):
         policy.decode.speed_up()
-    if cfg.sample.cuda_graphs:
+    path = fast_path(cfg, device)
+    if path.cuda_graphs:
         if device.type == "cuda":
             policy.graphs = VelocityGraphs(policy.forward)
-            logger.info("[cuda graphs] no-grad transformer calls (rollout steps) replay CUDA graphs")
         else:
             logger.warning(f"[cuda graphs] off: sample.cuda_graphs needs a CUDA device, this run is on {device.type}")
+    if device.type == "cuda":
+        logger.info(f"[fast path] {path.summary()}")
     return policy
