@@ -18,7 +18,8 @@ channels, p = patch, B = num_layers, K = dual-attention blocks (attn2 on the ima
 
 At SD3.5-M, 512 px, L = 205 this is 2.22 TFLOP per image. The backward of the LoRA-only training (input
 gradients through every frozen matmul, attention backward, LoRA weight gradients) is counted once with
-torch.utils.flop_counter.FlopCounterMode, as is the forward (a check of the formula). Model FLOPs per
+torch.utils.flop_counter.FlopCounterMode on the meta device, as is the forward (a check of the formula):
+benchmarks/_flops.py (at SD3.5-M, 512 px: F_bwd = 2.52 TFLOP = 1.13 F_fwd per row). Model FLOPs per
 trained image = T (3 F_fwd + F_bwd): policy, reference and EMA forwards and the policy backward (the shared
 batch runs the same work in two calls: the policy rows with grad, the [reference; ema] rows in one no-grad call).
 
