@@ -13,7 +13,7 @@ from awm_fast.models.load import load_policy
 from awm_fast.models.lora import EMA, POLICY, adapter_params, copy_adapter
 from awm_fast.models.tiny import build_tiny_flux, build_tiny_sd3
 from tests.models.test_bf16 import _cfg, _inputs, _update, rel
-from tests.tolerances import FP8_LINEAR, MODEL_FP8
+from tests.tolerances import FP8_LINEAR, MODEL_FP8, tol
 
 PROMPTS = ["a red cube", "two green balls", "a cat"]
 KINDS = ["sd3", "flux"]
@@ -166,3 +166,33 @@ def test_fp8_refusals(monkeypatch):
         load_config(None, ["model.fp8=true", "model.dtype=bfloat16", "train.finetune=full", "train.eval_ema=false"])
     with pytest.raises(ValueError, match="no nn.Linear"):
         fp8.convert_to_fp8(torch.nn.Module())
+
+
+@pytest.mark.slow
+def test_fp8_blocks_compile_once():
+    """Regional compile (aot_eager) of float8 blocks: the policy call with its backward and the no-grad calls
+    equal eager ones; other batch sizes recompile nothing after the warm-up."""
+    from awm_fast.models.compile import compile_blocks, uncompile_blocks
+    from tests.models.test_compile import _policy, _rows as digit_rows
+
+    policy = _policy()
+    fp8.convert_to_fp8(policy.transformer)
+    params = list(adapter_params(policy.transformer, POLICY).values())
+
+    def calls(n, seed):
+        x, t, cond = digit_rows(n, seed)
+        for p in params:
+            p.grad = None
+        v = policy.velocity(x, t, cond)
+        v.square().mean().backward()
+        with torch.no_grad():
+            frozen = policy.velocity(x, t, cond, adapter=EMA)
+        return [v.detach(), frozen, *[p.grad.clone() for p in params]]
+
+    eager = calls(3, 1)
+    compile_blocks(policy.transformer, backend="aot_eager")
+    for a, b in zip(calls(3, 1), eager):  # the warm-up
+        torch.testing.assert_close(a, b, **tol(torch.float32))
+    with torch.compiler.set_stance("fail_on_recompile"):
+        calls(5, 2)
+    uncompile_blocks(policy.transformer)
