@@ -102,9 +102,9 @@ class VaeDecoder:
         vae.requires_grad_(False)
         self.vae, self.batch, self.fast = vae, batch, False
 
-    def speed_up(self) -> None:
+    def speed_up(self, backend: str = "inductor") -> None:
         self.vae.to(memory_format=torch.channels_last)
-        self.vae.decoder.compile()
+        self.vae.decoder.compile(backend=backend)
         self.fast = True
 
     @torch.no_grad()
