@@ -53,7 +53,7 @@ def check_fp8(device: torch.device) -> None:
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x8, s) with x8 = fp8(x / s), s[m] = max_k |x[m, k]| / 448 of shape (M, 1), float32; x is (M, K)."""
     scale = (x.detach().abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_min(MIN_SCALE)
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3), scale
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3).contiguous(), scale  # row-major for _scaled_mm
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
