@@ -1,6 +1,6 @@
 """Activation memory of a preset's training micro-batch, measured on the meta device (no GPU, no memory).
 
-    python benchmarks/activation_memory.py                       # geneval_sd35m (the README's memory rows)
+    python benchmarks/activation_memory.py                       # geneval_sd35m (the memory rows of docs/training.md)
     python benchmarks/activation_memory.py --config geneval_sd35l --out DIR
 
 The policy call with grad of one training micro-batch (rows = train.micro_batch x train.num_timesteps: every

@@ -6,7 +6,7 @@ elastic agent behind torchrun) with the same arguments, as
 
 would; each worker then finds torchrun's environment and runs as today. run.nproc: 0 (default) = one process per
 visible GPU (CUDA_VISIBLE_DEVICES counts), 1 on a CPU device or a named GPU (run.device=cuda:K); 1 = one process
-(no launcher); N > 1 = N processes (on a CPU device too, with gloo: how the tests run it). Several nodes stay `torchrun --nnodes ...` (README).
+(no launcher); N > 1 = N processes (on a CPU device too, with gloo: how the tests run it). Several nodes stay `torchrun --nnodes ...` (docs/training.md).
 
 The batch must split over the processes: P x G images per step (sample.prompts_per_step x sample.group_size)
 make whole rollout batches of sample.batch_size on each of the N processes,

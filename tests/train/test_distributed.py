@@ -1,7 +1,7 @@
 """Scale-out and recovery on CPU: torchrun with gloo, 2 processes vs 1, resume (also on another world size),
 SIGKILL in the middle of a step and of a checkpoint write, and a hung rank stopping the others.
 
-The launch lines are the README's, with `run.device=cpu run.dist_backend=gloo`:
+The launch lines are those of docs/training.md, with `run.device=cpu run.dist_backend=gloo`:
     torchrun --standalone --nproc_per_node 2 -m awm_fast.cli train ...
 """
 import json
