@@ -105,7 +105,8 @@ def resume_config(resume: str | Path, overrides: list[str] | tuple[str, ...] = (
     """(config to continue with, its changes from the saved one, the checkpoint) for `--resume RUN|CKPT`."""
     from awm_fast.train.checkpoint import STEP_DIR, list_checkpoints
 
-    if Path(resume).is_dir() and (Path(resume) / "config.yaml").is_file() and not list_checkpoints(Path(resume)):
+    run_folder = Path(resume).is_dir() and not (Path(resume) / STATE_FILE).is_file()  # not a checkpoint folder
+    if run_folder and (Path(resume) / "config.yaml").is_file() and not list_checkpoints(Path(resume)):
         raise NothingToResume(f"nothing to resume in {resume}: the run stopped before its first checkpoint "
                               f"(run.checkpoint_every); start it again: awm-fast train --config "
                               f"{Path(resume) / 'config.yaml'}")
@@ -118,7 +119,7 @@ def resume_config(resume: str | Path, overrides: list[str] | tuple[str, ...] = (
     cfg = build_config(data, source, overrides)
     changes = config_changes(saved, cfg)
     match = STEP_DIR.match(ckpt.name)
-    if match and int(match.group(1)) >= cfg.train.steps:
+    if run_folder and not changes and match and int(match.group(1)) >= cfg.train.steps:  # a bare --resume RUN
         raise NothingToResume(f"the run of {ckpt} is complete (step {int(match.group(1))} of train.steps="
                               f"{cfg.train.steps}): nothing to resume; to train longer: awm-fast train --resume "
                               f"{resume} train.steps={2 * cfg.train.steps}")

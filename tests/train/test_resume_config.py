@@ -70,11 +70,13 @@ def test_bad_resumes_stop_with_one_line_and_exit_code_2(tmp_path, capsys, argv, 
 
 
 def test_nothing_to_resume_says_what_to_do_in_one_line(tmp_path, capsys):
-    saved, run = _fake_run(tmp_path)  # its checkpoint: step 3 of train.steps=6
-    assert main(["train", "--resume", str(run), "train.steps=3"]) == 2
+    saved, run = _fake_run(tmp_path, "train.steps=3")  # its checkpoint: step 3 of train.steps=3
+    assert main(["train", "--resume", str(run)]) == 2  # bare: nothing left to do
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("awm-fast: error: the run of ") and "is complete (step 3 of " \
-        "train.steps=3)" in err[0] and "train.steps=6" in err[0], err
+        "train.steps=3)" in err[0] and f"--resume {run} train.steps=6" in err[0], err
+    cfg, changes, _ = resume_config(run, ["train.steps=6"])  # longer: goes on
+    assert cfg.train.steps == 6 and [str(c) for c in changes] == ["train.steps 3 -> 6"]
     fresh = tmp_path / "fresh"  # killed before its first checkpoint: a config.yaml and no checkpoints/
     fresh.mkdir()
     (fresh / "config.yaml").write_text(yaml.safe_dump(saved.to_dict(), sort_keys=False))

@@ -17,7 +17,7 @@ import torch
 
 from awm_fast.cli import main
 from awm_fast.config import load_config
-from awm_fast.train.resume import resume_config
+from awm_fast.train.resume import NothingToResume, resume_config
 from awm_fast.train.run_folder import LOCK_FILE, PARENT_FILE, RunLock, RunLocked, plan_resume
 from tests.test_state_file import Touch
 from tests.train.hooked_cli import REPO, hooked_env
@@ -128,7 +128,7 @@ def test_a_resume_whose_every_checkpoint_is_unreadable_is_one_line(tmp_path, cap
     (run / "checkpoints" / "step_000003" / "state.pt").write_bytes(b"\x00" * 64)
     assert main(["train", "--resume", str(run)]) == 2
     line = _one_line(capsys)
-    assert line.startswith(f"awm-fast: config error: no readable checkpoint in {run}: checkpoint state ") and \
+    assert line.startswith(f"awm-fast: error: no readable checkpoint in {run}: checkpoint state ") and \
         "not a torch.save archive" in line
 
 
@@ -171,8 +171,11 @@ def test_resuming_an_older_checkpoint_branches_and_leaves_the_original_byte_for_
     assert json.loads((branch / "summary.json").read_text())["resumed_from"] == str(older)
     assert [r["step"] for r in _rows(branch)] == [1, 2] and _rows(branch)[0] == _rows(run)[0]
     assert (branch / "checkpoints" / "step_000002").is_dir() and "lr: 0.02" in (branch / "config.yaml").read_text()
-    cfg, changes, ckpt = resume_config(run)  # a bare resume of the original: its own newest, its own config
-    assert ckpt == run / "checkpoints" / "step_000002" and changes == [] and cfg.train.lr != 0.02
+    with pytest.raises(NothingToResume, match="step_000002 is complete"):  # a bare resume of the original: its
+        resume_config(run)                                                # own newest, complete: nothing to do
+    cfg, changes, ckpt = resume_config(run, ["train.steps=4"])  # longer: its own newest, its own config
+    assert ckpt == run / "checkpoints" / "step_000002" and [str(c) for c in changes] == ["train.steps 2 -> 4"] \
+        and cfg.train.lr != 0.02
 
 
 @pytest.mark.slow
