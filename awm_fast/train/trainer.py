@@ -268,8 +268,6 @@ def _train(cfg: Config, d: Dist, resume: str | None, held: contextlib.ExitStack,
             run_eval(done)
             if eval_ema is not None:  # raw and EMA weights at every evaluation, as the official eval()
                 run_eval(done, "ema")
-            if eval_ema is not None:  # raw and EMA weights at every evaluation, as the official eval()
-                run_eval(done, "ema")
         stopping = stop.agreed(d)  # a SIGTERM / SIGINT on any rank, until now: every rank stops after this step
         if stopping or (cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0) or done == t.steps:
             save_state(run_dir, done, cfg, policy, optimizer, eval_ema, d, {
