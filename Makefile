@@ -32,8 +32,11 @@ install: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/awm-fast train $(ARGS)
 
+# The suite on one pytest-xdist worker per core (TEST_WORKERS=1: one process); a module's tests stay on one worker
+# (--dist loadfile), so its module-scoped fixtures are built once.
+TEST_WORKERS ?= 2
 test: $(DEV_STAMP)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 ext: $(STAMP)  # rebuild the native extension in place after editing csrc/
 	$(PY) setup.py build_ext --inplace

@@ -9,7 +9,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("AWM_FAST_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "test"))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# `make test` runs the suite on pytest-xdist workers, one per core: each worker then computes on one thread (two
+# each would oversubscribe the cores), and so do the command lines it starts (OMP_NUM_THREADS), so a run in this
+# process and the same run in a subprocess give the same numbers; a plain `pytest` in one process uses up to two.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+SUITE_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(SUITE_THREADS)
+torch.set_num_threads(SUITE_THREADS)
 
 
 @pytest.fixture

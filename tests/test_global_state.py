@@ -3,7 +3,7 @@ import os
 
 import torch
 
-from tests.conftest import GlobalState
+from tests.conftest import SUITE_THREADS, GlobalState
 
 
 def test_threads_env_dtype_attention_backend_and_dist_are_restored():
@@ -31,5 +31,7 @@ def test_threads_env_dtype_attention_backend_and_dist_are_restored():
 
 
 def test_every_test_starts_on_the_suites_thread_count():
-    """run.threads=1 (tests/train) calls torch.set_num_threads(1); tests/conftest.py starts at min(2, cores)."""
-    assert torch.get_num_threads() == max(1, min(2, os.cpu_count() or 1))
+    """run.threads=1 (tests/train) calls torch.set_num_threads(1); tests/conftest.py starts at min(2, cores) (per
+    xdist worker: cores / workers)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    assert torch.get_num_threads() == SUITE_THREADS == max(1, min(2, (os.cpu_count() or 1) // workers))

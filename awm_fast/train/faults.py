@@ -90,14 +90,17 @@ class RetryingReward:
         self._lock = threading.Lock()
 
     def _call(self, images, prompts, metadata):
-        """reward(...) within timeout_s, on a thread (grad / inference mode and the CUDA device carried over from
-        the caller: all three are per thread)."""
+        """reward(...) within timeout_s, on a thread (grad / inference mode, the CUDA device and torch's CPU thread
+        count carried over from the caller: all are per thread, and the thread count changes CPU float results)."""
         if not self.timeout_s:
             return self.reward(images, prompts, metadata)
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
         cuda = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        threads = torch.get_num_threads()
 
         def call():
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
             if cuda is not None:
                 torch.cuda.set_device(cuda)
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):

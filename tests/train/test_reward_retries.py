@@ -104,22 +104,24 @@ def test_a_hanging_reward_stops_within_its_limit_with_one_line(sleeps):
 
 
 def test_a_time_limited_call_is_the_call_itself(sleeps):
-    """On the limit's thread: the caller's grad mode, the reward's result, its errors (retried or not) as they were;
-    one thread serves call after call."""
+    """On the limit's thread: the caller's grad mode and CPU thread count, the reward's result, its errors (retried
+    or not) as they were; one thread serves call after call."""
     import threading
 
     seen = []
 
     def probe(images, prompts, metadata):
-        seen.append((torch.is_grad_enabled(), threading.current_thread().name))
+        seen.append((torch.is_grad_enabled(), threading.current_thread().name, torch.get_num_threads()))
         return {"reward": torch.full((len(prompts),), 2.0)}
 
     probe.name = "probe"
     limited = RetryingReward(probe, retries=0, timeout_s=5.0)
+    threads = torch.get_num_threads()
     with torch.no_grad():
         assert torch.equal(limited(None, ["a", "b"], [{}, {}])["reward"], torch.full((2,), 2.0))
+    torch.set_num_threads(1 if threads != 1 else 2)  # put back by the autouse fixture
     limited(None, ["a"], [{}])
-    assert seen == [(False, "reward-call"), (True, "reward-call")]
+    assert seen == [(False, "reward-call", threads), (True, "reward-call", torch.get_num_threads())]
     assert len(limited._idle) == 1  # the same thread again
     flaky = Failing([ConnectionError("a")])
     assert torch.equal(RetryingReward(flaky, retries=1, wait_s=0.5, timeout_s=5.0)(None, ["p"], [{}])["reward"],
