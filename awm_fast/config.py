@@ -14,8 +14,6 @@ from pathlib import Path
 
 import yaml
 
-from awm_fast.algo.timesteps import TIMESTEP_MODES
-
 PRESET_DIR = Path(__file__).parent / "configs"
 # The official lora_type "attn": the joint-attention projections. The "attn." prefix matters: bare names also hit
 # attn2.* of SD3.5-M's 13 dual-attention blocks (243 LoRA modules instead of the official 191).
@@ -258,7 +256,7 @@ CHOICES = {  # each list lives with its owner
     "train.algorithm": _Owned("awm_fast.algorithms:ALGORITHM_NAMES"),
     "nft.sampler": _Owned("awm_fast.algorithms.nft:NFT_SAMPLERS"),
     "train.finetune": _Owned("awm_fast.models.finetune:FINETUNE_MODES"),
-    "train.timestep_sampling": TIMESTEP_MODES,
+    "train.timestep_sampling": _Owned("awm_fast.sampling.timesteps:TIMESTEP_MODES"),
     "train.weighting": _Owned("awm_fast.ops.awm_loss_torch:WEIGHTINGS"),
     "train.ratio_mode": _Owned("awm_fast.ops.awm_loss_torch:RATIO_MODES"),
     "train.kl_weighting": _Owned("awm_fast.ops.awm_loss_torch:KL_WEIGHTINGS"),
@@ -471,8 +469,7 @@ def validate(cfg: Config) -> None:
     if not 0 < t.timestep_fraction <= 1:
         raise ConfigError(f"train.timestep_fraction={t.timestep_fraction} must be in (0, 1]")
     if t.timestep_sampling.startswith("discrete"):
-        from awm_fast.algo.timesteps import discrete_boundaries
-
+        discrete_boundaries = _owned("awm_fast.sampling.timesteps:discrete_boundaries")
         try:
             discrete_boundaries(s.num_steps, t.num_timesteps, t.timestep_fraction, t.timestep_sampling == "discrete")
         except ValueError as exc:

@@ -52,11 +52,11 @@ def _call(kind: str, cfg: Config, config: dict) -> Callable | None:
     if kind == "sd3":
         return None
     if kind == "flux":
-        from awm_fast.models.flux import flux_call
+        from awm_fast.families.flux import flux_call
 
         return functools.partial(flux_call, guidance=cfg.model.guidance)
     if kind == "wan":
-        from awm_fast.models.wan import wan_call
+        from awm_fast.families.wan import wan_call
 
         return functools.partial(wan_call, expand_timesteps=bool(config.get("expand_timesteps", False)))
     module = pipeline_family(kind)
@@ -100,7 +100,7 @@ def _vae(cfg: Config):
         if kind == "qwen_image":
             return diffusers.AutoencoderKLQwenImage(), (1, 16, 1, side, side)
         if kind == "wan":
-            from awm_fast.models.wan import latent_frames
+            from awm_fast.families.wan import latent_frames
 
             return diffusers.AutoencoderKLWan(), (1, 16, latent_frames(cfg.model.frames), side, side)
     raise ValueError(f"model.kind={kind!r} has no VAE here")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from awm_fast.config import Config
-from awm_fast.models.flux import flux_call
+from awm_fast.families.flux import flux_call
 from awm_fast.models.policy import Conditioning
 from awm_fast.models.routing import enable_checkpointing
 from benchmarks import _meta

@@ -25,7 +25,7 @@ batch runs the same work in two calls: the policy rows with grad, the [reference
 
 FLUX.1-dev-shaped: diffusers' FluxTransformer2DModel with the real architecture config (19 double-stream and 38
 single-stream blocks, 24 x 128 heads, joint dim 4096, pooled 768, guidance embedding, rope axes 16/56/56); 512 px
--> 16x64x64 latents, packed 2x2 (awm_fast.models.flux) into N = 1024 tokens of 64 channels; L = 512 T5 tokens
+-> 16x64x64 latents, packed 2x2 (awm_fast.families.flux) into N = 1024 tokens of 64 channels; L = 512 T5 tokens
 (the FLUX.1-dev preset's model.text_tokens); guidance 3.5, no CFG. With S = N + L, C/Co = packed in/out channels,
 B double blocks, B1 single blocks, g = 1 with the guidance embedding:
 

@@ -18,7 +18,7 @@ are toggled with AWM_FAST_BACKEND (auto: Triton on CUDA; torch: the float64 / Py
   Python-op SDE step.
 - "fast -X": the fast path with one optimisation X switched back to the baseline's choice.
 
-FLUX (`spec.kind == "flux"`): the policy calls `awm_fast.models.flux.flux_call` (2x2 packing, guidance
+FLUX (`spec.kind == "flux"`): the policy calls `awm_fast.families.flux.flux_call` (2x2 packing, guidance
 embedding 3.5) as the trainer does; attention goes through diffusers' dispatch (`set_flux_attention` with the best
 backend; the baseline: diffusers' default, native SDPA), LoRA on the presets' targets (the attention projections
 of both block kinds), activation checkpointing of the blocks in every variant (the FLUX presets train with it),
@@ -36,21 +36,21 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from awm_fast.algo.advantages import group_advantages
-from awm_fast.algo.timesteps import time_grid
+from awm_fast.algorithms.advantages import group_advantages
 from awm_fast.algorithms.awm import AWM
 from awm_fast.config import Config
+from awm_fast.families.flux import flux_call, set_flux_attention
 from awm_fast.models.adapt import freeze_and_adapt
 from awm_fast.models.attention import use_attention_backend
 from awm_fast.models.cuda_graphs import VelocityGraphs
-from awm_fast.models.flux import flux_call, set_flux_attention
 from awm_fast.models.lora import POLICY, adapter_params
 from awm_fast.models.merged_lora import MergedLora
-from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.pipeline import make_decoder
+from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
 from awm_fast.rewards.jpeg import JpegReward
 from awm_fast.sampling.rollout import sample_latents
+from awm_fast.sampling.timesteps import time_grid
 
 from benchmarks._attention import working_attention_backend
 from benchmarks._models import ModelSpec, build_transformer, build_vae

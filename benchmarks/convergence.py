@@ -28,16 +28,16 @@ from pathlib import Path
 
 import torch
 
-from awm_fast.algo.advantages import group_advantages
+from awm_fast.algorithms import get_algorithm
+from awm_fast.algorithms.advantages import group_advantages
+from awm_fast.algorithms.base import UpdateContext
+from awm_fast.algorithms.update_loop import MicroBatchRNG
 from awm_fast.config import load_config
 from awm_fast.logs import only_main
 from awm_fast.models.lora import POLICY, adapter_params
-from awm_fast.algorithms import get_algorithm
-from awm_fast.algorithms.base import UpdateContext
-from awm_fast.train.task import build_task
 from awm_fast.rewards.async_scorer import AsyncRewardScorer
+from awm_fast.train.task import build_task
 from awm_fast.train.trainer import rollout_and_score, train
-from awm_fast.algorithms.update_loop import MicroBatchRNG
 
 # Each method's official recipe on the digits preset (10 steps on the SD3 grid with shift 3, 10 prompts x 8 images
 # per step): AWM rolls out with SA-Solver (noise 0.4 in [0.3, 0.9]), Flow-GRPO with the SDE (noise 0.7, clip 1e-4,

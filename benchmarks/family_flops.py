@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from awm_fast.algorithms.awm import effective_ema_beta  # noqa: E402
 from awm_fast.config import Config, list_presets, load_config  # noqa: E402
 from awm_fast.families import PIPELINE_KINDS, pipeline_family  # noqa: E402
+from awm_fast.families.wan import latent_frames  # noqa: E402
 from awm_fast.models.pipeline import meta_transformer, parameter_count  # noqa: E402
-from awm_fast.models.wan import latent_frames  # noqa: E402
 from benchmarks import _families, _models  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"

@@ -1,6 +1,6 @@
 // CUDA implementation of the fused ops, behind a C ABI (kernels.h) so nvcc never parses torch headers.
 //
-// Same algorithm as the Triton kernels (awm_fast/kernels/awm_loss.py, awm_fast/kernels/sde_step.py):
+// Same algorithm as the Triton kernels (kernels/awm_loss.py, kernels/sde_step.py):
 //   AWM loss: (1) a 1-D grid of (row, chunk) blocks writes float32 partial sums S_u, S_ref, S_ema;
 //             (2) one block reduces them per row in float64 and finalises every sample (common.h:
 //             awm_finalise_sample): log-prob, ratio, clip, KL, the loss and the per-row coefficients;

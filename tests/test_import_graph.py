@@ -1,6 +1,14 @@
-"""The import graph of awm_fast/ (every import, also the lazy ones inside functions; `if TYPE_CHECKING:`
-blocks excluded): no cycle between modules, and none between packages (top-level modules count as their own
-node), so each package only imports packages below it."""
+"""The import graph of awm_fast/ (every import, also the lazy ones inside functions and those under
+`if TYPE_CHECKING:`): no cycle between modules, none between packages (top-level modules count as their own
+node), and every import goes down the layers (LAYERS, top first):
+
+    cli > commands > train > algorithms, rewards > tasks > families > sampling > models > ops > kernels
+        > the bottom: the package's __init__, config, configs, env, logs, state_file, prompt_sets
+
+tasks/digits.py is the digits family's module (it finishes its policy with families.load), and the families read
+their time grids from sampling/timesteps.py, hence tasks > families > sampling. Within the bottom layer a module
+may import another (prompt_sets -> config); the cycle tests keep that one way.
+"""
 from __future__ import annotations
 
 import ast
@@ -20,13 +28,14 @@ def _type_checking(node: ast.AST) -> bool:
     return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
 
 
-def _imports(tree: ast.AST, module: str, is_package: bool, known: set[str]) -> set[str]:
-    """awm_fast modules imported anywhere in `tree` (resolved to the deepest known module)."""
+def _imports(tree: ast.AST, module: str, is_package: bool, known: set[str], *, type_checking: bool = True) -> set[str]:
+    """awm_fast modules imported anywhere in `tree` (resolved to the deepest known module); with
+    type_checking=False, not those under `if TYPE_CHECKING:`."""
     found: set[str] = set()
     stack = [tree]
     while stack:
         node = stack.pop()
-        if _type_checking(node):
+        if not type_checking and _type_checking(node):
             stack.extend(node.orelse)
             continue
         stack.extend(ast.iter_child_nodes(node))
@@ -79,6 +88,43 @@ def _package(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
+LAYERS = (  # top first; a package imports only packages of a lower layer (the bottom layer: also its own)
+    {"awm_fast.cli"},
+    {"awm_fast.commands"},
+    {"awm_fast.train"},
+    {"awm_fast.algorithms", "awm_fast.rewards"},
+    {"awm_fast.tasks"},
+    {"awm_fast.families"},
+    {"awm_fast.sampling"},
+    {"awm_fast.models"},
+    {"awm_fast.ops"},
+    {"awm_fast.kernels"},
+    {"awm_fast", "awm_fast.config", "awm_fast.configs", "awm_fast.env", "awm_fast.logs", "awm_fast.state_file",
+     "awm_fast.prompt_sets"},
+)
+
+
+def _layer(package: str) -> int:
+    """0 for the top layer; a package of no layer fails (a new package needs its place in LAYERS)."""
+    for depth, layer in enumerate(LAYERS):
+        if package in layer:
+            return depth
+    raise AssertionError(f"{package} has no layer: add it to LAYERS in tests/test_import_graph.py")
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import `module -> target` whose target package is not in a lower layer (bottom: not in a higher one)."""
+    bottom = len(LAYERS) - 1
+    bad = []
+    for module, targets in sorted(graph.items()):
+        src = _layer(_package(module))
+        for target in sorted(targets):
+            dst = _layer(_package(target))
+            if _package(target) != _package(module) and not (dst > src or dst == src == bottom):
+                bad.append(f"{module} -> {target}")
+    return bad
+
+
 def test_no_module_import_cycle():
     cycle = _cycle(import_graph())
     if cycle is not None:
@@ -94,6 +140,26 @@ def test_no_package_import_cycle():
         raise AssertionError("package import cycle: " + " -> ".join(cycle))
 
 
+def test_imports_go_down_the_layers():
+    bad = _upward(import_graph())
+    assert bad == [], "imports from a layer to one not below it:\n" + "\n".join(bad)
+
+
+def test_every_package_has_a_layer():
+    for package in {_package(m) for m in import_graph()}:
+        _layer(package)
+
+
+def test_layer_check_sees_an_upward_import():
+    assert _upward({"awm_fast.models.load": {"awm_fast.families"}}) == ["awm_fast.models.load -> awm_fast.families"]
+    assert _upward({"awm_fast.config": {"awm_fast.sampling.timesteps"}}) == [
+        "awm_fast.config -> awm_fast.sampling.timesteps"]
+    assert _upward({"awm_fast.algorithms.awm": {"awm_fast.rewards"}}) == [
+        "awm_fast.algorithms.awm -> awm_fast.rewards"]  # one layer: neither imports the other
+    assert _upward({"awm_fast.families.sd3": {"awm_fast.models.policy", "awm_fast.config"},
+                    "awm_fast.prompt_sets": {"awm_fast.config"}}) == []
+
+
 def test_graph_sees_lazy_and_relative_imports():
     lazy = ast.parse("def f():\n    from awm_fast.models.lora import EMA\n    import awm_fast.env\n")
     assert _imports(lazy, "awm_fast.x", False, {"awm_fast.models.lora", "awm_fast.env"}) == {
@@ -103,6 +169,7 @@ def test_graph_sees_lazy_and_relative_imports():
                     {"awm_fast.models", "awm_fast.models.lora", "awm_fast.models.policy"}) == {
         "awm_fast.models.lora", "awm_fast.models.policy"}
     hidden = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from awm_fast.config import Config\n")
-    assert _imports(hidden, "awm_fast.x", False, {"awm_fast.config"}) == set()
+    assert _imports(hidden, "awm_fast.x", False, {"awm_fast.config"}, type_checking=False) == set()
+    assert _imports(hidden, "awm_fast.x", False, {"awm_fast.config"}) == {"awm_fast.config"}  # counted by default
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import torch
 
-from awm_fast.algo.timesteps import sample_train_timesteps
 from awm_fast.algorithms.base import Algorithm, Rollout, Sampled, UpdateContext
 from awm_fast.algorithms.update_loop import UpdateResult, noisy_rows, run_update
 from awm_fast.config import TrainConfig
-from awm_fast.models.fast_path import fast_path
+from awm_fast.families import fast_path
 from awm_fast.models.shared_batch import separate_velocities, shared_velocities
 from awm_fast.ops import awm_loss
 from awm_fast.ops.awm_loss_torch import kl_rows
 from awm_fast.sampling.rollout import sample_latents
+from awm_fast.sampling.timesteps import sample_train_timesteps
 
 
 def effective_ema_beta(tcfg: TrainConfig) -> float:

@@ -1,5 +1,5 @@
 """Flow-GRPO (arXiv 2505.05470): PPO-style clipped policy gradient on stored SDE rollout transitions.
-Config section `flow_grpo` (config.FlowGRPOConfig); the loss math: awm_fast.algo.flow_grpo.
+Config section `flow_grpo` (config.FlowGRPOConfig); the loss math: the pure functions below.
 
 Sampling (`sample_trajectory`): steps k = 0 .. N-1 go from sigma_k to sigma_{k+1} with awm_fast.ops.sde_step
 (sample.sampler euler_maruyama or cps, sample.noise_level, the rollout's CFG rule), every state and step
@@ -7,7 +7,7 @@ log-prob kept. With sde_window = W > 0 (Flow-GRPO-Fast) only W consecutive steps
 k0 ~ U{0, ..., N // 2 - W} are stochastic; the others are Euler ODE steps (official yifan123/flow_grpo:
 sde_window_range = (0, num_steps // 2) in config/grpo.py, start = random.randint(range[0], range[1] - W), both
 ends inclusive; N = 10, W = 3: k0 in {0, 1, 2}). The last step (to sigma_N = 0) is never trained; without a
-window Euler-Maruyama still adds its noise there as the official rollout does (algo.flow_grpo.euler_maruyama_final;
+window Euler-Maruyama still adds its noise there as the official rollout does (euler_maruyama_final;
 its stored log-prob is 0), with a window it is an Euler step (official Fast: noise 0 outside the window), and a
 CPS step to 0 has no noise. `sde_mask` marks the trained steps.
 
@@ -18,7 +18,7 @@ the combine v = v_uncond + w (v_cond - v_uncond) (official scripts/train_sd3.py 
 in commit 2d76907 of 2025-07-15; a later revision, 74db691, combines without it; the Fast recipe trains without
 CFG, so it is unaffected). The reference (adapters disabled) gives the KL mean; the loss uses
 A = clip(A_raw, -5, 5) (the trainer's advantages, divided by adv_clip_max, times adv_clip_max).
-Only the samples with A != 0 train (official; algo.flow_grpo.informative_samples): the n / micro_batch
+Only the samples with A != 0 train (official; informative_samples): the n / micro_batch
 micro-batches keep their number and shrink to k / M rows; as officially, each process filters its own samples, so
 with flat groups the rows trained depend on how the samples split over processes. The shuffled samples are split
 into flow_grpo.optimizer_steps parts (official 2), round robin
@@ -28,20 +28,138 @@ into flow_grpo.optimizer_steps parts (official 2), round robin
 Official Flow-GRPO (config/grpo.py geneval_sd3): euler_maruyama, noise 0.7, 10 steps, CFG 4.5, clip 1e-4, beta
 0.04. Flow-GRPO-Fast (geneval_sd3_fast_nocfg, preset geneval_sd35m_flow_grpo_fast): cps, noise 0.8, CFG off,
 window 3, clip 1e-5, beta 0.
+
+The loss (the pure torch functions at the top of this module, computed in float64):
+
+For a stored transition x -> x' of the rollout (sigma -> sigma', log-prob l_old when sampled) and the
+current policy's log-prob l of the same x' (recomputed with `awm_fast.ops.sde_step(..., x_next=x')`):
+
+    r      = exp(l - l_old)
+    policy = mean_rows max(-A r, -A clip(r, 1 - c, 1 + c))          (A clipped to +-adv_clip_max, not scaled)
+    kl     = mean_rows [ mean_dims (mean_theta - mean_ref)^2 / (2 std^2) ]
+    loss   = policy + beta kl
+
+mean_theta / mean_ref: the Gaussian means of the step under the policy and the reference (adapters
+disabled); std: the official code's `std_dev_t` (`kl_std`): for Euler-Maruyama the noise scale per unit time
+a sqrt(sigma / (1 - sigma~)), NOT the transition's std (which is that times sqrt(sigma - sigma')), for CPS the
+transition's std. Official: c = 1e-4, beta 0.04 (GenEval, OCR).
+
+Which samples train (`informative_samples`, official scripts/train_sd3.py and train_sd3_fast.py): only those
+with A != 0, the local k of them split into the same M micro-batches of k / M rows each (the loss is a mean over a
+micro-batch, so a flat group no longer dilutes the others); when k is not a multiple of M (or is 0), M - k mod M
+zero-advantage samples drawn at random join them.
+
+The last rollout step of Euler-Maruyama (`euler_maruyama_final`, sigma -> 0, never trained) adds its noise as the
+official `sde_step_with_logprob` does: std = a sqrt(sigma / (1 - sigma~)), mean = x (1 - std^2 / 2) -
+v (sigma + std^2 (1 - sigma) / 2), x' = mean + std sqrt(sigma) xi.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from awm_fast.algo.flow_grpo import euler_maruyama_final, flow_grpo_loss, informative_samples, kl_std
 from awm_fast.algorithms.base import Algorithm, Rollout, Sampled, UpdateContext
 from awm_fast.algorithms.update_loop import UpdateResult, run_update
 from awm_fast.models.lora import POLICY
 from awm_fast.models.policy import Conditioning, FlowPolicy, GuidedVelocity
 from awm_fast.ops import sde_step
 from awm_fast.ops.sde_step_torch import SDE_KINDS
+
+
+@dataclass
+class GRPOLossOutput:
+    """`loss` is a differentiable scalar; the rest are detached scalars."""
+
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    kl: torch.Tensor
+    clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+
+
+def kl_std(kind: str, sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: float) -> torch.Tensor:
+    """The std that divides the mean-space KL (per row, float64): the official `std_dev_t`.
+
+    euler_maruyama: a sqrt(sigma / (1 - sigma~)), sigma~ = sigma (sigma' where sigma == 1); the step's noise is
+    this times sqrt(sigma - sigma'), which the official KL leaves out. cps: sigma' sin(a pi / 2), the step's noise.
+    """
+    s, s_next = sigma.to(torch.float64), sigma_next.to(torch.float64)
+    if kind == "euler_maruyama":
+        s_den = torch.where(s == 1, s_next, s)
+        return noise_level * torch.sqrt(s / (1 - s_den))
+    if kind == "cps":
+        return s_next * math.sin(noise_level * math.pi / 2)
+    raise ValueError(f"kind={kind!r}: Flow-GRPO trains stochastic steps only (euler_maruyama or cps)")
+
+
+def informative_samples(advantages: torch.Tensor, num_batches: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices (ascending) of the samples an update trains: those with a non-zero advantage, plus
+    M - k mod M random zero-advantage ones when their count k is not a multiple of M = num_batches (or is 0)."""
+    if advantages.dim() != 1:
+        raise ValueError(f"advantages must be 1-d (one per sample), got shape {tuple(advantages.shape)}")
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or not 1 <= num_batches <= advantages.numel():
+        raise ValueError(f"num_batches={num_batches!r} must be an int in [1, {advantages.numel()}] (the samples)")
+    keep = advantages != 0
+    count = int(keep.sum())
+    if count % num_batches or count == 0:
+        zeros = (~keep).nonzero()[:, 0]
+        need = num_batches - count % num_batches
+        order = torch.randperm(zeros.numel(), generator=generator, device=generator.device).to(zeros.device)
+        keep[zeros[order[:need]]] = True
+    return keep.nonzero()[:, 0]
+
+
+def euler_maruyama_final(x: torch.Tensor, v: torch.Tensor, sigma: float, noise_level: float,
+                         noise: torch.Tensor) -> torch.Tensor:
+    """The official Euler-Maruyama step from sigma to 0 (module docstring), in float64, returned in x's dtype."""
+    if not 0 < sigma <= 1:
+        raise ValueError(f"sigma={sigma!r} must be in (0, 1] for the last step to 0")
+    s = torch.tensor(sigma, dtype=torch.float64)
+    std = noise_level * torch.sqrt(s / (1 - s)) if sigma < 1 else torch.tensor(float(noise_level), dtype=torch.float64)
+    mean = x.to(torch.float64) * (1 - std**2 / 2) - v.to(torch.float64) * (s + std**2 * (1 - s) / 2)
+    return (mean + std * torch.sqrt(s) * noise.to(torch.float64)).to(x.dtype)
+
+
+def flow_grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, *,
+                   clip_range: float = 1e-4, beta: float = 0.0, mean: torch.Tensor | None = None,
+                   mean_ref: torch.Tensor | None = None, std: torch.Tensor | None = None) -> GRPOLossOutput:
+    """log_prob (differentiable), old_log_prob, advantages: (R,) per row; mean, mean_ref: (R, ...); std: (R,).
+
+    With beta > 0, mean, mean_ref and std are required. Computed in float64.
+    """
+    for name, x in (("log_prob", log_prob), ("old_log_prob", old_log_prob), ("advantages", advantages)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 1 or x.shape != log_prob.shape:
+            raise ValueError(f"{name} must be 1-d with the shape of log_prob {tuple(log_prob.shape)}, got {tuple(x.shape)}")
+    if not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    f64 = torch.float64
+    adv = advantages.to(f64)
+    ratio = torch.exp(log_prob.to(f64) - old_log_prob.to(f64))
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    policy = torch.maximum(unclipped, clipped).mean()
+    kl = torch.zeros((), dtype=f64, device=log_prob.device)
+    if beta > 0:
+        if mean is None or mean_ref is None or std is None:
+            raise ValueError("beta > 0 needs mean, mean_ref and std")
+        if mean.shape != mean_ref.shape or mean.shape[0] != log_prob.shape[0] or std.shape != log_prob.shape:
+            raise ValueError(f"mean {tuple(mean.shape)}, mean_ref {tuple(mean_ref.shape)} and std {tuple(std.shape)} "
+                             f"must match {log_prob.shape[0]} rows")
+        dims = tuple(range(1, mean.dim()))
+        kl = (((mean.to(f64) - mean_ref.to(f64)) ** 2).mean(dims) / (2 * std.to(f64) ** 2)).mean()
+    with torch.no_grad():
+        clipfrac = ((ratio - 1).abs() > clip_range).to(f64).mean()
+        approx_kl = 0.5 * ((log_prob.to(f64) - old_log_prob.to(f64)) ** 2).mean()
+    return GRPOLossOutput(policy + beta * kl, policy.detach(), kl.detach(), clipfrac, approx_kl)
+
+
+# --- the algorithm (the Algorithm contract, algorithms/base.py) ---------------------------------------------
 
 TRAJECTORY_SAMPLERS = tuple(k for k in SDE_KINDS if k != "ode")  # the stochastic steps with a log-prob each
 

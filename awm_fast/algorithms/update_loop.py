@@ -96,7 +96,7 @@ def accumulate(policy, last: bool):
 def noisy_rows(x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
     """Rows for T times over B latents, timestep-major (row = k B + b), fresh eps per row:
     x_t = (1 - t) x0 + t eps. t: (T,) shared by the B samples, or (T, B) per sample, on x0's device (as
-    algo.timesteps draws it: no host-to-device copy, which would synchronise, per micro-batch).
+    sampling.timesteps draws it: no host-to-device copy, which would synchronise, per micro-batch).
     Returns (x_t, u = eps - x0, t per row)."""
     T, B = t.shape[0], x0.shape[0]
     if t.dim() == 2 and t.shape[1] != B:

@@ -120,7 +120,7 @@ def parse_options(items: list[str], what: str) -> dict:
 
 def build_policy(cfg: Config, device: torch.device, prompts: list[str]):
     """(policy, null_cond, digits artifacts or None) with every prompt of `prompts` encodable."""
-    from awm_fast.models.load import load_policy
+    from awm_fast.families.load import load_policy
 
     art = None
     if cfg.model.kind == "digits":

@@ -2,7 +2,7 @@
 (train.finetune=lora), or the trained / reference / EMA transformers of full fine-tuning (train.finetune=full).
 
 Every model family calls `freeze_and_adapt` on its transformer; `make_full_models` runs after the family built
-the policy (models.load.load_policy)."""
+the policy (families.load.load_policy)."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +13,7 @@ import torch
 from awm_fast.config import Config
 from awm_fast.models.attention import resolve_attention_backend, use_attention_backend
 from awm_fast.models.compile import compile_blocks
-from awm_fast.models.fast_path import fast_path
+from awm_fast.models.fast_path import family_not_asked, fast_path
 from awm_fast.models.finetune import FULL
 from awm_fast.models.fp8 import check_fp8, convert_to_fp8
 from awm_fast.models.lora import EMA, POLICY, add_adapters
@@ -48,7 +48,7 @@ def freeze_and_adapt(transformer, cfg: Config, device: torch.device, dtype: torc
                     f"dynamic activation scales{'' if device.type == 'cuda' else '; CPU: emulated'})")
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(transformer)
-    if fast_path(cfg, device).compile:
+    if fast_path(cfg, device, family_refusal=family_not_asked).compile:
         blocks = compile_blocks(transformer, mode=m.compile_mode, backend=m.compile_backend)
         logger.info(f"[compile] {blocks} transformer blocks compiled (mode {m.compile_mode}, backend "
                     f"{m.compile_backend}); the first step compiles them")
@@ -66,7 +66,7 @@ def make_full_models(policy: FlowPolicy, cfg: Config) -> FlowPolicy:
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(trained)
     m = cfg.model
-    if fast_path(cfg, policy.device).compile:
+    if fast_path(cfg, policy.device, family_refusal=family_not_asked).compile:
         for module in (trained, reference, ema):
             blocks = compile_blocks(module, mode=m.compile_mode, backend=m.compile_backend)
         logger.info(f"[compile] {blocks} blocks of each of the trained, reference and EMA transformers compiled (mode "

@@ -20,13 +20,12 @@ its probe gives way to the next of models.attention.PREFERENCE.
 from __future__ import annotations
 
 import copy
-import importlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from awm_fast.config import AUTO, Config
-from awm_fast.families import FAMILIES
 
 SWITCHES = ("model.compile", "train.shared_batch", "sample.cuda_graphs")
 COMPILE_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # model.compile_mode values that capture CUDA graphs
@@ -50,18 +49,25 @@ class FastPath:
         return ", ".join(parts)
 
 
-def _graphs_refused(cfg: Config, compile_on: bool) -> str | None:
+def family_not_asked() -> str | None:
+    """`family_refusal` of a caller that reads only .compile / .shared_batch: the family matters to cuda_graphs only."""
+    return None
+
+
+def _graphs_refused(cfg: Config, compile_on: bool, family_refusal: Callable[[], str | None]) -> str | None:
     """Why CUDA graphs cannot serve this config (None: they can)."""
     if cfg.train.finetune != "lora":
         return f"train.finetune={cfg.train.finetune} (graphs need LoRA routing, no FSDP collectives)"
     if compile_on and cfg.model.compile_mode in COMPILE_GRAPH_MODES:
         return f"model.compile_mode={cfg.model.compile_mode} captures CUDA graphs of its own"
-    refused = getattr(importlib.import_module(FAMILIES[cfg.model.kind]), "CUDA_GRAPHS_REFUSED", None)
+    refused = family_refusal()
     return f"model.kind={cfg.model.kind}: {refused}" if refused else None
 
 
-def fast_path(cfg: Config, device: torch.device | str) -> FastPath:
-    """The switches of `cfg` resolved for `device` (module docstring); nothing is built or run."""
+def fast_path(cfg: Config, device: torch.device | str, *, family_refusal: Callable[[], str | None]) -> FastPath:
+    """The switches of `cfg` resolved for `device` (module docstring); nothing is built or run. `family_refusal()`:
+    why model.kind's family cannot replay CUDA graphs, or None (asked only when auto needs it; the families
+    package passes its module's CUDA_GRAPHS_REFUSED: awm_fast.families.fast_path)."""
     cuda = torch.device(device).type == "cuda"
     m, t, s = cfg.model, cfg.train, cfg.sample
     why_off: dict[str, str] = {}
@@ -77,13 +83,13 @@ def fast_path(cfg: Config, device: torch.device | str) -> FastPath:
     compile_on = resolve("model.compile", m.compile, lambda: None)
     shared = resolve("train.shared_batch", t.shared_batch,
                      lambda: None if t.finetune == "lora" else f"train.finetune={t.finetune} has no LoRA routing")
-    graphs = resolve("sample.cuda_graphs", s.cuda_graphs, lambda: _graphs_refused(cfg, compile_on))
+    graphs = resolve("sample.cuda_graphs", s.cuda_graphs, lambda: _graphs_refused(cfg, compile_on, family_refusal))
     return FastPath(compile_on, shared, graphs, why_off)
 
 
-def resolve_fast_path(cfg: Config, device: torch.device | str) -> Config:
+def resolve_fast_path(cfg: Config, device: torch.device | str, *, family_refusal: Callable[[], str | None]) -> Config:
     """A copy of `cfg` with the three switches true / false for `device` (no `auto` left)."""
-    resolved, path = copy.deepcopy(cfg), fast_path(cfg, device)
+    resolved, path = copy.deepcopy(cfg), fast_path(cfg, device, family_refusal=family_refusal)
     resolved.model.compile, resolved.train.shared_batch = path.compile, path.shared_batch
     resolved.sample.cuda_graphs = path.cuda_graphs
     return resolved

@@ -1,5 +1,5 @@
 """LoRA or full fine-tuning (train.finetune) as one object, `FlowPolicy.finetune`, chosen once when the policy
-is finished (models.load.finish_policy): which parameters train, which module a velocity call uses, how the
+is finished (families.load.finish_policy): which parameters train, which module a velocity call uses, how the
 KL-anchor EMA moves, what a checkpoint holds and how it is read back, and how several processes share the model.
 
     lora: the frozen base carries a "default" (trained) and an "ema" LoRA adapter; a call routes the rows of
@@ -13,15 +13,21 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 
 from awm_fast.models.lora import EMA, POLICY, adapter_params, update_ema_adapter
 from awm_fast.state_file import STATE_FILE, CheckpointError, load_state
 
-if TYPE_CHECKING:
-    from awm_fast.models.policy import FlowPolicy
+
+class FlowPolicy(Protocol):
+    """What a strategy reads of the policy it serves (models.policy.FlowPolicy, which holds the strategy and so
+    imports this module: a Protocol here instead of an import back)."""
+
+    transformer: torch.nn.Module
+    models: dict | None
+
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # one adapter in a checkpoint's default/ or ema/
 PREFIX = "transformer."  # the diffusers pipeline LoRA format's key prefix

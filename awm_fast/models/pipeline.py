@@ -6,7 +6,6 @@ the VAE decoder and the scheduler's time grid.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -17,7 +16,6 @@ from pathlib import Path
 import torch
 from awm_fast.logs import progress_bar
 
-from awm_fast.algo.timesteps import scheduler_grid
 from awm_fast.config import Config, cache_root
 from awm_fast.env import hub_offline
 from awm_fast.models.policy import Conditioning
@@ -95,7 +93,7 @@ def make_encoder(cache: dict[str, Conditioning], device: torch.device):
 
 class VaeDecoder:
     """latents -> images in [0, 1]: x = vae.decode(z / scaling + shift), in batches of `batch`.
-    `speed_up()` (model.vae_compile on CUDA, models.load): the VAE's 4-D weights and the latents in
+    `speed_up()` (model.vae_compile on CUDA, families.load): the VAE's 4-D weights and the latents in
     channels_last (cuDNN's NHWC convolutions) and the decoder compiled (one graph per batch shape)."""
 
     def __init__(self, vae, batch: int = 16) -> None:
@@ -120,16 +118,6 @@ class VaeDecoder:
 
 def make_decoder(vae, batch: int = 16) -> VaeDecoder:
     return VaeDecoder(vae, batch)
-
-
-def pipeline_sigmas(scheduler, cfg: Config, image_seq_len: int | None = None):
-    """sigmas(N) of the pipeline's own scheduler (algo.timesteps.scheduler_grid); says when sample.shift, which
-    then only shifts the continuous training timesteps, differs from the scheduler's shift."""
-    shift = scheduler.config.get("shift", 1.0)
-    if not scheduler.config.get("use_dynamic_shifting", False) and shift != cfg.sample.shift:
-        logger.info(f"[grid] the rollout grid is the scheduler's (shift {shift}); sample.shift={cfg.sample.shift} only "
-                    "shifts the uniform / logit_normal training timesteps")
-    return functools.partial(scheduler_grid, scheduler, image_seq_len=image_seq_len)
 
 
 def meta_transformer(class_name: str, config: dict) -> torch.nn.Module:

@@ -61,7 +61,7 @@ class FlowPolicy:
     routing mask). `finetune` answers every question that differs between the two (models.finetune).
 
     encode(prompts) -> Conditioning; decode(latents) -> images in [0, 1], (B, C, H, W) float32.
-    sigmas(N) -> the N + 1 sigmas (float64, 1 down to 0) of the model's own scheduler (algo.timesteps): the
+    sigmas(N) -> the N + 1 sigmas (float64, 1 down to 0) of the model's own scheduler (sampling.timesteps): the
     rollout, evaluation and training-strata grid.
     """
 

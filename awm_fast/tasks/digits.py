@@ -206,7 +206,7 @@ def digits_policy(cfg, device: torch.device, dtype: torch.dtype, art: DigitsArti
 
     from diffusers import SD3Transformer2DModel
 
-    from awm_fast.algo.timesteps import sd3_grid
+    from awm_fast.sampling.timesteps import sd3_grid
     from awm_fast.models.adapt import freeze_and_adapt
     from awm_fast.models.policy import Conditioning, FlowPolicy
 
@@ -223,9 +223,9 @@ def digits_policy(cfg, device: torch.device, dtype: torch.dtype, art: DigitsArti
 
 def load_digits_policy(cfg, device: torch.device, art: DigitsArtifacts):
     """`digits_policy` of the prepared artifacts in model.dtype, finished as every family's policy
-    (models.load.finish_policy: full fine-tuning's copies, CUDA graphs)."""
+    (families.load.finish_policy: full fine-tuning's copies, CUDA graphs)."""
     from awm_fast.env import DTYPES
-    from awm_fast.models.load import finish_policy
+    from awm_fast.families.load import finish_policy
 
     return finish_policy(digits_policy(cfg, device, DTYPES[cfg.model.dtype], art), cfg, device)
 

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 import torch
 
 from awm_fast.config import Config
-from awm_fast.models.load import load_policy
+from awm_fast.families.load import load_policy
 from awm_fast.models.policy import Conditioning, FlowPolicy
-from awm_fast.rewards import Reward, build_reward
 from awm_fast.prompt_sets import resolve_prompt_files
+from awm_fast.rewards import Reward, build_reward
 from awm_fast.rewards.prompts import load_prompt_set
 
 logger = logging.getLogger(__name__)

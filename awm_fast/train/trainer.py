@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from awm_fast.algo.advantages import count_flat_groups, group_advantages
 from awm_fast.algorithms import get_algorithm
+from awm_fast.algorithms.advantages import count_flat_groups, group_advantages
 from awm_fast.algorithms.base import Algorithm, Rollout, UpdateContext
 from awm_fast.algorithms.update_loop import MicroBatchRNG, UpdateResult, derived_seed
 from awm_fast.config import Config
@@ -36,8 +36,8 @@ from awm_fast.train.logger import MetricsLogger
 from awm_fast.train.resume import dump_config
 from awm_fast.train.run_folder import lineage, open_run_folder
 from awm_fast.train.stop import StopRequest, Stopped, stop_on_signals
-from awm_fast.train.wandb_logger import check_wandb, open_wandb
 from awm_fast.train.task import Task, build_task
+from awm_fast.train.wandb_logger import check_wandb, open_wandb
 
 logger = logging.getLogger(__name__)
 

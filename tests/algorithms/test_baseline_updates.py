@@ -6,12 +6,12 @@ import math
 
 import torch
 
-from awm_fast.algo.timesteps import time_grid
 from awm_fast.algorithms.flow_grpo import sample_trajectory
 from awm_fast.algorithms.update_loop import MicroBatchRNG
 from awm_fast.config import Config, FlowGRPOConfig, SampleConfig, TrainConfig
 from awm_fast.models.lora import EMA, POLICY, adapter_params
 from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.sampling.timesteps import time_grid
 from awm_fast.tasks.digits import POOLED_DIM, TEXT_DIM
 from tests.models.tiny_configs import tiny_lora_policy
 from tests.tolerances import tol

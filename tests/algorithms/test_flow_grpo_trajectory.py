@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from awm_fast.algo.timesteps import time_grid
-from awm_fast.ops import sde_step
 from awm_fast.algorithms.flow_grpo import sample_trajectory, sde_window_mask
+from awm_fast.ops import sde_step
+from awm_fast.sampling.timesteps import time_grid
 from tests.sampling.test_rollout import _policy
 from awm_fast.models.policy import Conditioning
 

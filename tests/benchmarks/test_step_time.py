@@ -136,7 +136,7 @@ def test_flop_formula_matches_flop_counter_on_tiny_mmdit():
 def test_flux_flop_formula_matches_flop_counter_on_tiny_flux():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from awm_fast.models.flux import flux_call
+    from awm_fast.families.flux import flux_call
     from awm_fast.models.policy import Conditioning
 
     _phases.diffusers_default_attention()  # FLOPs of the native SDPA path (another test may have set flash)

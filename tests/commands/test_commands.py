@@ -128,7 +128,7 @@ PROMPTS = ["a red cube", "two green balls", "a photo of a cat", 'the word "hi" o
 @pytest.fixture(scope="module", params=["sd3", "flux"])
 def tiny_run(request, tmp_path_factory):
     """A 2-step LoRA run on a tiny random-weight SD3 or FLUX pipeline (its own prompt-embedding cache)."""
-    from awm_fast.models.tiny import build_tiny_flux, build_tiny_sd3
+    from awm_fast.families.tiny import build_tiny_flux, build_tiny_sd3
 
     kind = request.param
     root = tmp_path_factory.mktemp(kind)

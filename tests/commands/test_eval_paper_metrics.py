@@ -49,7 +49,7 @@ def geneval_server():
 
 
 def test_eval_prints_geneval_in_the_papers_form(tmp_path, monkeypatch, caplog, geneval_server):
-    from awm_fast.models.tiny import build_tiny_sd3
+    from awm_fast.families.tiny import build_tiny_sd3
 
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
     pipe = build_tiny_sd3(tmp_path / "pipe")

@@ -12,12 +12,12 @@ trained weights would fail.
 import pytest
 import torch
 
-from awm_fast.models.load import load_policy
-from awm_fast.models.lora import EMA, POLICY, adapter_params
-from awm_fast.models.policy import Conditioning
-from awm_fast.models.tiny import build_tiny_flux, build_tiny_sd3
 from awm_fast.algorithms import update_loop
 from awm_fast.algorithms.update_loop import MicroBatchRNG
+from awm_fast.families.load import load_policy
+from awm_fast.families.tiny import build_tiny_flux, build_tiny_sd3
+from awm_fast.models.lora import EMA, POLICY, adapter_params
+from awm_fast.models.policy import Conditioning
 from tests.models.tiny_configs import tiny_model_config
 from tests.tolerances import MODEL_BF16
 from tests.train.hooked_cli import grad_dump_hook
@@ -138,8 +138,8 @@ def test_exported_bf16_lora_loads_in_the_stock_pipeline(kind, pipes, tmp_path, m
     tol = MODEL_BF16[kind]
     from safetensors.torch import load_file
 
-    from awm_fast.models.flux import flux_call, load_flux_pipeline
-    from awm_fast.models.sd3 import load_pipeline
+    from awm_fast.families.flux import flux_call, load_flux_pipeline
+    from awm_fast.families.sd3 import load_pipeline
     from awm_fast.train.checkpoint import save_lora
 
     _, _, p16 = _policies(tmp_path, monkeypatch, kind, pipes[kind])

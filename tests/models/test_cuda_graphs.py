@@ -6,13 +6,13 @@ import logging
 import pytest
 import torch
 
-from awm_fast.algo.timesteps import time_grid
 from awm_fast.config import ConfigError, load_config
 from awm_fast.models import cuda_graphs, routing
 from awm_fast.models.cuda_graphs import VelocityGraphs
 from awm_fast.models.lora import EMA, POLICY
 from awm_fast.models.policy import Conditioning
 from awm_fast.sampling.rollout import sample_latents
+from awm_fast.sampling.timesteps import time_grid
 from tests.models.tiny_configs import tiny_lora_policy
 from tests.tolerances import tol
 

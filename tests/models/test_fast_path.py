@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from awm_fast.config import AUTO, ConfigError, list_presets, load_config
+from awm_fast.families.z_image import CUDA_GRAPHS_REFUSED
 from awm_fast.models.adapt import freeze_and_adapt
-from awm_fast.models.fast_path import SWITCHES, fast_path, resolve_fast_path
-from awm_fast.models.z_image import CUDA_GRAPHS_REFUSED
+from awm_fast.families import fast_path, resolve_fast_path
+from awm_fast.models.fast_path import SWITCHES
 
 GPU_PRESETS = [p for p in list_presets() if p != "digits"]
 NO_GRAPHS = {"geneval_z_image": CUDA_GRAPHS_REFUSED}  # presets whose family cannot replay graphs, and why

@@ -7,11 +7,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from awm_fast.config import ConfigError, load_config
+from awm_fast.families.load import load_policy
+from awm_fast.families.tiny import build_tiny_flux, build_tiny_sd3
 from awm_fast.models import fp8
 from awm_fast.models.fp8 import Float8Linear
-from awm_fast.models.load import load_policy
 from awm_fast.models.lora import EMA, POLICY, adapter_params, copy_adapter
-from awm_fast.models.tiny import build_tiny_flux, build_tiny_sd3
 from tests.models.test_bf16 import _cfg, _inputs, _update, rel
 from tests.tolerances import FP8_LINEAR, MODEL_FP8, tol
 

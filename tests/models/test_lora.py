@@ -85,7 +85,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_sd3_missing_weights_one_line(monkeypatch, tmp_path):
-    from awm_fast.models.sd3 import load_pipeline
+    from awm_fast.families.sd3 import load_pipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="cannot load SD3 weights from model.path") as info:

@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from awm_fast.config import ConfigError, ModelConfig, load_config
-from awm_fast.models.flux import flux_call
+from awm_fast.families.flux import flux_call
 from awm_fast.models.lora import EMA, POLICY, adapter_params, update_ema_adapter
 from awm_fast.models.merged_lora import MergedLora
 from awm_fast.models.policy import FlowPolicy

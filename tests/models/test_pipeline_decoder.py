@@ -8,7 +8,7 @@ from tests.tolerances import tol
 
 
 def _vae() -> AutoencoderKL:
-    torch.manual_seed(0)  # the tiny pipelines' VAE (awm_fast.models.tiny)
+    torch.manual_seed(0)  # the tiny pipelines' VAE (awm_fast.families.tiny)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8),
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                          layers_per_block=1, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,

@@ -4,8 +4,8 @@ import warnings
 
 import torch
 
+from awm_fast.families.tiny import build_tiny_sd3
 from awm_fast.models.pipeline import from_pretrained
-from awm_fast.models.tiny import build_tiny_sd3
 
 
 def test_from_pretrained_is_quiet_and_keeps_the_dtype(tmp_path):

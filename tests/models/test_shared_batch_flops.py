@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from awm_fast.config import ModelConfig
-from awm_fast.models.flux import flux_call
+from awm_fast.families.flux import flux_call
 from awm_fast.models.lora import POLICY, adapter_params
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.routing import enable_checkpointing
@@ -17,7 +17,7 @@ from awm_fast.models.shared_batch import separate_velocities, shared_velocities
 from tests.models.tiny_configs import add_distinct_adapters
 from tests.tolerances import tol
 
-# the transformers of awm_fast.models.tiny's SD3 and FLUX pipelines (same shapes, built in memory)
+# the transformers of awm_fast.families.tiny's SD3 and FLUX pipelines (same shapes, built in memory)
 TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=40,
                 pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))

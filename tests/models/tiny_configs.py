@@ -44,7 +44,7 @@ def base_policy_at(tmp_path, cfg: Config, prompts: list[str]):
     tmp_path/cache."""
     import pytest
 
-    from awm_fast.models.load import load_policy
+    from awm_fast.families.load import load_policy
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))

@@ -10,7 +10,6 @@ import torch
 from diffusers import SD3Transformer2DModel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from awm_fast.algo.timesteps import TIMESTEP_MODES, time_grid
 from awm_fast.algorithms.awm import AWM
 from awm_fast.config import load_config
 from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
@@ -19,6 +18,7 @@ from awm_fast.models.routing import BASE, routed, routing_mask
 from awm_fast.ops import awm_loss, sde_step
 from awm_fast.ops.dispatch import backend_present
 from awm_fast.sampling.rollout import rollout_step
+from awm_fast.sampling.timesteps import TIMESTEP_MODES, time_grid
 from awm_fast.tasks.digits import tiny_transformer_config
 
 HOST_OPS = ("aten._local_scalar_dense", "aten.lift_fresh", "aten.lift_fresh_copy")

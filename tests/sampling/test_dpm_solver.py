@@ -3,10 +3,10 @@ exact ODE solution of a Gaussian data distribution whose velocity is known in cl
 import pytest
 import torch
 
-from awm_fast.algo.timesteps import time_grid
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.sampling.dpm_solver import dpm2_coefficients, dpm2_sample, dpm2_step
 from awm_fast.sampling.rollout import sample_latents
+from awm_fast.sampling.timesteps import time_grid
 from tests.tolerances import tol
 
 f64 = torch.float64

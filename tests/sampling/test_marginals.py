@@ -14,11 +14,11 @@ import math
 import pytest
 import torch
 
-from awm_fast.algo.timesteps import sd3_grid
 from awm_fast.models.policy import Conditioning, FlowPolicy, GuidedVelocity
 from awm_fast.ops import sde_step
 from awm_fast.ops.dispatch import backend_present
 from awm_fast.sampling.rollout import sample_latents
+from awm_fast.sampling.timesteps import sd3_grid
 
 MU, SD = 1.5, 0.3
 Z = 4.5  # standard errors allowed; every step of every chain is checked, so a generous z keeps false alarms rare

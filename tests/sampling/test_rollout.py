@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from awm_fast.algo.timesteps import time_grid
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.sampling.rollout import sample_latents
+from awm_fast.sampling.timesteps import time_grid
 
 
 class PointMassField(torch.nn.Module):

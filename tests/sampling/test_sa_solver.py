@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from awm_fast.algo.timesteps import sd3_grid, time_grid
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.sampling.rollout import sample_latents
 from awm_fast.sampling.sa_solver import adams_coefficients, official_time_points, sa_solver_sample
+from awm_fast.sampling.timesteps import sd3_grid, time_grid
 
 MU, SD = 1.5, 0.3
 

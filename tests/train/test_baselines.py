@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from awm_fast.config import ConfigError, load_config, resolve_config_path
-from awm_fast.models.lora import EMA, POLICY, adapter_params
 from awm_fast.algorithms import ALGORITHMS, get_algorithm
 from awm_fast.algorithms.base import UpdateContext
+from awm_fast.config import ConfigError, load_config, resolve_config_path
+from awm_fast.models.lora import EMA, POLICY, adapter_params
 from awm_fast.train.trainer import train
 
 SMALL = ["run.tensorboard=false", "run.eval_every=0", "run.checkpoint_every=0", "run.threads=1",
@@ -55,8 +55,8 @@ def test_flow_grpo_short_run_raises_the_digits_reward(tmp_path):
 
 def test_flow_grpo_step_raises_the_advantage_weighted_log_prob(tmp_path):
     """One Flow-GRPO update on a stored rollout makes good transitions likelier: sum A (l_new - l_old) > 0."""
-    from awm_fast.algo.advantages import group_advantages
-    from awm_fast.algo.timesteps import time_grid
+    from awm_fast.algorithms.advantages import group_advantages
+    from awm_fast.sampling.timesteps import time_grid
     from awm_fast.ops import sde_step
     from awm_fast.train.task import build_task
     from awm_fast.rewards.async_scorer import AsyncRewardScorer

@@ -5,10 +5,10 @@ import collections
 import pytest
 import torch
 
-from awm_fast.algo.timesteps import sd3_grid
+from awm_fast.algorithms.awm import effective_ema_beta
 from awm_fast.config import load_config
 from awm_fast.models.policy import Conditioning, FlowPolicy
-from awm_fast.algorithms.awm import effective_ema_beta
+from awm_fast.sampling.timesteps import sd3_grid
 from awm_fast.train.trainer import plan_step
 
 

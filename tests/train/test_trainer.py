@@ -76,7 +76,7 @@ def test_nan_reward_stops_with_a_clear_message_and_writes_no_checkpoint(tmp_path
 
 
 def test_non_finite_loss_never_reaches_the_weights(tmp_path):
-    from awm_fast.algo.timesteps import time_grid
+    from awm_fast.sampling.timesteps import time_grid
     from awm_fast.algorithms.update_loop import MicroBatchRNG
     from awm_fast.train.task import build_task
     from tests.algorithms.updates import update_on

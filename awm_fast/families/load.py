@@ -10,10 +10,9 @@ import torch
 
 from awm_fast.config import Config
 from awm_fast.env import DTYPES
-from awm_fast.families import policy_family
+from awm_fast.families import fast_path, policy_family
 from awm_fast.models.adapt import make_full_models
 from awm_fast.models.cuda_graphs import VelocityGraphs
-from awm_fast.models.fast_path import fast_path
 from awm_fast.models.finetune import FULL, get_finetune
 from awm_fast.models.merged_lora import MergedLora
 from awm_fast.models.policy import FlowPolicy

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from awm_fast.models.flux import image_ids, load_flux_pipeline, pack, unpack
+from awm_fast.families.flux import image_ids, load_flux_pipeline, pack, unpack
+from awm_fast.families.tiny import build_tiny_flux
 from awm_fast.models.lora import POLICY
-from awm_fast.models.tiny import build_tiny_flux
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.tiny_configs import tiny_model_config
@@ -40,7 +40,7 @@ def test_trainer_runs_on_tiny_flux_and_exports_loadable_lora(tmp_path, tiny_flux
     rows = [json.loads(x) for x in (tmp_path / "flux" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["skipped"] == 0 for r in rows)
 
-    from awm_fast.models.load import load_policy
+    from awm_fast.families.load import load_policy
 
     policy = load_policy(_cfg(tmp_path, tiny_flux), torch.device("cpu"), prompts=["a cat"])
     load_checkpoint(resolve_checkpoint(tmp_path / "flux"), policy.transformer)
@@ -56,7 +56,7 @@ def test_trainer_runs_on_tiny_flux_and_exports_loadable_lora(tmp_path, tiny_flux
 
 
 def test_flash3_for_flux_training_is_one_clear_line():
-    from awm_fast.models.flux import set_flux_attention
+    from awm_fast.families.flux import set_flux_attention
 
     with pytest.raises(ValueError, match="flash3 has no backward pass") as info:
         set_flux_attention(None, "flash3")
@@ -65,8 +65,8 @@ def test_flash3_for_flux_training_is_one_clear_line():
 
 def test_policy_grid_is_the_dynamically_shifted_scheduler_grid(tmp_path, tiny_flux, monkeypatch):
     """FLUX: the scheduler's sigmas with mu from the packed image sequence length, as FluxPipeline sets them."""
-    from awm_fast.algo.timesteps import dynamic_grid, flux_mu
-    from awm_fast.models.load import load_policy
+    from awm_fast.sampling.timesteps import dynamic_grid, flux_mu
+    from awm_fast.families.load import load_policy
 
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
     cfg = _cfg(tmp_path, tiny_flux)
@@ -106,7 +106,7 @@ def test_policy_grid_is_the_grid_flux_pipeline_steps_through(tmp_path, tiny_flux
     1, .75, .5, .25, 0, not set_timesteps(4)'s 1, .667, .334, .001; dev: the same input sigmas shifted with mu."""
     import shutil
 
-    from awm_fast.models.load import load_policy
+    from awm_fast.families.load import load_policy
 
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
     path = tiny_flux

@@ -16,7 +16,7 @@ Prompts: UMT5 embeddings of model.text_tokens tokens (512, the pipeline's defaul
 as WanPipeline does (no mask, no pooled embedding: pooled is (B, 0)). Decode: the VAE on latents * latents_std +
 latents_mean, then (x / 2 + 1/2) clamped: videos (B, F, 3, H, W) in [0, 1]. The grid: the pipeline's
 UniPCMultistepScheduler (flow sigmas, flow_shift 3 at 480p) set for N steps, its first sigma 1 - 1e-6 read as 1
-(algo.timesteps.scheduler_grid). Guidance: true CFG, sample.guidance_scale (5 is Wan's default) with the empty
+(sampling.timesteps.scheduler_grid). Guidance: true CFG, sample.guidance_scale (5 is Wan's default) with the empty
 prompt "" as the unconditional, which is WanPipeline's default negative prompt (negative_prompt=None -> "");
 the Wan repository's own sampler defaults to a long negative prompt instead.
 
@@ -34,13 +34,13 @@ from pathlib import Path
 
 import torch
 
-from awm_fast.algo.timesteps import scheduler_grid
 from awm_fast.config import Config
 from awm_fast.models.adapt import freeze_and_adapt
 from awm_fast.models.attention import resolve_attention_backend, set_diffusers_attention
 from awm_fast.models.pipeline import (encode_all, from_pretrained, make_encoder, meta_transformer, parameter_count,
                                       prompt_cache_dir)
 from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.sampling.timesteps import scheduler_grid
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def load_pipeline(path: str, dtype: torch.dtype):
 
 
 def build_tiny(path):
-    from awm_fast.models.tiny_wan import build_tiny_wan
+    from awm_fast.families.tiny.wan import build_tiny_wan
 
     return build_tiny_wan(path)
 

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import torch
 
-from awm_fast.algo.timesteps import scheduler_grid
 from awm_fast.config import Config
+from awm_fast.families.flux import set_flux_attention
 from awm_fast.models.adapt import freeze_and_adapt
 from awm_fast.models.attention import resolve_attention_backend
-from awm_fast.models.flux import set_flux_attention
 from awm_fast.models.pipeline import (encode_all, from_pretrained, lora_parameter_count, make_encoder, meta_transformer,
                                       parameter_count, prompt_cache_dir)
 from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.sampling.timesteps import scheduler_grid
 
 TRANSFORMER_CLASS, LORA_LOADER = "Flux2Transformer2DModel", "Flux2LoraLoaderMixin"
 TEXT_ENCODER_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's default text_encoder_out_layers
@@ -147,7 +147,7 @@ def load_pipeline(path: str, dtype: torch.dtype):
 
 
 def build_tiny(path):
-    from awm_fast.models.tiny_flux2 import build_tiny_flux2
+    from awm_fast.families.tiny.flux2 import build_tiny_flux2
 
     return build_tiny_flux2(path)
 

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
+from awm_fast.families.sd3 import load_pipeline
+from awm_fast.families.tiny import build_tiny_sd3
 from awm_fast.models.lora import POLICY
-from awm_fast.models.sd3 import load_pipeline
-from awm_fast.models.tiny import build_tiny_sd3
 from awm_fast.train.trainer import train
 from tests.models.tiny_configs import tiny_model_config
 
@@ -34,7 +34,7 @@ def test_trainer_runs_on_tiny_sd3_and_exports_loadable_lora(tmp_path, tiny_sd3, 
     assert len(list((tmp_path / "cache" / "prompt_embeds").rglob("*.pt"))) == 5  # 4 prompts + the empty one
 
     # The exported adapter loads with the stock diffusers pipeline and changes the output as in training.
-    from awm_fast.models.load import load_policy
+    from awm_fast.families.load import load_policy
 
     cfg = _cfg(tmp_path, tiny_sd3)
     policy = load_policy(cfg, torch.device("cpu"), prompts=["a red cube"])
@@ -58,7 +58,7 @@ def _velocity(transformer, cond):
 
 def test_unknown_prompt_after_release_is_a_clear_error(tmp_path, tiny_sd3, monkeypatch):
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
-    from awm_fast.models.load import load_policy
+    from awm_fast.families.load import load_policy
 
     policy = load_policy(_cfg(tmp_path, tiny_sd3), torch.device("cpu"), prompts=["a red cube"])
     with pytest.raises(ValueError, match="was not encoded up front"):
@@ -67,8 +67,8 @@ def test_unknown_prompt_after_release_is_a_clear_error(tmp_path, tiny_sd3, monke
 
 def test_policy_grid_is_the_pipeline_schedulers(tmp_path, tiny_sd3, monkeypatch):
     """Rollout, evaluation and the training strata use the loaded scheduler's sigmas (static shift 3)."""
-    from awm_fast.algo.timesteps import scheduler_grid, sd3_grid
-    from awm_fast.models.load import load_policy
+    from awm_fast.sampling.timesteps import scheduler_grid, sd3_grid
+    from awm_fast.families.load import load_policy
 
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
     policy = load_policy(_cfg(tmp_path, tiny_sd3), torch.device("cpu"), prompts=["a red cube"])

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
+from awm_fast.families.tiny.z_image import TINY_TRANSFORMER, build_tiny_z_image
+from awm_fast.families.z_image import (LORA_TARGETS, REFERENCE_CONFIG, caption_list, forward_flops, load_pipeline,
+                                       padded_conditioning, set_z_image_attention, training_memory, z_image_call)
 from awm_fast.models.lora import EMA, POLICY
 from awm_fast.models.policy import FlowPolicy, GuidedVelocity
-from awm_fast.models.tiny_z_image import TINY_TRANSFORMER, build_tiny_z_image
-from awm_fast.models.z_image import (LORA_TARGETS, REFERENCE_CONFIG, caption_list, forward_flops, load_pipeline,
-                                     padded_conditioning, set_z_image_attention, training_memory, z_image_call)
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways, compiled_check_outputs
@@ -53,7 +53,7 @@ def test_trainer_runs_two_steps_on_tiny_z_image(trained):
 
 
 def test_lora_loads_into_z_image_pipeline_and_reproduces_the_policy(trained, tiny_z, monkeypatch, gen):
-    from awm_fast.models.load import load_policy
+    from awm_fast.families.load import load_policy
 
     tmp, _ = trained
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp / "cache"))
@@ -80,8 +80,8 @@ def test_policy_grid_and_velocity_follow_the_z_image_pipeline(tmp_path, tiny_z, 
     from diffusers.pipelines.z_image.pipeline_z_image import (calculate_shift, get_default_z_image_sigmas,
                                                               retrieve_timesteps)
 
-    from awm_fast.algo.timesteps import shift_time
-    from awm_fast.models.load import load_policy
+    from awm_fast.sampling.timesteps import shift_time
+    from awm_fast.families.load import load_policy
 
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
     policy = load_policy(_cfg(tmp_path, tiny_z), torch.device("cpu"), prompts=PROMPTS)
@@ -215,7 +215,7 @@ def test_lora_targets_that_match_no_module_are_one_clear_line():
     from diffusers import ZImageTransformer2DModel
 
     from awm_fast.config import SD3_LORA_TARGETS
-    from awm_fast.models.z_image import check_lora_targets
+    from awm_fast.families.z_image import check_lora_targets
 
     with torch.device("meta"):
         model = ZImageTransformer2DModel(**TINY_TRANSFORMER)
@@ -233,6 +233,6 @@ def test_z_image_preset_validates():
     assert (cfg.model.kind, cfg.model.path, cfg.model.text_tokens) == ("z_image", "Tongyi-MAI/Z-Image-Turbo", 512)
     assert cfg.model.lora_targets == list(LORA_TARGETS) and cfg.sample.guidance_scale == 1.0
     assert cfg.train.gradient_checkpointing and cfg.sample.cuda_graphs is not True  # false or auto
-    from awm_fast.models.fast_path import fast_path
+    from awm_fast.families import fast_path
 
     assert fast_path(cfg, "cuda").cuda_graphs is False  # auto leaves the graphs off for Z-Image, also on CUDA

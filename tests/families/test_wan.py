@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from awm_fast.algo.timesteps import shift_time
+from awm_fast.families.tiny.wan import build_tiny_wan, tiny_wan_transformer_config
+from awm_fast.families.wan import (LORA_TARGETS, REFERENCE_CONFIG, check_single_transformer, forward_flops,
+                                   keep_fp32_modules, latent_frames, load_pipeline, training_memory, wan_call)
 from awm_fast.models.lora import POLICY
 from awm_fast.models.policy import FlowPolicy, GuidedVelocity
-from awm_fast.models.tiny_wan import build_tiny_wan, tiny_wan_transformer_config
-from awm_fast.models.wan import (LORA_TARGETS, REFERENCE_CONFIG, check_single_transformer, forward_flops,
-                                 keep_fp32_modules, latent_frames, load_pipeline, training_memory, wan_call)
 from awm_fast.ops import awm_loss, sde_step
+from awm_fast.sampling.timesteps import shift_time
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways
@@ -51,7 +51,7 @@ def trained(tmp_path_factory, tiny_wan):
 
 
 def _policy(tmp, tiny_wan, monkeypatch):
-    from awm_fast.models.load import load_policy
+    from awm_fast.families.load import load_policy
 
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp / "cache"))
     return load_policy(_cfg(tmp, tiny_wan), torch.device("cpu"), prompts=PROMPTS)
@@ -156,7 +156,7 @@ def test_forward_flops_match_the_flop_counter_on_the_tiny_transformer(gen):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from awm_fast.models.wan import set_wan_attention
+    from awm_fast.families.wan import set_wan_attention
 
     model, text_len = _tiny_transformer(gen), 7
     set_wan_attention(model, "sdpa_math")  # the CPU flash kernel is not in the counter's table; math's matmuls are

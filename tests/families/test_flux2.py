@@ -12,13 +12,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from awm_fast.config import load_config
-from awm_fast.models.flux2 import (LORA_TARGETS, REFERENCE_CONFIG, REFERENCE_CONFIG_9B, empirical_mu, flux2_call,
-                                   forward_flops, latent_ids, pack, text_ids, unpack,
-                                   unpatchify, training_memory_estimate)
+from awm_fast.families.flux2 import (LORA_TARGETS, REFERENCE_CONFIG, REFERENCE_CONFIG_9B, empirical_mu, flux2_call,
+                                     forward_flops, latent_ids, pack, text_ids, unpack, unpatchify,
+                                     training_memory_estimate)
+from awm_fast.families.tiny.flux2 import TINY_TRANSFORMER, build_tiny_flux2
 from awm_fast.models.lora import POLICY
 from awm_fast.models.pipeline import lora_parameter_count
 from awm_fast.models.policy import Conditioning, FlowPolicy
-from awm_fast.models.tiny_flux2 import TINY_TRANSFORMER, build_tiny_flux2
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways
@@ -68,8 +68,8 @@ def test_trainer_runs_two_steps_on_tiny_flux2(trained):
 
 @pytest.mark.slow
 def test_lora_loads_into_flux2_pipeline_and_reproduces_the_policy(trained, tiny_flux2, monkeypatch, gen):
-    from awm_fast.models.flux2 import load_pipeline
-    from awm_fast.models.load import load_policy
+    from awm_fast.families.flux2 import load_pipeline
+    from awm_fast.families.load import load_policy
 
     tmp, _ = trained
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp / "cache"))
@@ -92,7 +92,7 @@ def test_grid_is_the_pipeline_schedulers(base_policy, tiny_flux2):
     """Flux2KleinPipeline: set_timesteps(sigmas=linspace(1, 1/N, N), mu=compute_empirical_mu(L, N)) for L = h w."""
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
 
-    from awm_fast.models.flux2 import load_pipeline
+    from awm_fast.families.flux2 import load_pipeline
 
     pipe = load_pipeline(str(tiny_flux2), torch.float32)
     _, h, w = base_policy.latent_shape
@@ -107,7 +107,7 @@ def test_grid_is_the_pipeline_schedulers(base_policy, tiny_flux2):
 def test_rollout_and_decode_equal_the_pipelines_denoising_loop(base_policy, tiny_flux2, gen):
     """Our Euler steps x <- x + (sigma' - sigma) v over the policy's grid, then policy.decode, equal
     Flux2KleinPipeline(latents=x, prompt_embeds=...) end to end (packing, ids, timestep, sign, BN and decode)."""
-    from awm_fast.models.flux2 import load_pipeline
+    from awm_fast.families.flux2 import load_pipeline
 
     pipe = load_pipeline(str(tiny_flux2), torch.float32)
     cond = base_policy.encode(PROMPTS[:2])
@@ -195,7 +195,7 @@ def test_preset_validates():
 
 
 def test_distilled_model_refuses_cfg(tmp_path, tiny_flux2, monkeypatch):
-    from awm_fast.models.load import load_policy
+    from awm_fast.families.load import load_policy
 
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="step-distilled") as info:
@@ -206,8 +206,8 @@ def test_distilled_model_refuses_cfg(tmp_path, tiny_flux2, monkeypatch):
 def test_base_model_cfg_rollout_equals_the_pipelines(tmp_path, monkeypatch, gen):
     """A klein base model (is_distilled false): true CFG with the empty prompt, v = v_u + w (v_c - v_u), as
     Flux2KleinPipeline(guidance_scale=w) runs it."""
-    from awm_fast.models.flux2 import load_pipeline
-    from awm_fast.models.load import load_policy
+    from awm_fast.families.flux2 import load_pipeline
+    from awm_fast.families.load import load_policy
     from awm_fast.models.policy import GuidedVelocity
 
     path = build_tiny_flux2(tmp_path / "base", seed=1, is_distilled=False)

@@ -3,7 +3,7 @@
     A = (r - mean_{group of r's prompt}(r)) / (std over ALL rewards of the step + 1e-4)
     A = clip(A, -clip_max, clip_max) / clip_max
 A group whose rewards are all equal gets exactly 0 (its mean, a rounded sum / count, may differ from them in the
-last bit): Flow-GRPO drops the zero-advantage samples (algo.flow_grpo.informative_samples).
+last bit): Flow-GRPO drops the zero-advantage samples (algorithms.flow_grpo.informative_samples).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from awm_fast.algo.advantages import STD_EPS, count_flat_groups, group_advantages
+from awm_fast.algorithms.advantages import STD_EPS, count_flat_groups, group_advantages
 
 
 def test_group_mean_and_global_std(gen):

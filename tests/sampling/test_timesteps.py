@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from awm_fast.algo.timesteps import (discrete_boundaries, dynamic_grid, flux_mu, sample_train_timesteps, scheduler_grid,
-                                     sd3_grid, shift_time, time_grid)
+from awm_fast.sampling.timesteps import (discrete_boundaries, dynamic_grid, flux_mu, sample_train_timesteps,
+                                         scheduler_grid, sd3_grid, shift_time, time_grid)
 
 
 SD35_N14 = [1, .97306, .94305, .90941, .87145, .82828, .77874, .72131, .65394, .57381, .47691, .35737, .20620, .00893, 0]

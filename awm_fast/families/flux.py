@@ -16,13 +16,12 @@ import functools
 
 import torch
 
-from awm_fast.algo.timesteps import linear_input_sigmas
 from awm_fast.config import Config
 from awm_fast.models.adapt import freeze_and_adapt
 from awm_fast.models.attention import resolve_attention_backend, set_diffusers_attention
-from awm_fast.models.pipeline import (encode_all, from_pretrained, make_decoder, make_encoder, pipeline_sigmas,
-                                      prompt_cache_dir)
+from awm_fast.models.pipeline import encode_all, from_pretrained, make_decoder, make_encoder, prompt_cache_dir
 from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.sampling.timesteps import linear_input_sigmas, pipeline_sigmas
 
 TRANSFORMER_CLASS, LORA_LOADER = "FluxTransformer2DModel", "FluxLoraLoaderMixin"
 T5_TOKENS = 512
@@ -70,7 +69,7 @@ load_flux_pipeline = load_pipeline
 
 
 def build_tiny(path):
-    from awm_fast.models.tiny import build_tiny_flux
+    from awm_fast.families.tiny import build_tiny_flux
 
     return build_tiny_flux(path)
 

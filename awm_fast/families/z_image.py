@@ -35,8 +35,9 @@ from awm_fast.config import Config
 from awm_fast.models.adapt import freeze_and_adapt
 from awm_fast.models.attention import DIFFUSERS_BACKENDS, resolve_attention_backend
 from awm_fast.models.pipeline import (encode_all, from_pretrained, lora_parameter_count, make_decoder, make_encoder,
-                                      meta_transformer, parameter_count, pipeline_sigmas, prompt_cache_dir)
+                                      meta_transformer, parameter_count, prompt_cache_dir)
 from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.sampling.timesteps import pipeline_sigmas
 
 TRANSFORMER_CLASS, LORA_LOADER = "ZImageTransformer2DModel", "ZImageLoraLoaderMixin"
 LORA_TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
@@ -110,7 +111,7 @@ def load_pipeline(path: str, dtype: torch.dtype):
 
 
 def build_tiny(path):
-    from awm_fast.models.tiny_z_image import build_tiny_z_image
+    from awm_fast.families.tiny.z_image import build_tiny_z_image
 
     return build_tiny_z_image(path)
 

@@ -15,8 +15,8 @@ Sampling grid = the model's own scheduler grid, diffusers' `FlowMatchEulerDiscre
 - flow sigmas (UniPCMultistepScheduler / DPMSolverMultistepScheduler with use_flow_sigmas: Wan), flow_shift s:
   sigma_i = shift(linspace(1, 1 / 1000, N + 1)_i) for i < N, then 0; the scheduler nudges sigma_0 to 1 - 1e-6
   (its multistep update takes log sigma), read here as 1, where every rollout starts.
-`scheduler_grid` reads the grid off a loaded pipeline's scheduler (the source of truth); `sd3_grid` and
-`dynamic_grid` are the float64 transcriptions.
+`scheduler_grid` reads the grid off a loaded pipeline's scheduler (the source of truth; `pipeline_sigmas`: the
+families' grid function from it); `sd3_grid` and `dynamic_grid` are the float64 transcriptions.
 
 Training timesteps (T per sample) as the official script draws them:
 - discrete_wo_init: boundaries b = int(linspace(1, floor(N f), T + 1)); index k_j ~ U{b_j, ..., b_{j+1} - 1};
@@ -35,9 +35,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from awm_fast.config import Config
+
+logger = logging.getLogger(__name__)
 
 TIMESTEP_MODES = ("discrete_wo_init", "discrete", "uniform", "logit_normal")
 NUM_TRAIN_TIMESTEPS = 1000  # diffusers' FlowMatchEulerDiscreteScheduler default, the SD3 / FLUX schedulers'
@@ -90,7 +97,7 @@ def scheduler_grid(scheduler, num_steps: int, image_seq_len: int | None = None, 
                    mu: float | None = None) -> torch.Tensor:
     """The N + 1 sigmas (float64) that `scheduler.set_timesteps(N)` builds, as the diffusers pipeline calls it:
     with dynamic shifting (FLUX), sigmas = linspace(1, 1/N, N) and mu from `image_seq_len` and the config, or
-    `mu` as given (FLUX.2: models.flux2.empirical_mu, which depends on N too).
+    `mu` as given (FLUX.2: families.flux2.empirical_mu, which depends on N too).
     `input_sigmas(N)`: the sigmas the pipeline itself passes to set_timesteps, with or without dynamic shifting
     (Z-Image: linspace(1, 1/N, N) under a static shift). The scheduler itself is not modified (a copy is set)."""
     _check_steps(num_steps)
@@ -168,3 +175,13 @@ def sample_train_timesteps(mode: str, num_timesteps: int, grid: torch.Tensor, *,
         n = torch.erfinv(2 * q.clamp(1e-7, 1 - 1e-7) - 1) * math.sqrt(2)  # Normal(0, 1).icdf, op for op
         t = shift_time(torch.sigmoid(_shuffled(n, generator)), shift).clamp(min=0.01)
     return t if batch is None else t[:, None].expand(T, batch).clone()
+
+
+def pipeline_sigmas(scheduler, cfg: Config, image_seq_len: int | None = None):
+    """sigmas(N) of the pipeline's own scheduler (`scheduler_grid`); says when sample.shift, which
+    then only shifts the continuous training timesteps, differs from the scheduler's shift."""
+    shift = scheduler.config.get("shift", 1.0)
+    if not scheduler.config.get("use_dynamic_shifting", False) and shift != cfg.sample.shift:
+        logger.info(f"[grid] the rollout grid is the scheduler's (shift {shift}); sample.shift={cfg.sample.shift} only "
+                    "shifts the uniform / logit_normal training timesteps")
+    return functools.partial(scheduler_grid, scheduler, image_seq_len=image_seq_len)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from awm_fast.algo.flow_grpo import euler_maruyama_final, flow_grpo_loss, informative_samples, kl_std
+from awm_fast.algorithms.flow_grpo import euler_maruyama_final, flow_grpo_loss, informative_samples, kl_std
 from awm_fast.ops import sde_step
 
 f64 = torch.float64

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from awm_fast.algo.nft import nft_loss, nft_timestep_indices, optimality_probability
+from awm_fast.algorithms.nft import nft_loss, nft_timestep_indices, optimality_probability
 
 f64 = torch.float64
 

@@ -1,7 +1,7 @@
 """A tiny random-weight Wan text-to-video pipeline built locally (no download), for tests and smoke runs.
 
 The real classes with tiny configs: WanTransformer3DModel (2 blocks, 2 heads of 12), a UMT5EncoderModel of width
-32 with the character-vocabulary T5 tokenizer of models/tiny.py, an AutoencoderKLWan with Wan 2.1's compression
+32 with the character-vocabulary T5 tokenizer of tiny/__init__.py, an AutoencoderKLWan with Wan 2.1's compression
 (temporal 4, spatial 8: `temperal_downsample` (False, True, True) over four levels) and its latents_mean /
 latents_std (the class defaults), and the scheduler of Wan2.1-T2V-*-Diffusers: UniPCMultistepScheduler with
 flow sigmas, flow_prediction and flow_shift 3 (the 480p value). Saved with `save_pretrained`, so loading it runs
@@ -29,7 +29,7 @@ def build_tiny_wan(path: str | Path, *, seed: int = 0) -> Path:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from awm_fast.models.tiny import _t5_tokenizer
+    from awm_fast.families.tiny import _t5_tokenizer
 
     path = Path(path)
     torch.manual_seed(seed)

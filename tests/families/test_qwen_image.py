@@ -8,12 +8,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from awm_fast.config import load_config
-from awm_fast.models.flux import pack, unpack
+from awm_fast.families.flux import pack, unpack
+from awm_fast.families.qwen_image import (forward_flops, load_pipeline, qwen_image_call, set_qwen_attention,
+                                          training_memory_estimate)
+from awm_fast.families.tiny.qwen_image import build_tiny_qwen_image
 from awm_fast.models.lora import POLICY
 from awm_fast.models.policy import Conditioning, FlowPolicy, GuidedVelocity
-from awm_fast.models.qwen_image import (forward_flops, load_pipeline, qwen_image_call, set_qwen_attention,
-                                        training_memory_estimate)
-from awm_fast.models.tiny_qwen_image import build_tiny_qwen_image
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways
@@ -146,7 +146,7 @@ def test_trainer_runs_on_tiny_qwen_image_and_exports_loadable_lora(tmp_path, tin
     rows = [json.loads(x) for x in (tmp_path / "qwen_image" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["skipped"] == 0 for r in rows)
 
-    from awm_fast.models.load import load_policy
+    from awm_fast.families.load import load_policy
 
     trained = load_policy(_cfg(tmp_path, tiny_qwen), torch.device("cpu"), prompts=PROMPTS)
     load_checkpoint(resolve_checkpoint(tmp_path / "qwen_image"), trained.transformer)

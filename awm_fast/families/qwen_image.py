@@ -14,7 +14,7 @@ passes its scheduler timestep / 1000) and predicts v = eps - x0, the trainer's c
 the transformer casts it to its hidden dtype itself (bf16 in the presets, as in the pipeline).
 
 Grid: the scheduler's own (Qwen-Image's: exponential time shift with mu = m L + b from the packed sequence length L
-between (256, 0.5) and (8192, 0.9), stretched to the terminal sigma 0.02), via algo.timesteps.scheduler_grid.
+between (256, 0.5) and (8192, 0.9), stretched to the terminal sigma 0.02), via sampling.timesteps.scheduler_grid.
 
 Guidance: Qwen-Image is not guidance-distilled; the pipeline runs true CFG only with a negative prompt (model card:
 negative_prompt " ", true_cfg_scale 4) as v = v_neg + w (v_cond - v_neg), then rescales each packed token's
@@ -31,12 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from awm_fast.config import Config
+from awm_fast.families.flux import pack, unpack
 from awm_fast.models.adapt import freeze_and_adapt
 from awm_fast.models.attention import DIFFUSERS_BACKENDS, resolve_attention_backend
-from awm_fast.models.flux import pack, unpack
 from awm_fast.models.pipeline import (encode_all, from_pretrained, make_encoder, meta_transformer, parameter_count,
-                                      pipeline_sigmas, prompt_cache_dir)
+                                      prompt_cache_dir)
 from awm_fast.models.policy import Conditioning, FlowPolicy
+from awm_fast.sampling.timesteps import pipeline_sigmas
 
 TRANSFORMER_CLASS, LORA_LOADER = "QwenImageTransformer2DModel", "QwenImageLoraLoaderMixin"
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -138,7 +139,7 @@ def load_pipeline(path: str, dtype: torch.dtype):
 
 
 def build_tiny(path):
-    from awm_fast.models.tiny_qwen_image import build_tiny_qwen_image
+    from awm_fast.families.tiny.qwen_image import build_tiny_qwen_image
 
     return build_tiny_qwen_image(path)
 

@@ -9,9 +9,9 @@ import torch
 
 from awm_fast.config import Config
 from awm_fast.models.adapt import freeze_and_adapt
-from awm_fast.models.pipeline import (encode_all, from_pretrained, make_decoder, make_encoder, pipeline_sigmas,
-                                      prompt_cache_dir)
+from awm_fast.models.pipeline import encode_all, from_pretrained, make_decoder, make_encoder, prompt_cache_dir
 from awm_fast.models.policy import FlowPolicy
+from awm_fast.sampling.timesteps import pipeline_sigmas
 
 
 TRANSFORMER_CLASS, LORA_LOADER = "SD3Transformer2DModel", "SD3LoraLoaderMixin"
@@ -24,7 +24,7 @@ def load_pipeline(path: str, dtype: torch.dtype):
 
 
 def build_tiny(path):
-    from awm_fast.models.tiny import build_tiny_sd3
+    from awm_fast.families.tiny import build_tiny_sd3
 
     return build_tiny_sd3(path)
 
