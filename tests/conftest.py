@@ -65,6 +65,15 @@ class GlobalState:
             dist_mod._CURRENT = self.dist if self.dist is not None else dist_mod.Dist()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _restore_global_state_per_module():
+    """The same for a module: its module-scoped fixtures (a tiny pipeline whose loading sets diffusers' active
+    attention backend, say) are built after this capture, so nothing they set leaks into the next module."""
+    state = GlobalState()
+    yield
+    state.restore()
+
+
 @pytest.fixture(autouse=True)
 def _restore_global_state():
     """Every test leaves the process as it found it (GlobalState), so that no test depends on the order."""
