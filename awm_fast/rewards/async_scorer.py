@@ -48,9 +48,14 @@ class AsyncRewardScorer:
         self._lock = threading.Lock()
         self._count = 0
 
-    def _score(self, images, prompts, metadata, timing: BatchTiming, submitted: float) -> dict[str, torch.Tensor]:
+    def _score(self, images, prompts, metadata, timing: BatchTiming, submitted: float,
+               ready=None) -> dict[str, torch.Tensor]:
         start = self.clock()
         timing.queued_s = start - submitted
+        if ready is not None:  # decoded on a side stream (`decode_on_side_stream`): wait for that work alone
+            ready.synchronize()
+            if images.is_cuda:  # used on this thread's stream from here on: keep the memory until that is done
+                images.record_stream(torch.cuda.current_stream(images.device))
         out = score_batch(self.reward, images, prompts, metadata)  # videos: by frame unless the reward takes clips
         n = num_samples(images)
         check_reward_output(getattr(self.reward, "name", "reward"), out, n)
@@ -58,8 +63,9 @@ class AsyncRewardScorer:
         timing.score_s = self.clock() - start
         return out
 
-    def submit(self, images, prompts: list[str], metadata: list[dict]) -> Future:
-        """Queue one batch; returns a Future of the checked output dict (float64 CPU tensors of N values)."""
+    def submit(self, images, prompts: list[str], metadata: list[dict], ready=None) -> Future:
+        """Queue one batch; returns a Future of the checked output dict (float64 CPU tensors of N values).
+        ready: a CUDA event the images are complete at (`decode_on_side_stream`), or None."""
         with self._lock:
             timing = BatchTiming(self._count)
             self._count += 1
@@ -67,11 +73,12 @@ class AsyncRewardScorer:
             if self.pool is None:
                 fut = Future()
                 try:
-                    fut.set_result(self._score(images, list(prompts), list(metadata), timing, self.clock()))
+                    fut.set_result(self._score(images, list(prompts), list(metadata), timing, self.clock(), ready))
                 except Exception as exc:  # raised again by gather/result, as from a worker thread
                     fut.set_exception(exc)
             else:
-                fut = self.pool.submit(self._score, images, list(prompts), list(metadata), timing, self.clock())
+                fut = self.pool.submit(self._score, images, list(prompts), list(metadata), timing, self.clock(),
+                                       ready)
             fut.timing = timing
             self.pending.append(fut)
         return fut
@@ -102,3 +109,24 @@ class AsyncRewardScorer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def decode_on_side_stream(decode, latents: torch.Tensor, overlap: bool):
+    """(images, ready): on CUDA with `overlap` (a reward worker thread scores the batch), the VAE decode of batch k
+    runs on a side stream, so the GPU can run it beside the denoising of batch k + 1 that the caller issues next;
+    `ready` is the event the images are complete at, which the scorer waits for (AsyncRewardScorer.submit).
+    Elsewhere (CPU, inline scoring): decode(latents) on the current stream, ready None."""
+    if not overlap or latents.device.type != "cuda":
+        return decode(latents), None
+    main = torch.cuda.current_stream(latents.device)
+    side = _SIDE_STREAMS.setdefault(latents.device, torch.cuda.Stream(latents.device))
+    side.wait_stream(main)  # the latents are written on the main stream
+    with torch.cuda.stream(side):
+        images = decode(latents)
+        ready = torch.cuda.Event()
+        ready.record(side)
+    latents.record_stream(side)  # the allocator keeps the latents until the side stream is done with them
+    return images, ready

@@ -25,7 +25,7 @@ from awm_fast.algorithms.update_loop import MicroBatchRNG, UpdateResult, derived
 from awm_fast.config import Config
 from awm_fast.logs import only_main, progress_bar
 from awm_fast.models.lora import EvalEMA
-from awm_fast.rewards.async_scorer import AsyncRewardScorer
+from awm_fast.rewards.async_scorer import AsyncRewardScorer, decode_on_side_stream
 from awm_fast.train import checkpoint as ckpt
 from awm_fast.train import progress, report
 from awm_fast.train.distributed import Dist, current, init_distributed, shutdown, wrap_for_training
@@ -65,9 +65,9 @@ def plan_step(num_prompts: int, prompts_per_step: int, group_size: int, seed: in
 def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, seed: int, algo: Algorithm,
                       scorer: AsyncRewardScorer, *, step: int = 0, dist: Dist | None = None) -> Rollout:
     """This rank's share of the step's images, sampled with `algo.sample` in batches of sample.batch_size
-    (each decoded batch is scored on the reward threads while the next one samples); rewards, reward parts and
-    group ids are gathered over all ranks (global order), latents/cond/trajectory stay local. `seed`: the run's
-    seed (train.seed)."""
+    (each decoded batch is scored on the reward threads while the next one samples; on CUDA the decode runs on a
+    side stream beside the next batch's denoising); rewards, reward parts and group ids are gathered over all
+    ranks (global order), latents/cond/trajectory stay local. `seed`: the run's seed (train.seed)."""
     dist = dist or current()
     s = cfg.sample
     prompt_of, groups = plan_step(len(task.prompts), s.prompts_per_step, s.group_size, seed, step)
@@ -82,7 +82,8 @@ def rollout_and_score(task: Task, cfg: Config, grid: torch.Tensor, seed: int, al
         gen = torch.Generator(device=task.policy.device).manual_seed(
             derived_seed(seed, step, "rollout", (lo + b) // s.batch_size))
         batches.append(algo.sample(task.policy, cond[b:b + s.batch_size], grid, gen, task.null_cond))
-        scorer.submit(task.policy.decode(batches[-1].latents), prompts[b:b + s.batch_size], meta[b:b + s.batch_size])
+        images, ready = decode_on_side_stream(task.policy.decode, batches[-1].latents, scorer.pool is not None)
+        scorer.submit(images, prompts[b:b + s.batch_size], meta[b:b + s.batch_size], ready=ready)
     t1 = time.perf_counter()
     outs = scorer.gather()
     timings = scorer.timings[-len(outs):]

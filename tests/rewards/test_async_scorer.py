@@ -130,3 +130,30 @@ def test_inline_mode_scores_in_the_callers_thread_in_order():
         fut = scorer.submit(torch.zeros(3, 3, 4, 4), ["a", "b", "c"], [{}] * 3)  # errors surface at result time
         with pytest.raises(ValueError, match="1 scores for 3 images"):
             scorer.result(fut)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_batch_decoded_on_a_side_stream_is_scored_only_once_its_event_is_done(num_workers):
+    """decode_on_side_stream hands the scorer the event its images are complete at; the scorer waits on it before
+    the reward sees the images (a fake event here: CUDA streams need a GPU)."""
+    from awm_fast.rewards.async_scorer import decode_on_side_stream
+
+    order = []
+
+    class Event:
+        def synchronize(self):
+            order.append("synchronize")
+
+    def reward(images, prompts, metadata):
+        order.append("reward")
+        return {"reward": images.flatten(1).mean(1)}
+
+    reward.name = "probe"
+    images = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    with AsyncRewardScorer(reward, num_workers=num_workers) as scorer:
+        scorer.submit(images, ["a", "b", "c"], [{}] * 3, ready=Event())
+        (out,) = scorer.gather()
+    assert order == ["synchronize", "reward"] and torch.allclose(out["reward"], images.flatten(1).mean(1).double())
+    latents = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    decoded, ready = decode_on_side_stream(lambda x: x * 2, latents, overlap=True)  # CPU: inline, no event
+    assert ready is None and torch.equal(decoded, latents * 2)
