@@ -10,9 +10,9 @@ A signal during the setup or the first evaluation stops after the first step; on
 the run finish (the last step's checkpoint is written already).
 
 A second signal exits at once (os._exit, the same code): the checkpoints already published stay intact (they are
-written to a temporary folder and renamed, train/checkpoint.py). Under torchrun a repeat within `REPEAT_S` of the
-first is the same request delivered twice (a terminal's Ctrl-C reaches the agent and its workers, and the agent
-forwards it again) and is ignored. torchrun kills workers that have not exited `--shutdown-timeout` seconds
+written to a temporary folder and renamed, train/checkpoint.py). Under torchrun a repeat of the same signal within `REPEAT_S`
+of the first is that request delivered again (a terminal's Ctrl-C reaches the agent and its workers, and the agent
+forwards it, seconds late on a loaded machine) and is ignored; one after that exits at once. torchrun kills workers that have not exited `--shutdown-timeout` seconds
 (default 30) after it forwarded a signal: give it a step and a checkpoint's time.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-REPEAT_S = 2.0  # under torchrun: a repeat this soon after the first signal is the same request, forwarded
+REPEAT_S = 10.0  # under torchrun: a repeat this soon after the first signal is the same request, forwarded
 
 
 def resume_command(run_dir: Path) -> str:
@@ -65,7 +65,7 @@ class StopRequest:
             print(f"[stop] {name}: stopping after this step, with a checkpoint; send it again to exit at once",
                   file=sys.stderr, flush=True)
             return
-        if self.forwarded_repeats and time.monotonic() - self.first_at < REPEAT_S:
+        if self.forwarded_repeats and signum == self.signum and time.monotonic() - self.first_at < REPEAT_S:
             return
         hint = f"; resume from the last checkpoint with: {resume_command(self.run_dir)}" if self.run_dir else ""
         print(f"awm-fast: second {name}: exiting at once{hint}", file=sys.stderr, flush=True)

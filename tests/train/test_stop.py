@@ -114,6 +114,18 @@ def test_the_first_signal_sets_a_flag_and_the_handlers_are_put_back():
     assert forwarded.signum == signal.SIGINT
 
 
+def test_under_torchrun_forwarded_repeats_are_ignored_and_a_later_signal_exits():
+    code = ("import os, signal, time\nfrom awm_fast.train import stop as st\nst.REPEAT_S = 3.0\n"
+            "with st.stop_on_signals(forwarded_repeats=True) as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(2)\n"  # the agent's forward, 2 s late
+            "    os.kill(os.getpid(), signal.SIGINT)\n    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    print('forwards ignored', flush=True)\n    time.sleep(1.5)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(30)\nprint('not reached')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 130 and "forwards ignored" in proc.stdout and "not reached" not in proc.stdout
+    assert "awm-fast: second SIGINT: exiting at once" in proc.stderr
+
+
 def test_a_second_signal_exits_at_once():
     code = ("import os, signal, time\nfrom awm_fast.train.stop import stop_on_signals\n"
             "with stop_on_signals(forwarded_repeats=False) as stop:\n"
