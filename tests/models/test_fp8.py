@@ -172,7 +172,7 @@ def test_fp8_refusals(monkeypatch):
 def test_fp8_blocks_compile_once():
     """Regional compile (aot_eager) of float8 blocks: the policy call with its backward and the no-grad calls
     equal eager ones; other batch sizes recompile nothing after the warm-up."""
-    from awm_fast.models.compile import compile_blocks, uncompile_blocks
+    from tests.models.tiny_configs import compiled_after_warm_up
     from tests.models.test_compile import _policy, _rows as digit_rows
 
     policy = _policy()
@@ -189,10 +189,5 @@ def test_fp8_blocks_compile_once():
             frozen = policy.velocity(x, t, cond, adapter=EMA)
         return [v.detach(), frozen, *[p.grad.clone() for p in params]]
 
-    eager = calls(3, 1)
-    compile_blocks(policy.transformer, backend="aot_eager")
-    for a, b in zip(calls(3, 1), eager):  # the warm-up
-        torch.testing.assert_close(a, b, **tol(torch.float32))
-    with torch.compiler.set_stance("fail_on_recompile"):
+    with compiled_after_warm_up(policy.transformer, calls):
         calls(5, 2)
-    uncompile_blocks(policy.transformer)

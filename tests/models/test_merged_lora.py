@@ -135,7 +135,7 @@ def test_merged_lora_refusals(tmp_path):
 def test_merged_calls_compile_once_and_follow_the_adapters():
     """Regional compile (aot_eager) with merged copies: the merged calls equal eager ones, and after the warm-up
     an adapter change (re-merged in place) and other batch sizes recompile nothing."""
-    from awm_fast.models.compile import compile_blocks, uncompile_blocks
+    from tests.models.tiny_configs import compiled_after_warm_up
     from tests.models.test_compile import _policy, _rows as digit_rows
 
     policy = _policy()
@@ -146,16 +146,11 @@ def test_merged_calls_compile_once_and_follow_the_adapters():
         with torch.no_grad():
             return [policy.velocity(x, t, cond), *frozen_velocities(policy, x, t, cond, True, True)]
 
-    eager = calls(3, 1)
-    compile_blocks(policy.transformer, backend="aot_eager")
-    for a, b in zip(calls(3, 1), eager):  # the warm-up
-        torch.testing.assert_close(a, b, **tol(torch.float32))
-    with torch.compiler.set_stance("fail_on_recompile"):
+    with compiled_after_warm_up(policy.transformer, calls) as eager:
         calls(5, 2)
         with torch.no_grad():
             for p in adapter_params(policy.transformer, POLICY).values():
                 p.add_(0.1 * torch.randn_like(p))  # as an optimizer step
         after = calls(3, 1)
-    uncompile_blocks(policy.transformer)
     assert not torch.equal(after[0], eager[0]) and torch.equal(after[2], eager[2])  # policy moved, EMA did not
     torch.testing.assert_close(after[0], calls(3, 1)[0], **tol(torch.float32))  # = the eager re-merged call

@@ -1,4 +1,6 @@
 """The small training config the tiny SD3 / FLUX pipeline tests share (2 steps, 16 px, LoRA rank 4)."""
+import contextlib
+
 import torch
 
 from awm_fast.config import Config, load_config
@@ -62,3 +64,21 @@ def tiny_model_config(tmp_path, kind: str, model_path, prompts: list[str], *extr
         "sample.eval_num_steps=4", "sample.eval_prompts=2", "train.micro_batch=2", "train.num_timesteps=2",
         "train.steps=2", "run.checkpoint_every=1", "run.tensorboard=false", f"run.output_dir={tmp_path}",
         f"run.name={kind}", "run.device=cpu", *extra])  # cpu: the tests compare velocities at float32 tolerances
+
+
+@contextlib.contextmanager
+def compiled_after_warm_up(transformer, calls):
+    """calls(n, seed) -> list of tensors, eager; then the blocks compiled (aot_eager), the warm-up calls(3, 1) equal
+    to eager; the block runs with recompiles forbidden and gets the eager outputs; the blocks are eager again after."""
+    from awm_fast.models.compile import compile_blocks, uncompile_blocks
+    from tests.tolerances import tol
+
+    eager = calls(3, 1)
+    compile_blocks(transformer, backend="aot_eager")
+    try:
+        for a, b in zip(calls(3, 1), eager):  # the warm-up
+            torch.testing.assert_close(a, b, **tol(torch.float32))
+        with torch.compiler.set_stance("fail_on_recompile"):
+            yield eager
+    finally:
+        uncompile_blocks(transformer)
