@@ -49,15 +49,21 @@ def _official_grpo_log_prob(policy, xs, mask, cond, null, grid, w, a, detach_unc
     return lp.mean(dim=(1, 2, 3)), b
 
 
-def test_flow_grpo_cfg_gradient_flows_through_the_conditional_branch_only():
-    policy, gen = _lora_policy(), torch.Generator().manual_seed(1)
-    n, w, a = 4, 4.5, 0.7
+def _cfg_trajectory(seed: int, n: int, w: float, a: float):
+    """A LoRA policy's Euler-Maruyama trajectory of n prompts with CFG w and noise a, and random advantages in
+    [-1, 1]: (policy, cond, null_cond, grid, trajectory, advantages, the trained LoRA parameters)."""
+    policy, gen = _lora_policy(), torch.Generator().manual_seed(seed)
     cond, null = _cond(n, gen), _cond(1, gen)
     grid = time_grid(4, 3.0)
     traj = sample_trajectory(policy, cond, grid, sampler="euler_maruyama", noise_level=a, generator=gen,
                              guidance_scale=w, null_cond=null)
     adv = torch.rand(n, generator=gen, dtype=f64) * 2 - 1
-    params = list(adapter_params(policy.transformer, POLICY).values())
+    return policy, cond, null, grid, traj, adv, list(adapter_params(policy.transformer, POLICY).values())
+
+
+def test_flow_grpo_cfg_gradient_flows_through_the_conditional_branch_only():
+    n, w, a = 4, 4.5, 0.7
+    policy, cond, null, grid, traj, adv, params = _cfg_trajectory(1, n, w, a)
 
     def reference_grads(detach_uncond):
         lp, b = _official_grpo_log_prob(policy, traj.xs, traj.sde_mask, cond, null, grid, w, a, detach_uncond)
@@ -86,15 +92,9 @@ def test_flow_grpo_trains_only_the_nonzero_advantage_samples():
     """Official train_sd3.py drops the A = 0 samples before the update: the 2 informative samples of 4, in the
     same 2 micro-batches (now of 1 row each), give the gradient of the mean loss over those 2 alone (twice the
     gradient of a mean over all 4)."""
-    policy, gen = _lora_policy(), torch.Generator().manual_seed(2)
     n, w, a = 4, 4.5, 0.7
-    cond, null = _cond(n, gen), _cond(1, gen)
-    grid = time_grid(4, 3.0)
-    traj = sample_trajectory(policy, cond, grid, sampler="euler_maruyama", noise_level=a, generator=gen,
-                             guidance_scale=w, null_cond=null)
-    adv = torch.rand(n, generator=gen, dtype=f64) * 2 - 1
+    policy, cond, null, grid, traj, adv, params = _cfg_trajectory(2, n, w, a)
     adv[[1, 2]] = 0.0
-    params = list(adapter_params(policy.transformer, POLICY).values())
     lp, b = _official_grpo_log_prob(policy, traj.xs, traj.sde_mask, cond, null, grid, w, a, detach_uncond=True)
     informative = adv[b] != 0
     loss = (-(5 * adv[b]) * torch.exp(lp - lp.detach()))[informative].mean()  # on-policy: r == 1

@@ -13,7 +13,7 @@ from awm_fast.models import fp8
 from awm_fast.models.fp8 import Float8Linear
 from awm_fast.models.lora import EMA, POLICY, adapter_params, copy_adapter
 from tests.models.test_bf16 import _cfg, _inputs, _update, rel
-from tests.tolerances import FP8_LINEAR, MODEL_FP8, tol
+from tests.tolerances import FP8_LINEAR, MODEL_FP8
 
 PROMPTS = ["a red cube", "two green balls", "a cat"]
 KINDS = ["sd3", "flux"]
