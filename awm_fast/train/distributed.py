@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 from datetime import timedelta
 
@@ -175,9 +176,19 @@ def init_distributed(device_name: str = "auto", backend: str = "auto", timeout_s
 
 
 def shutdown() -> None:
+    """Leave the process group, once this process's DDP wrappers are unreachable (the trainer's frames gone).
+
+    The group's last reference is dropped here, from Python, whose binding releases the GIL while the group's
+    C++ destructor joins its Gloo worker threads. Left to a DDP reducer, that destructor would run inside the
+    reducer's deallocation with the GIL held, and a worker still releasing a finished collective's tensors waits
+    for the GIL: the process hangs until killed (pytorch issue 56297; seen after a clean stop on a loaded
+    machine). So: hold the group, collect the wrappers' reference cycles, destroy, then drop the group."""
     global _CURRENT
     if dist.is_initialized():
+        world = dist.group.WORLD
+        gc.collect()  # DDP wrappers in reference cycles go now, while `world` keeps the group alive
         dist.destroy_process_group()
+        del world  # the last reference: the destructor runs here, without the GIL
     _CURRENT = Dist()
 
 

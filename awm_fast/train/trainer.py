@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -147,8 +148,9 @@ def train(cfg: Config, *, resume: str | None = None) -> Path:
             # the run folder's lock (train/run_folder.py); SIGTERM / SIGINT stop at a step boundary (train/stop.py)
             with contextlib.ExitStack() as held, stop_on_signals() as stop:
                 path = _train(cfg, d, resume, held, stop)
-    except Stopped:
+    except Stopped as exc:
         if d.enabled:  # every rank stopped after the same step
+            traceback.clear_frames(exc.__traceback__)  # the run's frames (its DDP wrapper) go before the group
             shutdown()
         raise
     finally:

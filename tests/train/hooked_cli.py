@@ -10,10 +10,15 @@ for (also under torchrun -m):
     AWM_FAST_SIGNAL_AT=event:step, AWM_FAST_SIGNAL=TERM|INT, AWM_FAST_SIGNAL_RANKS=1 (default all)
                              the process sends itself that signal at that run event (a clean stop's trigger at a
                              known point: train/stop.py)
+
+Every process started this way (the launcher and its workers) writes the stacks of all its threads to stderr on
+SIGUSR1 (`dump_stacks_and_kill` sends it to a process tree before a test kills a run that hung).
 """
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,6 +33,27 @@ def hooked_env() -> dict[str, str]:
     """os.environ with the repository on PYTHONPATH, so `-m tests.train.hooked_cli` imports from any cwd."""
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + path if path else "")}
+
+
+def dump_stacks_and_kill(pid: int, settle_s: float = 2.0) -> None:
+    """Stop a run that hung: SIGUSR1 to `pid` and its descendants (each hooked process prints its threads' stacks to
+    stderr), `settle_s` for the dumps, then SIGKILL to all of them (torchrun's workers run in sessions of their own,
+    out of reach of a killpg of the launcher's)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for sig in (signal.SIGUSR1, signal.SIGKILL):
+        for proc in procs:
+            try:
+                proc.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        if sig == signal.SIGUSR1:
+            time.sleep(settle_s)
 
 
 def grad_dump_hook(folder: str):
@@ -86,6 +112,7 @@ def install_hooks() -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     install_hooks()
     from awm_fast.cli import main
 

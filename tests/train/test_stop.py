@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from awm_fast.train.distributed import Dist
 from awm_fast.train.stop import StopRequest, Stopped, resume_command, stop_on_signals
-from tests.train.hooked_cli import HOOKED_CLI, REPO, hooked_env
+from tests.train.hooked_cli import HOOKED_CLI, REPO, dump_stacks_and_kill, hooked_env
 
 # 16 images per step (one rollout batch of 8 per rank on 2 ranks), 10 evaluation prompts; no periodic checkpoint:
 # the one a stop leaves is the stop's own
@@ -65,9 +65,10 @@ def _wait(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
+        dump_stacks_and_kill(proc.pid)  # where each process of the run hung, in the failure's message
+        out, err = proc.communicate()
+        raise AssertionError(f"{proc.args[-3:]} still running after {timeout} s; its stderr, with the stacks of "
+                             f"its processes:\n{err[-20000:]}") from None
     return proc.returncode, out, err
 
 
@@ -156,10 +157,11 @@ def test_one_process_stops_after_the_step_then_resumes_exactly(reference, sig):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # beyond its own waits, which kill a hung run with the stacks of its processes
 def test_two_processes_stop_after_the_same_step_then_resume_exactly(tmp_path):
     """SIGTERM to rank 1 alone (rank 0 learns of it through the step's stop agreement) and Ctrl-C to the whole
-    process group of `awm-fast train run.nproc=2` (its launcher and both workers, as a terminal sends it: the
-    launcher forwards it again), in parallel; then the uninterrupted 2-process run and both resumes in one torchrun
+    process group of `awm-fast train run.nproc=2`, as a terminal sends it (the launcher; torchrun's workers run in
+    sessions of their own and get it forwarded by the launcher), in parallel; then the uninterrupted 2-process run and both resumes in one torchrun
     launch (tests/train/dist_runs.py): the resumed runs equal it exactly."""
     out = tmp_path
     term = _cli(out, "two_TERM", nproc=2, env={"AWM_FAST_SIGNAL_AT": "update:1", "AWM_FAST_SIGNAL": "TERM",
@@ -177,7 +179,7 @@ def test_two_processes_stop_after_the_same_step_then_resume_exactly(tmp_path):
     finally:
         for p in (term, ctrl_c):
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+                dump_stacks_and_kill(p.pid, settle_s=0)
     for sig in ("TERM", "INT"):
         code, _, err = results[sig]
         _assert_clean_stop(code, err, sig, out / f"two_{sig}", 1)
