@@ -18,7 +18,8 @@ from tests.tolerances import tol
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
-def _policy(num_layers: int = 3) -> FlowPolicy:
+def _policy(num_layers: int = 2) -> FlowPolicy:
+    """Two blocks: one of each kind SD3 has (the last is context_pre_only: no context output)."""
     torch.manual_seed(0)
     m = SD3Transformer2DModel(**{**tiny_transformer_config(), "num_layers": num_layers}).requires_grad_(False)
     add_adapters(m, rank=4, alpha=8, init="gaussian", targets=TARGETS)

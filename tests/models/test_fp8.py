@@ -175,7 +175,7 @@ def test_fp8_blocks_compile_once():
     from tests.models.tiny_configs import compiled_after_warm_up
     from tests.models.test_compile import _policy, _rows as digit_rows
 
-    policy = _policy()
+    policy = _policy(num_layers=1)  # the block kinds: test_compile.py
     fp8.convert_to_fp8(policy.transformer)
     params = list(adapter_params(policy.transformer, POLICY).values())
 

@@ -138,7 +138,7 @@ def test_merged_calls_compile_once_and_follow_the_adapters():
     from tests.models.tiny_configs import compiled_after_warm_up
     from tests.models.test_compile import _policy, _rows as digit_rows
 
-    policy = _policy()
+    policy = _policy(num_layers=1)  # the block kinds: test_compile.py
     policy.merged = MergedLora(policy.transformer)
 
     def calls(n, seed):
