@@ -33,7 +33,7 @@ train: $(STAMP)
 	$(VENV)/bin/awm-fast train $(ARGS)
 
 # The suite on one pytest-xdist worker per core (TEST_WORKERS=1: one process); a module's tests stay on one worker
-# (--dist loadfile), so its module-scoped fixtures are built once.
+# (--dist loadfile), and so do the modules sharing a session fixture (tests/conftest.py), so each is built once.
 TEST_WORKERS ?= 2
 test: $(DEV_STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)

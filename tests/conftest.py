@@ -80,3 +80,42 @@ def _restore_global_state():
     state = GlobalState()
     yield
     state.restore()
+
+
+
+# Test files that share a session-scoped fixture -> the fixture. Under `make test` (-n 2 --dist loadfile) each such
+# set of files runs on one worker as one unit, so the fixture is built once, not once per worker. (xdist's
+# loadgroup cannot do it under pytest 9: it renames the test ids through an attribute pytest 9 no longer reads.)
+# A file using one of these fixtures that is not listed here stops the collection (below).
+SHARED_SESSION_FIXTURES = {
+    "tests/benchmarks/test_step_time.py": "tiny_run",
+    "tests/benchmarks/test_step_time_budget.py": "tiny_run",
+    "tests/benchmarks/test_merge.py": "tiny_run",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    shared = set(SHARED_SESSION_FIXTURES.values())
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        for name in shared.intersection(getattr(item, "fixturenames", ())):
+            if SHARED_SESSION_FIXTURES.get(path) != name:
+                raise pytest.UsageError(f"{path} uses the session fixture {name}: list it in tests/conftest.py's "
+                                        "SHARED_SESSION_FIXTURES so that one worker builds it once")
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s scheduling (-n 2 --dist loadfile): each file's tests on one worker (its module fixtures built
+    once), and the files of one SHARED_SESSION_FIXTURES fixture on one worker together. Other --dist modes keep
+    xdist's own scheduling."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileOrSharedFixture(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SHARED_SESSION_FIXTURES.get(path, path)
+
+    return FileOrSharedFixture(config, log)

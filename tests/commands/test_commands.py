@@ -126,7 +126,7 @@ PROMPTS = ["a red cube", "two green balls", "a photo of a cat", 'the word "hi" o
 
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])
-def tiny_run(request, tmp_path_factory):
+def trained_tiny_pipeline(request, tmp_path_factory):
     """A 2-step LoRA run on a tiny random-weight SD3 or FLUX pipeline (its own prompt-embedding cache)."""
     from awm_fast.families.tiny import build_tiny_flux, build_tiny_sd3
 
@@ -141,10 +141,10 @@ def tiny_run(request, tmp_path_factory):
     mp.undo()
 
 
-def test_tiny_pipelines_export_merged_eval_and_sample(tiny_run, tmp_path):
+def test_tiny_pipelines_export_merged_eval_and_sample(trained_tiny_pipeline, tmp_path):
     from diffusers import DiffusionPipeline
 
-    kind, run, _ = tiny_run
+    kind, run, _ = trained_tiny_pipeline
     out = tmp_path / "x"
     assert main(["export", str(run), "--out", str(out), "--merged"]) == 0
     info = json.loads((out / "export.json").read_text())
