@@ -9,7 +9,9 @@ the first: the trainer joins an initialised group as it is (distributed.init_dis
 `shutdown` is replaced by a barrier. (Destroying the group and joining a new one through torchrun's agent store
 reuses the store's keys of the previous group: the 4th such join hung in a trial.)
 """
+import faulthandler
 import json
+import signal
 import sys
 from datetime import timedelta
 
@@ -34,8 +36,9 @@ def main(path: str) -> int:
                 return code
         return 0
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown()  # after the runs' DDP wrappers are gone (distributed.shutdown's docstring)
 
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks on SIGUSR1 (hooked_cli.kill_tree)
     sys.exit(main(sys.argv[1]))

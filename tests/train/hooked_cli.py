@@ -12,7 +12,7 @@ for (also under torchrun -m):
                              known point: train/stop.py)
 
 Every process started this way (the launcher and its workers) writes the stacks of all its threads to stderr on
-SIGUSR1 (`dump_stacks_and_kill` sends it to a process tree before a test kills a run that hung).
+SIGUSR1 (`kill_tree(pid, stacks_s)` sends it to a process tree before a test kills a run that hung).
 """
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ def hooked_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + path if path else "")}
 
 
-def dump_stacks_and_kill(pid: int, settle_s: float = 2.0) -> None:
-    """Stop a run that hung: SIGUSR1 to `pid` and its descendants (each hooked process prints its threads' stacks to
-    stderr), `settle_s` for the dumps, then SIGKILL to all of them (torchrun's workers run in sessions of their own,
-    out of reach of a killpg of the launcher's)."""
+def kill_tree(pid: int, stacks_s: float = 0.0) -> None:
+    """SIGKILL `pid` and every process under it: torchrun's workers too, which it starts in sessions of their own,
+    out of reach of a killpg of the launcher's group. With `stacks_s` > 0, first SIGUSR1 to all of them (each hooked
+    process prints its threads' stacks to its stderr) and `stacks_s` seconds for the dumps: where a run hung."""
     import psutil
 
     try:
@@ -46,14 +46,14 @@ def dump_stacks_and_kill(pid: int, settle_s: float = 2.0) -> None:
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return
-    for sig in (signal.SIGUSR1, signal.SIGKILL):
+    for sig in ((signal.SIGUSR1,) if stacks_s > 0 else ()) + (signal.SIGKILL,):
         for proc in procs:
             try:
                 proc.send_signal(sig)
             except psutil.NoSuchProcess:
                 pass
         if sig == signal.SIGUSR1:
-            time.sleep(settle_s)
+            time.sleep(stacks_s)
 
 
 def grad_dump_hook(folder: str):

@@ -18,7 +18,7 @@ import torch
 from torch.distributed import TCPStore
 
 from tests.tolerances import tol
-from tests.train.hooked_cli import HOOKED_CLI, hooked_env
+from tests.train.hooked_cli import HOOKED_CLI, hooked_env, kill_tree
 
 # The module's runs start in the first test's setup (3 trainers on 2 cores): a longer limit than the suite's.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -39,8 +39,8 @@ LAUNCHED: list[subprocess.Popen] = []  # every process _launch started; the fixt
 
 
 def _launch(out: Path, name: str, nproc: int | None, *extra, env=None) -> subprocess.Popen:
-    """nproc None: one plain process (`python -m awm_fast.cli train`), else torchrun with nproc processes. Each
-    launch leads its own process group (torchrun's workers included), so that `_kill` ends all of it."""
+    """nproc None: one plain process (`python -m awm_fast.cli train`), else torchrun with nproc processes; `_kill`
+    ends all of a launch (torchrun's workers included)."""
     head = [sys.executable, "-m", HOOKED_CLI] if nproc is None else \
         TORCHRUN + ["--nproc_per_node", str(nproc), "-m", HOOKED_CLI]
     cmd = head + ["train", *TINY, f"run.output_dir={out}", f"run.name={name}", *extra]
@@ -51,12 +51,10 @@ def _launch(out: Path, name: str, nproc: int | None, *extra, env=None) -> subpro
     return proc
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the launch's whole process group (a torchrun agent and its workers), then reap it."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:  # the group is gone: every process of it has exited
-        pass
+def _kill(proc: subprocess.Popen, stacks: bool = False) -> None:
+    """SIGKILL the launch's processes (a torchrun agent and its workers; with `stacks`, after each hooked process
+    printed its stacks to the launch's log), then reap it."""
+    kill_tree(proc.pid, stacks_s=2.0 if stacks else 0.0)
     proc.wait()
 
 
@@ -69,8 +67,9 @@ def _finish(proc: subprocess.Popen, out: Path, name: str, timeout: float = 300) 
     try:
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill(proc)
-        raise
+        _kill(proc, stacks=True)
+        raise AssertionError(f"{name} still running after {timeout} s; its log, ending with the stacks of its "
+                             f"processes:\n{(out / f'{name}.log').read_text()[-12000:]}") from None
     assert code == 0, (out / f"{name}.log").read_text()[-3000:]
 
 

@@ -72,8 +72,9 @@ def runs(tmp_path_factory):
         try:
             code = proc.wait(timeout=400)
         except subprocess.TimeoutExpired:
-            _kill(proc)
-            raise
+            _kill(proc, stacks=True)
+            raise AssertionError("the torchrun launch still running after 400 s; its log, ending with the stacks of "
+                                 f"its processes:\n{(out / 'launch.log').read_text()[-12000:]}") from None
         assert code == 0, (out / "launch.log").read_text()[-3000:]
         yield out
     finally:

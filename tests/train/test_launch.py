@@ -14,7 +14,7 @@ from awm_fast.cli import main
 from awm_fast.config import ConfigError, load_config
 from awm_fast.train import launch
 from awm_fast.train.launch import plan_processes, split_problem
-from tests.train.hooked_cli import hooked_env
+from tests.train.hooked_cli import hooked_env, kill_tree
 
 TIMING = {"time_sample", "time_reward", "time_reward_wait", "time_train", "time_step", "images_per_s"}
 TINY = ["run.tensorboard=false", "run.eval_every=0", "run.threads=1", "run.device=cpu", "run.dist_backend=gloo",
@@ -89,7 +89,7 @@ def test_launcher_run_equals_torchrun_run(tmp_path):
         logs = [p.communicate(timeout=500)[0] for p in procs]
     finally:
         for p in procs:
-            p.kill()
+            kill_tree(p.pid)  # the launchers' workers too, should a run hang
     assert [p.returncode for p in procs] == [0, 0], logs[1][-3000:] + logs[0][-3000:]
     assert "[launch] 2 processes on this node" in logs[1] and "[launch]" not in logs[0]
     assert logs[1].count("summary: ") == 1  # rank 0 alone reports

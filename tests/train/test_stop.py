@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from awm_fast.train.distributed import Dist
 from awm_fast.train.stop import StopRequest, Stopped, resume_command, stop_on_signals
-from tests.train.hooked_cli import HOOKED_CLI, REPO, dump_stacks_and_kill, hooked_env
+from tests.train.hooked_cli import HOOKED_CLI, REPO, hooked_env, kill_tree
 
 # 16 images per step (one rollout batch of 8 per rank on 2 ranks), 10 evaluation prompts; no periodic checkpoint:
 # the one a stop leaves is the stop's own
@@ -65,7 +65,7 @@ def _wait(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        dump_stacks_and_kill(proc.pid)  # where each process of the run hung, in the failure's message
+        kill_tree(proc.pid, stacks_s=2.0)  # where each process of the run hung, in the failure's message
         out, err = proc.communicate()
         raise AssertionError(f"{proc.args[-3:]} still running after {timeout} s; its stderr, with the stacks of "
                              f"its processes:\n{err[-20000:]}") from None
@@ -179,7 +179,7 @@ def test_two_processes_stop_after_the_same_step_then_resume_exactly(tmp_path):
     finally:
         for p in (term, ctrl_c):
             if p.poll() is None:
-                dump_stacks_and_kill(p.pid, settle_s=0)
+                kill_tree(p.pid)
     for sig in ("TERM", "INT"):
         code, _, err = results[sig]
         _assert_clean_stop(code, err, sig, out / f"two_{sig}", 1)
