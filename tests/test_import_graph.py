@@ -5,8 +5,8 @@ node), and every import goes down the layers (LAYERS, top first):
     cli > commands > train > algorithms, rewards > tasks > families > sampling > models > ops > kernels
         > the bottom: the package's __init__, config, configs, env, logs, state_file, prompt_sets
 
-tasks/digits.py is the digits family's module (it finishes its policy with families.load), and the families read
-their time grids from sampling/timesteps.py, hence tasks > families > sampling. Within the bottom layer a module
+A task builds on its family (tasks/digits.py: families/digits.py's model, plus the task's classifier), and the
+families read their time grids from sampling/timesteps.py, hence tasks > families > sampling. Within the bottom layer a module
 may import another (prompt_sets -> config); the cycle tests keep that one way.
 """
 from __future__ import annotations

@@ -124,7 +124,8 @@ def build_policy(cfg: Config, device: torch.device, prompts: list[str]):
 
     art = None
     if cfg.model.kind == "digits":
-        from awm_fast.tasks.digits import PROMPTS, load_digits_policy, prepare_digits
+        from awm_fast.families.digits import PROMPTS, load_digits_policy
+        from awm_fast.tasks.digits import prepare_digits
 
         bad = [p for p in prompts if p not in PROMPTS]
         if bad:

@@ -119,7 +119,7 @@ def prompt_set(cfg, path: str | None, num: int | None) -> tuple[list[str], list[
     if cfg.model.kind == "digits":
         if path:
             raise UsageError("--prompts: the digits model evaluates on the digits 0-9 (use --num-prompts N per digit)")
-        from awm_fast.tasks.digits import PROMPTS
+        from awm_fast.families.digits import PROMPTS
 
         per = num or cfg.digits.eval_per_digit
         prompts = [p for _ in range(per) for p in PROMPTS]

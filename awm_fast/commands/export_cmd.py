@@ -194,7 +194,7 @@ def export_weights(args, source, policy, state, art, weights: str, out: Path) ->
         stages.update()
         merged_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(merged)))
         if cfg.model.kind == "digits":
-            from awm_fast.tasks.digits import load_digits_policy
+            from awm_fast.families.digits import load_digits_policy
 
             mp = load_digits_policy(merged_cfg, device_of(cfg), dataclasses.replace(art, model_dir=merged))
         else:

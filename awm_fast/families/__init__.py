@@ -16,8 +16,7 @@ but digits) also defines
 and, when CUDA graphs cannot replay its transformer calls, CUDA_GRAPHS_REFUSED: why (`fast_path`).
 
 Adding a family is one module in this package, its entry here and a preset (awm_fast/configs/). The table names
-modules instead of importing them: config validates model.kind against its keys without loading diffusers, and
-the digits family's module stays in tasks/ (a layer above: it finishes its policy with families.load).
+modules instead of importing them: config validates model.kind against its keys without loading diffusers.
 `fast_path` resolves the fast-path switches (models.fast_path) with the family's CUDA_GRAPHS_REFUSED.
 """
 from __future__ import annotations
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
     from awm_fast.models.policy import FlowPolicy
 
 FAMILIES = {
-    "digits": "awm_fast.tasks.digits",  # the embedded task's tiny SD3 transformer (CPU)
+    "digits": "awm_fast.families.digits",  # the embedded task's tiny SD3 transformer, pretrained on digits (CPU)
     "sd3": "awm_fast.families.sd3",  # SD3 / SD3.5 diffusers pipelines
     "flux": "awm_fast.families.flux",  # FLUX.1 diffusers pipelines
     "qwen_image": "awm_fast.families.qwen_image",  # Qwen-Image diffusers pipelines (20B MMDiT, Qwen2.5-VL text encoder)

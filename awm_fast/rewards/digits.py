@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from awm_fast.tasks.digits import PROMPTS, DigitClassifier
+from awm_fast.families.digits import PROMPTS
+from awm_fast.tasks.digits import DigitClassifier
 
 
 class DigitsReward:

@@ -29,7 +29,8 @@ class Task:
 
 def build_task(cfg: Config, device: torch.device) -> Task:
     if cfg.model.kind == "digits":
-        from awm_fast.tasks.digits import PROMPTS, load_digits_policy, prepare_digits
+        from awm_fast.families.digits import PROMPTS, load_digits_policy
+        from awm_fast.tasks.digits import prepare_digits
 
         art = prepare_digits(cfg.digits)
         logger.info(f"[digits] classifier accuracy on the held-out split: {art.classifier_accuracy:.1%}")

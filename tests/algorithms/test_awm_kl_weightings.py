@@ -9,7 +9,7 @@ from awm_fast.algorithms import get_algorithm
 from awm_fast.config import Config, ConfigError, TrainConfig, load_config
 from awm_fast.models.policy import Conditioning
 from awm_fast.sampling.timesteps import time_grid
-from awm_fast.tasks.digits import POOLED_DIM, TEXT_DIM
+from awm_fast.families.digits import POOLED_DIM, TEXT_DIM
 from tests.models.tiny_configs import tiny_lora_policy
 
 

@@ -12,7 +12,7 @@ from awm_fast.config import Config, FlowGRPOConfig, SampleConfig, TrainConfig
 from awm_fast.models.lora import EMA, POLICY, adapter_params
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.sampling.timesteps import time_grid
-from awm_fast.tasks.digits import POOLED_DIM, TEXT_DIM
+from awm_fast.families.digits import POOLED_DIM, TEXT_DIM
 from tests.models.tiny_configs import tiny_lora_policy
 from tests.tolerances import tol
 from tests.algorithms.updates import update_on

@@ -10,7 +10,7 @@ from awm_fast.models.compile import compile_blocks, uncompile_blocks
 from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.routing import enable_checkpointing
-from awm_fast.tasks.digits import tiny_transformer_config
+from awm_fast.families.digits import tiny_transformer_config
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import compiled_check_outputs
 from tests.tolerances import tol

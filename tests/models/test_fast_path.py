@@ -87,7 +87,7 @@ def test_auto_compile_is_not_on_for_a_cpu_model():
     """freeze_and_adapt reads the resolved switch: `auto` on the CPU leaves the blocks eager."""
     from diffusers import SD3Transformer2DModel
 
-    from awm_fast.tasks.digits import tiny_transformer_config
+    from awm_fast.families.digits import tiny_transformer_config
 
     cfg = load_config(None, ["model.lora_rank=2", "model.lora_alpha=4"])
     model = freeze_and_adapt(SD3Transformer2DModel(**tiny_transformer_config()), cfg, torch.device("cpu"),

@@ -60,7 +60,7 @@ def test_conversion_quantises_the_frozen_block_projections_only():
     from diffusers import SD3Transformer2DModel
 
     from awm_fast.models.lora import add_adapters
-    from awm_fast.tasks.digits import tiny_transformer_config
+    from awm_fast.families.digits import tiny_transformer_config
 
     torch.manual_seed(0)
     model = SD3Transformer2DModel(**tiny_transformer_config()).requires_grad_(False)

@@ -8,7 +8,7 @@ from awm_fast.config import ConfigError, load_config
 from awm_fast.models.adapt import make_full_models
 from awm_fast.models.lora import EMA, POLICY
 from awm_fast.models.policy import Conditioning, FlowPolicy
-from awm_fast.tasks.digits import tiny_transformer_config
+from awm_fast.families.digits import tiny_transformer_config
 from awm_fast.models.full_finetune import update_ema_model
 
 

@@ -5,7 +5,7 @@ from diffusers import SD3Transformer2DModel
 
 from awm_fast.models.lora import EMA, POLICY, EvalEMA, adapter_params, add_adapters, update_ema_adapter
 from awm_fast.models.routing import routed, routing_mask
-from awm_fast.tasks.digits import tiny_transformer_config
+from awm_fast.families.digits import tiny_transformer_config
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]

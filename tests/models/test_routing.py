@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
 from awm_fast.models.routing import SCALES, RoutedLoraLinear, enable_routing, routed, routing_mask
-from awm_fast.tasks.digits import tiny_transformer_config
+from awm_fast.families.digits import tiny_transformer_config
 from tests.tolerances import tol
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]

@@ -8,7 +8,7 @@ from awm_fast.models.lora import EMA, POLICY, adapter_params
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.models.routing import enable_checkpointing
 from awm_fast.models.shared_batch import shared_velocities
-from awm_fast.tasks.digits import tiny_transformer_config
+from awm_fast.families.digits import tiny_transformer_config
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways
 from tests.models.tiny_configs import add_distinct_adapters
 from tests.tolerances import tol

@@ -28,7 +28,7 @@ def tiny_lora_policy(device: torch.device | str = "cpu", dtype: torch.dtype = to
 
     from awm_fast.models.lora import EMA, POLICY, adapter_params, add_adapters
     from awm_fast.models.policy import FlowPolicy
-    from awm_fast.tasks.digits import tiny_transformer_config
+    from awm_fast.families.digits import tiny_transformer_config
 
     torch.manual_seed(0)
     model = SD3Transformer2DModel(**tiny_transformer_config()).requires_grad_(False)

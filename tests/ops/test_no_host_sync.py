@@ -19,7 +19,7 @@ from awm_fast.ops import awm_loss, sde_step
 from awm_fast.ops.dispatch import backend_present
 from awm_fast.sampling.rollout import rollout_step
 from awm_fast.sampling.timesteps import TIMESTEP_MODES, time_grid
-from awm_fast.tasks.digits import tiny_transformer_config
+from awm_fast.families.digits import tiny_transformer_config
 
 HOST_OPS = ("aten._local_scalar_dense", "aten.lift_fresh", "aten.lift_fresh_copy")
 PY_CALLS = (("torch", "tensor"), ("torch", "as_tensor"), ("Tensor", "new_tensor"), ("Tensor", "tolist"),

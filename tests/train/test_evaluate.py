@@ -4,7 +4,8 @@ import torch
 
 from awm_fast.config import load_config
 from awm_fast.rewards.digits import DigitsReward
-from awm_fast.tasks.digits import build_policy, prepare_digits
+from awm_fast.families.digits import build_policy
+from awm_fast.tasks.digits import prepare_digits
 from awm_fast.train.evaluate import evaluate
 
 
