@@ -101,14 +101,25 @@ def own_rng(seed: int):
 
 def cached_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
     """`folder`, filled first by `fill(tmp)` (which writes done.json last) in a temporary sibling renamed into
-    place, when it has no done.json yet: a crashed build never leaves a folder that looks complete."""
-    if not (folder / "done.json").is_file():
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        fill(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, folder)
+    place, when it has no done.json yet: a crashed build never leaves a folder that looks complete. Builders of
+    one folder take turns on an flock of `<folder>.lock`: a second process (a test worker, a torchrun rank) waits
+    for the first one's build and reads it instead of building it again."""
+    if (folder / "done.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        except ImportError:  # no flock (Windows): concurrent builders each build, the last rename wins
+            pass
+        if not (folder / "done.json").is_file():
+            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            fill(tmp)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
     return folder
 
 
