@@ -75,8 +75,10 @@ def test_an_offline_wandb_run_gets_the_metrics_images_and_config(tmp_path, monke
     assert main(["train", "--resume", str(tmp_path / "w"), "train.steps=3"]) == 0
     assert (tmp_path / "w" / "wandb_id.txt").read_text() == run_id  # the same wandb run continues
     (again,) = [f for f in (tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run_id}") if f != folder]
-    assert _history(read_wandb_log(again / f"run-{run_id}.wandb"))[3]["eval/reward/raw"] == \
-        json.loads((tmp_path / "w" / "summary.json").read_text())["eval_after"]["reward"]
+    records = read_wandb_log(again / f"run-{run_id}.wandb")
+    resumed = _history(records)
+    assert 3 in resumed, f"history steps {sorted(resumed)}, records {[r.WhichOneof('record_type') for r in records]}"
+    assert resumed[3]["eval/reward/raw"] == json.loads((tmp_path / "w" / "summary.json").read_text())["eval_after"]["reward"]
 
 
 def test_wandb_mode_is_checked():
