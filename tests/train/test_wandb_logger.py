@@ -78,7 +78,8 @@ def test_an_offline_wandb_run_gets_the_metrics_images_and_config(tmp_path, monke
     records = read_wandb_log(again / f"run-{run_id}.wandb")
     resumed = _history(records)
     assert 3 in resumed, f"history steps {sorted(resumed)}, records {[r.WhichOneof('record_type') for r in records]}"
-    assert resumed[3]["eval/reward/raw"] == json.loads((tmp_path / "w" / "summary.json").read_text())["eval_after"]["reward"]
+    after = json.loads((tmp_path / "w" / "summary.json").read_text())["eval_after"]
+    assert resumed[3]["eval/reward/raw"] == after["reward"]
 
 
 def test_wandb_mode_is_checked():
