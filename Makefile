@@ -34,9 +34,11 @@ train: $(STAMP)
 
 # The suite on one pytest-xdist worker per core (TEST_WORKERS=1: one process); a module's tests stay on one worker
 # (--dist loadfile), and so do the modules sharing a session fixture (tests/conftest.py), so each is built once.
+# PYTHONDONTWRITEBYTECODE cleared: the suite starts ~60 Python processes (workers, torchrun ranks, command lines),
+# and each would compile the package's sources again (~0.6 s) where it can read the first one's __pycache__.
 TEST_WORKERS ?= 2
 test: $(DEV_STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 ext: $(STAMP)  # rebuild the native extension in place after editing csrc/
 	$(PY) setup.py build_ext --inplace
