@@ -16,13 +16,13 @@ from awm_fast.families.flux2 import (LORA_TARGETS, REFERENCE_CONFIG, REFERENCE_C
                                      forward_flops, latent_ids, pack, text_ids, unpack, unpatchify,
                                      training_memory_estimate)
 from awm_fast.families.tiny.flux2 import TINY_TRANSFORMER, build_tiny_flux2
-from awm_fast.models.lora import POLICY
 from awm_fast.models.pipeline import lora_parameter_count
 from awm_fast.models.policy import Conditioning, FlowPolicy
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways
-from tests.models.tiny_configs import add_distinct_adapters, base_policy_at, tiny_model_config
+from tests.models.tiny_configs import (add_distinct_adapters, assert_stock_pipeline_reproduces,
+                                       base_policy_at, tiny_model_config)
 from tests.tolerances import tol
 
 PROMPTS = ["a red cube", "two green balls", "a cat"]
@@ -79,13 +79,8 @@ def test_lora_loads_into_flux2_pipeline_and_reproduces_the_policy(trained, tiny_
     cond = policy.encode(PROMPTS[:2])
     with torch.no_grad():
         ours = policy.velocity(x, t, cond)
-    pipe = load_pipeline(str(tiny_flux2), torch.float32)
-    with torch.no_grad():
-        base = flux2_call(pipe.transformer, x, t, cond)
-        pipe.load_lora_weights(str(resolve_checkpoint(tmp / "flux2") / POLICY))
-        theirs = flux2_call(pipe.transformer, x, t, cond)
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(base, ours, atol=1e-4)
+    assert_stock_pipeline_reproduces(load_pipeline(str(tiny_flux2), torch.float32), tmp / "flux2", flux2_call, ours,
+                                     x, t, cond)
 
 
 def test_grid_is_the_pipeline_schedulers(base_policy, tiny_flux2):

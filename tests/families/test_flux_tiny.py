@@ -8,10 +8,9 @@ import torch
 
 from awm_fast.families.flux import image_ids, load_flux_pipeline, pack, unpack
 from awm_fast.families.tiny import build_tiny_flux
-from awm_fast.models.lora import POLICY
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
-from tests.models.tiny_configs import tiny_model_config
+from tests.models.tiny_configs import assert_stock_pipeline_reproduces, tiny_model_config
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +45,8 @@ def test_trainer_runs_on_tiny_flux_and_exports_loadable_lora(tmp_path, tiny_flux
     load_checkpoint(resolve_checkpoint(tmp_path / "flux"), policy.transformer)
     x, t, cond = torch.full((1, 16, 8, 8), 0.3), torch.tensor([0.6]), policy.encode(["a cat"])
     ours = policy.velocity(x, t, cond)
-    pipe = load_flux_pipeline(str(tiny_flux), torch.float32)
-    base = policy.call(pipe.transformer, x, t, cond)
-    pipe.load_lora_weights(str(resolve_checkpoint(tmp_path / "flux") / POLICY))
-    with torch.no_grad():
-        theirs = policy.call(pipe.transformer, x, t, cond)
-    torch.testing.assert_close(theirs, ours.detach(), atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(base, ours, atol=1e-4)
+    assert_stock_pipeline_reproduces(load_flux_pipeline(str(tiny_flux), torch.float32), tmp_path / "flux", policy.call,
+                                     ours, x, t, cond)
 
 
 def test_flash3_for_flux_training_is_one_clear_line():

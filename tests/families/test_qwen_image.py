@@ -12,12 +12,12 @@ from awm_fast.families.flux import pack, unpack
 from awm_fast.families.qwen_image import (forward_flops, load_pipeline, qwen_image_call, set_qwen_attention,
                                           training_memory_estimate)
 from awm_fast.families.tiny.qwen_image import build_tiny_qwen_image
-from awm_fast.models.lora import POLICY
 from awm_fast.models.policy import Conditioning, FlowPolicy, GuidedVelocity
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways
-from tests.models.tiny_configs import add_distinct_adapters, base_policy_at, tiny_model_config
+from tests.models.tiny_configs import (add_distinct_adapters, assert_stock_pipeline_reproduces,
+                                       base_policy_at, tiny_model_config)
 from tests.tolerances import tol
 
 PROMPTS = ["a red cube", "two green balls on a wooden table", "a cat"]  # different token lengths
@@ -152,13 +152,8 @@ def test_trainer_runs_on_tiny_qwen_image_and_exports_loadable_lora(tmp_path, tin
     load_checkpoint(resolve_checkpoint(tmp_path / "qwen_image"), trained.transformer)
     x, t, cond = torch.full((2, 4, 8, 8), 0.3), torch.tensor([0.6, 0.3]), trained.encode(PROMPTS[1:])
     ours = trained.velocity(x, t, cond).detach()
-    pipe = load_pipeline(str(tiny_qwen), torch.float32)
-    with torch.no_grad():
-        base = qwen_image_call(pipe.transformer, x, t, cond)
-        pipe.load_lora_weights(str(resolve_checkpoint(tmp_path / "qwen_image") / POLICY))
-        theirs = qwen_image_call(pipe.transformer, x, t, cond)
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(base, ours, atol=1e-4)
+    assert_stock_pipeline_reproduces(load_pipeline(str(tiny_qwen), torch.float32), tmp_path / "qwen_image",
+                                     qwen_image_call, ours, x, t, cond)
 
 
 @pytest.fixture

@@ -10,14 +10,14 @@ import torch
 from awm_fast.families.tiny.wan import build_tiny_wan, tiny_wan_transformer_config
 from awm_fast.families.wan import (LORA_TARGETS, REFERENCE_CONFIG, check_single_transformer, forward_flops,
                                    keep_fp32_modules, latent_frames, load_pipeline, training_memory, wan_call)
-from awm_fast.models.lora import POLICY
 from awm_fast.models.policy import FlowPolicy, GuidedVelocity
 from awm_fast.ops import awm_loss, sde_step
 from awm_fast.sampling.timesteps import shift_time
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways
-from tests.models.tiny_configs import add_distinct_adapters, base_policy_at, tiny_model_config
+from tests.models.tiny_configs import (add_distinct_adapters, assert_stock_pipeline_reproduces,
+                                       base_policy_at, tiny_model_config)
 from tests.tolerances import tol
 
 PROMPTS = ["a red cube", "two green balls", "a cat"]
@@ -79,13 +79,8 @@ def test_lora_loads_into_wan_pipeline_and_reproduces_the_policy(trained, tiny_wa
     x, t = torch.randn(2, *policy.latent_shape, generator=gen), torch.tensor([0.6, 0.3])
     cond = policy.encode(PROMPTS[:2])
     ours = policy.velocity(x, t, cond).detach()
-    pipe = load_pipeline(str(tiny_wan), torch.float32)
-    with torch.no_grad():
-        base = policy.call(pipe.transformer, x, t, cond)
-        pipe.load_lora_weights(str(resolve_checkpoint(tmp / "wan") / POLICY))
-        theirs = policy.call(pipe.transformer, x, t, cond)
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(base, ours, atol=1e-4)
+    assert_stock_pipeline_reproduces(load_pipeline(str(tiny_wan), torch.float32), tmp / "wan", policy.call, ours,
+                                     x, t, cond)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from awm_fast.models.policy import FlowPolicy, GuidedVelocity
 from awm_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
 from awm_fast.train.trainer import train
 from tests.models.shared_batch_check import assert_same_both_ways, both_ways, compiled_check_outputs
-from tests.models.tiny_configs import add_distinct_adapters, tiny_model_config
+from tests.models.tiny_configs import add_distinct_adapters, assert_stock_pipeline_reproduces, tiny_model_config
 from tests.tolerances import tol
 
 # caption lengths (chat template included: 19 tokens + one per byte) 29, 34 and 84: padded to 32, 64 and 96 inside
@@ -58,19 +58,13 @@ def test_lora_loads_into_z_image_pipeline_and_reproduces_the_policy(trained, tin
     tmp, _ = trained
     monkeypatch.setenv("AWM_FAST_CACHE", str(tmp / "cache"))
     policy = load_policy(_cfg(tmp, tiny_z), torch.device("cpu"), prompts=PROMPTS)
-    ckpt = resolve_checkpoint(tmp / "z_image")
-    load_checkpoint(ckpt, policy.transformer)
+    load_checkpoint(resolve_checkpoint(tmp / "z_image"), policy.transformer)
     x, t, cond = torch.randn(3, 16, 8, 8, generator=gen), torch.tensor([0.9, 0.6, 0.2]), policy.encode(PROMPTS)
     assert cond.mask is not None and not cond.mask.all()  # padded: the prompts have different lengths
     with torch.no_grad():
         ours = policy.velocity(x, t, cond)
-    pipe = load_pipeline(str(tiny_z), torch.float32)
-    with torch.no_grad():
-        base = z_image_call(pipe.transformer, x, t, cond)
-        pipe.load_lora_weights(str(ckpt / POLICY))
-        theirs = z_image_call(pipe.transformer, x, t, cond)
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(base, ours, atol=1e-4)
+    assert_stock_pipeline_reproduces(load_pipeline(str(tiny_z), torch.float32), tmp / "z_image", z_image_call, ours,
+                                     x, t, cond)
 
 
 def test_policy_grid_and_velocity_follow_the_z_image_pipeline(tmp_path, tiny_z, monkeypatch, gen):

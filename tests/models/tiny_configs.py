@@ -82,3 +82,19 @@ def compiled_after_warm_up(transformer, calls):
             yield eager
     finally:
         uncompile_blocks(transformer)
+
+
+def assert_stock_pipeline_reproduces(pipe, run_dir, call, ours, *args) -> None:
+    """The trained run's exported "default" LoRA (its last checkpoint under `run_dir`), loaded by the stock diffusers
+    pipeline (`pipe.load_lora_weights`), gives the trained policy's velocity `ours` from `call(pipe.transformer,
+    *args)`; the pipeline's transformer without it does not."""
+    from awm_fast.models.lora import POLICY
+    from awm_fast.train.checkpoint import resolve_checkpoint
+
+    with torch.no_grad():
+        base = call(pipe.transformer, *args)
+        pipe.load_lora_weights(str(resolve_checkpoint(run_dir) / POLICY))
+        theirs = call(pipe.transformer, *args)
+    ours = ours.detach()
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(base, ours, atol=1e-4)
